@@ -1,0 +1,197 @@
+# -*- test-case-name: tests.test_errors -*-
+"""
+Named gateway errors and the one place that turns them into HTTP responses.
+
+Every error the gateway itself produces is one of these exceptions. L{errorResponse} maps it to an
+HTTP status, extra headers and a JSON-RPC error body carrying the request's id when it is known.
+The audit line's C{error} field is the exception's C{message} (a stable snake_case name).
+
+JSON-RPC error codes: the standard ones (-32700 parse error, -32600 invalid request, -32603
+internal error) and mcpgw's own in the server-defined range, listed in C{docs/errors.md}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import orjson
+
+
+class GatewayError(Exception):
+    """
+    Base class of every error the gateway answers by itself.
+
+    @cvar status: the HTTP status code.
+    @cvar code: the JSON-RPC error code.
+    @cvar message: the JSON-RPC error message; also the audit line's C{error} value.
+    @ivar detail: a human-readable explanation, sent as C{error.data.detail}.
+    @ivar requestId: the JSON-RPC id of the request, when the error knows it.
+    @ivar data: extra members of C{error.data}.
+    """
+
+    status: ClassVar[int] = 500
+    code: ClassVar[int] = -32603
+    message: ClassVar[str] = "internal_error"
+
+    def __init__(self, detail: str | None = None, *, requestId: Any = None, **data: Any) -> None:
+        super().__init__(detail or self.message)
+        self.detail = detail
+        self.requestId = requestId
+        self.data = data
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """
+        @return: extra response headers for this error (e.g. C{Allow}, C{Retry-After}).
+        """
+        return []
+
+    def errorObject(self) -> dict[str, Any]:
+        """
+        @return: the JSON-RPC C{error} member for this error.
+        """
+        data = dict(self.data)
+        if self.detail is not None:
+            data["detail"] = self.detail
+        err: dict[str, Any] = {"code": self.code, "message": self.message}
+        if data:
+            err["data"] = data
+        return err
+
+
+class ParseError(GatewayError):
+    """The POST body is not valid JSON."""
+
+    status = 400
+    code = -32700
+    message = "parse_error"
+
+
+class InvalidRequest(GatewayError):
+    """The POST body is JSON but not a JSON-RPC message or batch."""
+
+    status = 400
+    code = -32600
+    message = "invalid_request"
+
+
+class NotFound(GatewayError):
+    """No upstream is configured at the requested path."""
+
+    status = 404
+    code = -32004
+    message = "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    """An HTTP method other than POST, GET or DELETE on an MCP path."""
+
+    status = 405
+    code = -32005
+    message = "method_not_allowed"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"Allow", b"GET, POST, DELETE")]
+
+
+class PayloadTooLarge(GatewayError):
+    """The request body is larger than C{limits.max_body_bytes}."""
+
+    status = 413
+    code = -32006
+    message = "payload_too_large"
+
+
+class HostNotAllowed(GatewayError):
+    """The C{Host} header is not allowed by C{listen.allowed_hosts} (DNS-rebinding protection)."""
+
+    status = 403
+    code = -32007
+    message = "host_not_allowed"
+
+
+class OriginNotAllowed(GatewayError):
+    """The C{Origin} header is not allowed by C{listen.allowed_origins}."""
+
+    status = 403
+    code = -32008
+    message = "origin_not_allowed"
+
+
+class UpstreamUnavailable(GatewayError):
+    """The upstream refused, reset or did not accept the connection in time."""
+
+    status = 502
+    code = -32010
+    message = "upstream_unavailable"
+
+
+class UpstreamTimeout(GatewayError):
+    """The upstream sent no byte of its response within C{timeouts.response}."""
+
+    status = 504
+    code = -32011
+    message = "upstream_timeout"
+
+
+class ShuttingDown(GatewayError):
+    """The gateway is draining and takes no new work."""
+
+    status = 503
+    code = -32012
+    message = "shutting_down"
+
+
+class InternalError(GatewayError):
+    """A bug: an unexpected exception while handling a request (logged with its traceback)."""
+
+    status = 500
+    code = -32603
+    message = "internal_error"
+
+
+_PHRASES = {
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    413: b"Content Too Large",
+    429: b"Too Many Requests",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+def reasonPhrase(status: int) -> bytes:
+    """
+    @return: the reason phrase for one of the statuses the gateway produces.
+    """
+    return _PHRASES.get(status, b"Error")
+
+
+def errorBody(error: GatewayError, requestId: Any = None) -> bytes:
+    """
+    @param requestId: the JSON-RPC id of the request, or C{None} when unknown.
+    @return: the serialised JSON-RPC error response for C{error}.
+    """
+    return orjson.dumps({"jsonrpc": "2.0", "id": requestId, "error": error.errorObject()})
+
+
+def errorResponse(
+    error: GatewayError, requestId: Any = None
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """
+    The single mapping from a gateway error to what goes on the wire.
+
+    @return: C{(status, headers, body)}; headers include C{Content-Type} and C{Content-Length}.
+    """
+    body = errorBody(error, error.requestId if requestId is None else requestId)
+    headers = [
+        (b"Content-Type", b"application/json"),
+        (b"Content-Length", b"%d" % len(body)),
+        (b"Cache-Control", b"no-store"),
+        *error.headers(),
+    ]
+    return error.status, headers, body

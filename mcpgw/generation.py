@@ -1,0 +1,198 @@
+# -*- test-case-name: tests.test_generation -*-
+"""
+A generation: every runtime object one parsed config needs, built together and swapped by one
+reference. A request keeps the generation it started with until it ends.
+
+Upstream connection pools outlive generations: a new generation reuses the pool of an upstream
+whose address and timeouts did not change, so a reload drops no keep-alive connection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+from urllib.parse import urlsplit
+
+import attr
+from twisted.internet.ssl import optionsForClientTLS
+
+from mcpgw.config import Config, ListenConfig, UpstreamConfig
+from mcpgw.errors import HostNotAllowed, OriginNotAllowed
+from mcpgw.proxy.upstream import UpstreamPool
+
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+
+
+def isLoopback(host: str) -> bool:
+    """
+    @return: whether a listen address is a loopback address or name.
+    """
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _hostPart(value: str) -> str:
+    """C{example.com:8080} -> C{example.com}; C{[::1]:80} -> C{[::1]}."""
+    if value.startswith("["):
+        end = value.find("]")
+        return value[: end + 1] if end > 0 else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class HostGuard:
+    """
+    DNS-rebinding protection from C{listen.allowed_hosts} and C{listen.allowed_origins}.
+
+    @ivar anyHost: every C{Host} is accepted (non-loopback listener, no list configured).
+    @ivar hostsExact: accepted C{host:port} values (lower case).
+    @ivar hostsAnyPort: accepted host names on any port (lower case).
+    @ivar origins: accepted origins (lower case), or C{None} for the loopback rule.
+    @ivar loopbackOrigins: accept loopback origins (loopback listener, no list configured).
+    """
+
+    anyHost: bool
+    hostsExact: frozenset[bytes]
+    hostsAnyPort: frozenset[bytes]
+    origins: frozenset[bytes]
+    loopbackOrigins: bool
+
+    @classmethod
+    def fromConfig(cls, listen: ListenConfig) -> HostGuard:
+        loopback = isLoopback(listen.host)
+        exact: set[bytes] = set()
+        anyPort: set[bytes] = set()
+        for h in listen.allowed_hosts:
+            h = h.lower()
+            (exact if _hostPart(h) != h else anyPort).add(h.encode())
+        if not listen.allowed_hosts and loopback:
+            anyPort = {n.encode() for n in ("localhost", "127.0.0.1", "[::1]")}
+        return cls(
+            anyHost=not listen.allowed_hosts and not loopback,
+            hostsExact=frozenset(exact),
+            hostsAnyPort=frozenset(anyPort),
+            origins=frozenset(o.lower().rstrip("/").encode() for o in listen.allowed_origins),
+            loopbackOrigins=not listen.allowed_origins and loopback,
+        )
+
+    def check(self, host: bytes | None, origin: bytes | None) -> None:
+        """
+        @raise HostNotAllowed: C{host} is not accepted.
+        @raise OriginNotAllowed: C{origin} is present and not accepted.
+        """
+        if not self.anyHost:
+            h = (host or b"").lower()
+            if (
+                h not in self.hostsExact
+                and _hostPart(h.decode("latin-1")).encode("latin-1") not in self.hostsAnyPort
+            ):
+                raise HostNotAllowed(f"Host {h.decode('latin-1')!r} is not allowed")
+        if origin is not None:
+            o = origin.lower().rstrip(b"/")
+            if o in self.origins:
+                return
+            if self.loopbackOrigins:
+                parts = urlsplit(o.decode("latin-1"))
+                name = parts.hostname or ""
+                if parts.scheme in ("http", "https") and (
+                    name in ("localhost", "127.0.0.1") or name == "::1"
+                ):
+                    return
+            raise OriginNotAllowed(f"Origin {origin.decode('latin-1')!r} is not allowed")
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Route:
+    """
+    One upstream as the hot path needs it: bytes precomputed once per generation.
+
+    @ivar hostHeader: the C{Host} value the upstream gets (its own).
+    @ivar target: the upstream request target (path and query of its URL).
+    @ivar injected: C{upstreams[].headers} as C{(name, value)} byte pairs.
+    @ivar injectedNames: their lower-case names (client headers of these names are replaced).
+    """
+
+    config: UpstreamConfig
+    name: str
+    pool: UpstreamPool
+    hostHeader: bytes
+    target: bytes
+    injected: tuple[tuple[bytes, bytes], ...]
+    injectedNames: frozenset[bytes]
+
+
+def _poolKey(u: UpstreamConfig) -> tuple[Any, ...]:
+    return (u.name, u.scheme, u.host, u.port, u.timeouts.connect, u.timeouts.response)
+
+
+def makePool(reactor: Any, u: UpstreamConfig) -> UpstreamPool:
+    """A connection pool for upstream C{u}."""
+    tls = optionsForClientTLS(u.host) if u.scheme == "https" else None
+    return UpstreamPool(
+        reactor, u.name, u.scheme, u.host, u.port, u.timeouts.connect, u.timeouts.response, tls
+    )
+
+
+def makeRoute(u: UpstreamConfig, pool: UpstreamPool) -> Route:
+    """Precompute the hot-path bytes of upstream C{u}."""
+    default = 443 if u.scheme == "https" else 80
+    host = u.host if ":" not in u.host else f"[{u.host}]"
+    hostHeader = host if u.port == default else f"{host}:{u.port}"
+    injected = tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in u.headers)
+    return Route(
+        config=u,
+        name=u.name,
+        pool=pool,
+        hostHeader=hostHeader.encode("ascii"),
+        target=u.target,
+        injected=injected,
+        injectedNames=frozenset(k.lower() for k, _ in injected),
+    )
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Generation:
+    """
+    Everything built from one config.
+
+    @ivar number: 1 for the config the process started with, then +1 per successful reload.
+    @ivar routes: gateway path (bytes) -> L{Route}.
+    """
+
+    number: int
+    config: Config
+    routes: dict[bytes, Route]
+    hostGuard: HostGuard
+    maxBodyBytes: int
+
+    @property
+    def pools(self) -> list[UpstreamPool]:
+        """The connection pools of this generation's upstreams."""
+        return [r.pool for r in self.routes.values()]
+
+
+def buildGeneration(
+    reactor: Any, config: Config, number: int = 1, previous: Generation | None = None
+) -> Generation:
+    """
+    Build a complete generation from a validated config, reusing the previous generation's pools
+    where an upstream's address and timeouts are unchanged.
+    """
+    oldPools = {}
+    if previous is not None:
+        oldPools = {_poolKey(r.config): r.pool for r in previous.routes.values()}
+    routes = {}
+    for u in config.upstreams:
+        pool = oldPools.get(_poolKey(u)) or makePool(reactor, u)
+        routes[u.path.encode()] = makeRoute(u, pool)
+    return Generation(
+        number=number,
+        config=config,
+        routes=routes,
+        hostGuard=HostGuard.fromConfig(config.listen),
+        maxBodyBytes=config.limits.max_body_bytes,
+    )

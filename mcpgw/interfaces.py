@@ -1,0 +1,62 @@
+"""
+The seams of mcpgw. Implementations are marked with C{@implementer}; in-memory fakes of these
+interfaces live in L{mcpgw.testing}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+
+class IResponseSink(Interface):
+    """Receives one upstream response, piece by piece, as it arrives."""
+
+    def upstreamResponse(
+        status: int, reason: bytes, headers: list[tuple[bytes, bytes]], transport: Any
+    ) -> None:
+        """
+        The status line and headers arrived. C{transport} is the upstream connection, a push
+        producer the sink may register on its consumer (backpressure) until the response ends.
+        """
+
+    def upstreamData(data: bytes) -> None:
+        """A piece of the response body (for SSE usually one event)."""
+
+    def upstreamDone() -> None:
+        """The response ended normally."""
+
+    def upstreamFailed(error: Any, midResponse: bool) -> None:
+        """
+        The exchange failed with a L{mcpgw.errors.GatewayError}; C{midResponse} says whether the
+        response head had already been received.
+        """
+
+
+class IUpstreamPool(Interface):
+    """Connections to one upstream."""
+
+    name = Attribute("The upstream's configured name.")
+
+    def request(data: bytes, sink: IResponseSink) -> Any:
+        """
+        Send a complete HTTP/1.1 request; return an exchange whose C{cancel()} abandons it.
+        """
+
+    def close() -> Deferred[Any]:
+        """Close every connection; fires when they are all gone."""
+
+
+class IAuditLog(Interface):
+    """The canonical, append-only audit trail: one JSON object per line."""
+
+    def write(record: dict[str, Any]) -> None:
+        """Append one record as one line. Never blocks on the disk's sync."""
+
+    def reopen() -> None:
+        """Reopen the file by path (after logrotate renamed it)."""
+
+    def close() -> Deferred[None]:
+        """Flush, sync and close; fires when the data is on disk."""

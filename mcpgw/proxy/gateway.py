@@ -1,0 +1,446 @@
+# -*- test-case-name: tests.test_proxy -*-
+"""
+The request path: route by path, DNS-rebinding check, one JSON-RPC parse, forward over the
+upstream's keep-alive pool, relay the response (SSE event by event with backpressure), and write
+one audit line per request.
+
+Every request gets a L{ProxyExchange}, the small per-request record that the audit line (and,
+later, the span) is built from, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mcpgw.audit.writer import rfc3339ms
+from mcpgw.errors import (
+    GatewayError,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ShuttingDown,
+    errorResponse,
+    reasonPhrase,
+)
+from mcpgw.generation import Generation, Route
+from mcpgw.interfaces import IAuditLog, IResponseSink
+from mcpgw.jsonrpc import parseBody
+from mcpgw.proxy.headers import REQUEST_DROP, RESPONSE_DROP, endToEnd
+
+log = Logger()
+
+_EVENT_STREAM = b"text/event-stream"
+_FORWARDED_METHODS = (b"POST", b"GET", b"DELETE")
+
+
+def _newRequestId() -> str:
+    return secrets.token_hex(12)
+
+
+@implementer(IResponseSink)
+class ProxyExchange:
+    """
+    One client request on an MCP path, from arrival to its audit line.
+    """
+
+    __slots__ = (
+        "_producing",
+        "batchSize",
+        "bytesIn",
+        "bytesOut",
+        "clientIp",
+        "closed",
+        "error",
+        "gateway",
+        "generation",
+        "headSent",
+        "httpMethod",
+        "isStream",
+        "jsonrpcId",
+        "method",
+        "path",
+        "protocolVersion",
+        "request",
+        "requestId",
+        "route",
+        "sessionId",
+        "started",
+        "status",
+        "tool",
+        "upstream",
+    )
+
+    def __init__(self, gateway: Gateway, request: Any, generation: Generation) -> None:
+        self.gateway = gateway
+        self.request = request
+        self.generation = generation
+        self.started = gateway.reactor.seconds()
+        self.requestId = _newRequestId()
+        self.route: Route | None = None
+        self.upstream: Any = None
+        self.httpMethod: bytes = request.method
+        self.path: bytes = request.path
+        headers = request.requestHeaders
+        sid = headers.getRawHeaders(b"mcp-session-id")
+        self.sessionId = sid[0].decode("latin-1") if sid else None
+        pv = headers.getRawHeaders(b"mcp-protocol-version")
+        self.protocolVersion = pv[0].decode("latin-1") if pv else None
+        self.clientIp: str | None = getattr(request.client, "host", None)
+        self.method: str | None = None
+        self.tool: str | None = None
+        self.jsonrpcId: Any = None
+        self.batchSize: int | None = None
+        self.bytesIn = 0
+        self.bytesOut = 0
+        self.status: int | None = None
+        self.error: str | None = None
+        self.headSent = False
+        self.isStream = False
+        self.closed = False
+        self._producing = False
+
+    # -- response side: IResponseSink ------------------------------------------------------
+
+    def upstreamResponse(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], transport: Any
+    ) -> None:
+        if self.closed:
+            return
+        request = self.request
+        request.setResponseCode(status, reason or None)
+        out = request.responseHeaders
+        length = None
+        pending: dict[bytes, list[bytes]] = {}
+        for name, value in headers:
+            pending.setdefault(name, []).append(value)
+        for name, value in endToEnd(list(pending.items()), RESPONSE_DROP):
+            out.addRawHeader(name, value)
+        for name, values in pending.items():
+            low = name.lower()
+            if low == b"content-length":
+                length = values[0]
+            elif low == b"content-type" and values[0].startswith(_EVENT_STREAM):
+                self.isStream = True
+        if length is not None:
+            out.setRawHeaders(b"Content-Length", [length])
+        if self.isStream:
+            out.setRawHeaders(b"X-Accel-Buffering", [b"no"])
+        self.status = status
+        if self.sessionId is None:
+            sid = out.getRawHeaders(b"mcp-session-id")
+            if sid:
+                self.sessionId = sid[0].decode("latin-1")
+        self.headSent = True
+        request.registerProducer(transport, True)
+        self._producing = True
+        request.write(b"")  # the head goes out now, not with the first body piece
+
+    def upstreamData(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.bytesOut += len(data)
+        self.request.write(data)
+
+    def upstreamDone(self) -> None:
+        if self.closed:
+            return
+        request = self.request
+        if self._producing:
+            self._producing = False
+            request.unregisterProducer()
+        request.finish()
+        self._end()
+
+    def upstreamFailed(self, error: Any, midResponse: bool) -> None:
+        if self.closed:
+            return
+        if not self.headSent:
+            self.respondError(error)
+            return
+        # The upstream died mid-body: no final chunk, so the client sees a truncated response.
+        self.error = "upstream_reset"
+        request = self.request
+        if self._producing:
+            self._producing = False
+            request.unregisterProducer()
+        request.loseConnection()
+        self._end()
+
+    # -- client side ---------------------------------------------------------------------
+
+    def clientGone(self) -> None:
+        """The client connection was lost before the response ended."""
+        if self.closed:
+            return
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.cancel()
+        if self.error is None:
+            self.error = "client_closed"
+        if not self.headSent:
+            self.status = 499
+        self._producing = False
+        self._end()
+
+    def respondError(self, error: GatewayError) -> None:
+        """Answer the client with C{error}'s JSON-RPC error response and end the exchange."""
+        status, headers, body = errorResponse(error, self.jsonrpcId)
+        self.status = status
+        self.error = error.message
+        request = self.request
+        request.setResponseCode(status, reasonPhrase(status))
+        out = request.responseHeaders
+        for name, value in headers:
+            out.setRawHeaders(name, [value])
+        self.bytesOut = len(body)
+        request.write(body)
+        request.finish()
+        self._end()
+
+    def _end(self) -> None:
+        self.closed = True
+        self.request.exchange = None
+        self.gateway.exchangeEnded(self)
+
+    def auditRecord(self) -> dict[str, Any]:
+        """The audit line of this exchange (every field of DESIGN.md, nulls included)."""
+        now = self.gateway.reactor.seconds()
+        return {
+            "ts": rfc3339ms(self.gateway.wallClock()),
+            "request_id": self.requestId,
+            "session_id": self.sessionId,
+            "client_ip": self.clientIp,
+            "method": self.method,
+            "tool": self.tool,
+            "upstream": self.route.name if self.route is not None else None,
+            "decision": "allow",
+            "rule_id": None,
+            "error": self.error,
+            "auth_key_id": None,
+            "auth_result": "external",
+            "bytes_in": self.bytesIn,
+            "bytes_out": self.bytesOut,
+            "status": self.status,
+            "duration_ms": round((now - self.started) * 1000.0, 3),
+            "transport": "https" if self.request.isSecure() else "http",
+            "http_method": self.httpMethod.decode("latin-1"),
+            "path": self.path.decode("latin-1"),
+            "jsonrpc_id": self.jsonrpcId,
+            "batch_size": self.batchSize,
+            "protocol_version": self.protocolVersion,
+        }
+
+
+class Gateway:
+    """
+    The request handler behind the listener; holds the current L{Generation}.
+
+    @ivar generation: the current generation (replaced as a whole on reload).
+    @ivar inflight: exchanges that have not ended yet.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        generation: Generation,
+        audit: IAuditLog,
+        readiness: Any = None,
+        wallClock: Callable[[], float] = time.time,
+    ) -> None:
+        self.reactor = reactor
+        self.wallClock = wallClock
+        self.generation = generation
+        self.audit = audit
+        self.readiness = readiness
+        self.inflight: set[ProxyExchange] = set()
+        self.connections: set[Any] = set()
+        self.draining = False
+        self._idleWaiters: list[Deferred[None]] = []
+        self._connWaiters: list[Deferred[None]] = []
+
+    @property
+    def maxBodyBytes(self) -> int:
+        """C{limits.max_body_bytes} of the current generation."""
+        return self.generation.maxBodyBytes
+
+    # -- connections (graceful stop) -----------------------------------------------------
+
+    def connectionOpened(self, channel: Any) -> None:
+        self.connections.add(channel)
+        if self.draining:
+            channel.transport.loseConnection()
+
+    def connectionClosed(self, channel: Any) -> None:
+        self.connections.discard(channel)
+        if not self.connections:
+            waiters, self._connWaiters = self._connWaiters, []
+            for d in waiters:
+                d.callback(None)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def handle(self, request: Any) -> None:
+        """Handle one complete request (headers and body received)."""
+        path = request.path
+        gen = self.generation
+        route = gen.routes.get(path)
+        if route is None and self.readiness is not None and path in (b"/healthz", b"/readyz"):
+            self.readiness.render(request, path, gen)
+            return
+        x = ProxyExchange(self, request, gen)
+        self.inflight.add(x)
+        request.exchange = x
+        x.route = route
+        try:
+            if route is None:
+                raise NotFound(f"no upstream at {path.decode('latin-1')!r}")
+            headers = request.requestHeaders
+            hosts = headers.getRawHeaders(b"host")
+            origins = headers.getRawHeaders(b"origin")
+            gen.hostGuard.check(hosts[0] if hosts else None, origins[0] if origins else None)
+            method = request.method
+            if method not in _FORWARDED_METHODS:
+                raise MethodNotAllowed(f"{method.decode('latin-1')} is not an MCP method")
+            body = b"".join(request.body) if request.body else b""
+            x.bytesIn = len(body)
+            if method == b"POST":
+                summary = parseBody(body)
+                x.method = summary.method
+                x.tool = summary.tool
+                x.jsonrpcId = summary.requestId
+                if summary.isBatch:
+                    x.batchSize = len(summary.messages)
+            if self.draining:
+                raise ShuttingDown("the gateway is shutting down")
+            self._forward(x, route, request, body)
+        except GatewayError as e:
+            if x.jsonrpcId is None and e.requestId is not None:
+                x.jsonrpcId = e.requestId
+            x.respondError(e)
+
+    def _forward(self, x: ProxyExchange, route: Route, request: Any, body: bytes) -> None:
+        target = route.target
+        if request.query:
+            target += (b"&" if b"?" in target else b"?") + request.query
+        parts = [request.method, b" ", target, b" HTTP/1.1\r\nHost: ", route.hostHeader, b"\r\n"]
+        rh = request.requestHeaders
+        injectedNames = route.injectedNames
+        forwardedFor = None
+        originalHost = None
+        for name, value in endToEnd(list(rh.getAllRawHeaders()), REQUEST_DROP):
+            low = name.lower()
+            if low in injectedNames:
+                continue
+            if low == b"x-forwarded-for":
+                forwardedFor = value if forwardedFor is None else forwardedFor + b", " + value
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        for name, value in route.injected:
+            parts += (name, b": ", value, b"\r\n")
+        hosts = rh.getRawHeaders(b"host")
+        if hosts:
+            originalHost = hosts[0]
+            parts += (b"X-Forwarded-Host: ", originalHost, b"\r\n")
+        client = (x.clientIp or "unknown").encode("latin-1")
+        parts += (
+            b"X-Forwarded-For: ",
+            client if forwardedFor is None else forwardedFor + b", " + client,
+            b"\r\nX-Forwarded-Proto: ",
+            b"https" if request.isSecure() else b"http",
+            b"\r\nContent-Length: %d\r\n\r\n" % len(body),
+            body,
+        )
+        x.upstream = route.pool.request(b"".join(parts), x)
+
+    def rejectTooLarge(self, request: Any) -> None:
+        """
+        Answer 413 as soon as the body is known to exceed the limit (from C{Content-Length}
+        before reading, or while reading a chunked body), then close the connection.
+        """
+        x = ProxyExchange(self, request, self.generation)
+        x.route = self.generation.routes.get(request.path)
+        x.bytesIn = request.bodySize
+        self.inflight.add(x)
+        request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+        request.channel.persistent = False
+        try:
+            x.respondError(PayloadTooLarge(f"the request body exceeds {self.maxBodyBytes} bytes"))
+        finally:
+            channel = request.channel
+            if channel is not None:
+                channel.loseConnection()
+
+    def internalError(self, request: Any, failure: Failure) -> None:
+        """An unexpected exception escaped the request path: log it, answer 500 if possible."""
+        log.failure("unexpected error handling {uri}", failure, uri=getattr(request, "uri", b"?"))
+        x = request.exchange
+        if x is None:
+            x = ProxyExchange(self, request, self.generation)
+            self.inflight.add(x)
+        if x.closed:
+            return
+        if x.upstream is not None:
+            x.upstream.cancel()
+        if not x.headSent and not request.startedWriting and not request.finished:
+            x.respondError(InternalError("unexpected error, see the gateway log"))
+        else:
+            x.error = "internal_error"
+            request.loseConnection()
+            x._end()
+
+    def exchangeEnded(self, x: ProxyExchange) -> None:
+        self.inflight.discard(x)
+        try:
+            self.audit.write(x.auditRecord())
+        except Exception:
+            log.failure("could not write the audit line of request {id}", id=x.requestId)
+        if not self.inflight and self._idleWaiters:
+            waiters, self._idleWaiters = self._idleWaiters, []
+            for d in waiters:
+                d.callback(None)
+
+    # -- graceful stop -------------------------------------------------------------------
+
+    def startDraining(self) -> None:
+        """
+        Take no new work. Server-stream GETs end at once (clients resume them with
+        C{Last-Event-ID}); POSTs and DELETEs in flight are left to finish.
+        """
+        self.draining = True
+        for x in list(self.inflight):
+            if x.httpMethod == b"GET" and x.headSent and not x.closed:
+                if x.upstream is not None:
+                    x.upstream.cancel()
+                if x._producing:
+                    x._producing = False
+                    x.request.unregisterProducer()
+                x.request.finish()
+                x._end()
+
+    def whenIdle(self) -> Deferred[None]:
+        """Fires when no request is in flight."""
+        if not self.inflight:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idleWaiters.append(d)
+        return d
+
+    def closeConnections(self) -> Deferred[None]:
+        """Close every client connection (flushing what is queued); fires when all are gone."""
+        if not self.connections:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._connWaiters.append(d)
+        for channel in list(self.connections):
+            if channel.transport is not None:
+                channel.transport.loseConnection()
+        return d

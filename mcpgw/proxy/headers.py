@@ -1,0 +1,67 @@
+# -*- test-case-name: tests.test_headers -*-
+"""
+Which headers cross the gateway.
+
+End-to-end headers pass both ways (C{Mcp-Session-Id}, C{MCP-Protocol-Version}, C{Last-Event-ID},
+C{Accept}, C{Authorization}, ...). Hop-by-hop headers (RFC 9110 section 7.6.1) and every header a
+C{Connection} header nominates are dropped; framing headers are recomputed by each hop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+HOP_BY_HOP: frozenset[bytes] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: Request headers the gateway sets itself on the upstream request.
+REQUEST_DROP: frozenset[bytes] = HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"expect",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+}
+
+#: Response headers recomputed by the gateway's own framing.
+RESPONSE_DROP: frozenset[bytes] = HOP_BY_HOP | {b"content-length"}
+
+
+def _nominated(headers: Iterable[tuple[bytes, list[bytes]]]) -> frozenset[bytes]:
+    out: set[bytes] = set()
+    for name, values in headers:
+        if name.lower() == b"connection":
+            for value in values:
+                out.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(out)
+
+
+def endToEnd(
+    headers: list[tuple[bytes, list[bytes]]], drop: frozenset[bytes]
+) -> list[tuple[bytes, bytes]]:
+    """
+    @param headers: C{(name, [values])} pairs as given by C{Headers.getAllRawHeaders}.
+    @param drop: lower-case names never to pass (e.g. L{REQUEST_DROP}).
+    @return: the C{(name, value)} pairs that pass, in order, with the names the
+        C{Connection} header nominates removed too.
+    """
+    nominated = _nominated(headers) if any(n.lower() == b"connection" for n, _ in headers) else None
+    out: list[tuple[bytes, bytes]] = []
+    for name, values in headers:
+        low = name.lower()
+        if low in drop or (nominated is not None and low in nominated):
+            continue
+        for value in values:
+            out.append((name, value))
+    return out

@@ -1,0 +1,162 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+The gateway's lifecycle as a twistd service: listen, reload on SIGHUP, drain on stop.
+
+Stop order (one sequential C{stopService}; C{MultiService} would stop children all at once):
+stop listening -> end server-stream GETs and wait for in-flight requests (up to
+L{SHUTDOWN_GRACE}) -> close client connections after their queued bytes are flushed -> close
+upstream connections -> flush and sync the audit file. Waiting for requests alone is not enough:
+a finished request's bytes may still sit in the transport's buffer.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Generator
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet import defer, tcp
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
+
+from mcpgw import __version__
+from mcpgw.audit.writer import AuditWriter
+from mcpgw.config import Config, ConfigError, load_config
+from mcpgw.generation import Generation, buildGeneration
+from mcpgw.health import Readiness
+from mcpgw.proxy.gateway import Gateway
+from mcpgw.proxy.server import GatewaySite
+
+log = Logger()
+
+#: Seconds in-flight requests get to finish after a stop is requested.
+SHUTDOWN_GRACE = 25.0
+#: Seconds client connections get to flush and close before they are aborted.
+CLOSE_GRACE = 5.0
+#: Idle client connections are closed after this many seconds without a byte.
+CLIENT_IDLE_TIMEOUT = 60.0
+#: Listen backlog.
+BACKLOG = 1024
+
+
+class GatewayService(MultiService):
+    """
+    The root service: owns the listener, the audit writer and the current generation.
+
+    @ivar port: the listening port once started.
+    """
+
+    def __init__(self, reactor: Any, configPath: str | None, config: Config) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.configPath = configPath
+        self.audit = AuditWriter(reactor, config.audit.path, config.audit.fsync)
+        self.readiness = Readiness(reactor)
+        self.gateway = Gateway(
+            reactor, buildGeneration(reactor, config), self.audit, self.readiness
+        )
+        self.site = GatewaySite(self.gateway, reactor, CLIENT_IDLE_TIMEOUT)
+        self.port: Any = None
+        self._previousHup: Any = None
+        self._reloading = False
+        self._reloadAgain = False
+
+    @property
+    def generation(self) -> Generation:
+        """The current generation."""
+        return self.gateway.generation
+
+    def startService(self) -> None:
+        config = self.generation.config
+        self.audit.open()
+        listen = config.listen
+        if listen.reuse_port:
+            binding = tcp.makeBinding(listen.host, listen.port, reuseAddress=True, reusePort=True)
+            self.port = self.reactor.listenTCP(binding, self.site, BACKLOG)
+        else:
+            self.port = self.reactor.listenTCP(
+                listen.port, self.site, BACKLOG, interface=listen.host
+            )
+        super().startService()
+        if self.configPath is not None:
+            self._previousHup = signal.signal(signal.SIGHUP, self._onSIGHUP)
+        addr = self.port.getHost()
+        host = f"[{addr.host}]" if ":" in addr.host else addr.host
+        log.info(
+            "mcpgw {version} listening on http://{host}:{port} "
+            "(generation {gen}; upstreams: {ups})",
+            version=__version__,
+            host=host,
+            port=addr.port,
+            gen=self.generation.number,
+            ups=", ".join(f"{r.name} at {p.decode()}" for p, r in self.generation.routes.items()),
+        )
+
+    def _onSIGHUP(self, signum: int, frame: Any) -> None:
+        # A signal handler only schedules; the work runs at a clean point in the reactor thread.
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        """
+        Reopen the audit file (logrotate) and rebuild the generation from the config file. A
+        broken config is rejected with one log line and the current generation stays. HUPs that
+        arrive during a reload coalesce into one more reload.
+        """
+        if self._reloading:
+            self._reloadAgain = True
+            return
+        self._reloading = True
+        try:
+            self.audit.reopen()
+            old = self.generation
+            try:
+                config = load_config(self.configPath)  # type: ignore[arg-type]
+            except ConfigError as e:
+                log.error(
+                    "reload rejected, keeping generation {gen}: {problems}",
+                    gen=old.number,
+                    problems="; ".join(str(p) for p in e.problems),
+                )
+                return
+            new = buildGeneration(self.reactor, config, old.number + 1, previous=old)
+            self.gateway.generation = new
+            log.info("reloaded {path}: generation {gen}", path=self.configPath, gen=new.number)
+        finally:
+            self._reloading = False
+            if self._reloadAgain:
+                self._reloadAgain = False
+                self.reactor.callLater(0, self.reload)
+
+    @inlineCallbacks
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
+        if self._previousHup is not None:
+            signal.signal(signal.SIGHUP, self._previousHup)
+            self._previousHup = None
+        log.info(
+            "stopping: {n} requests in flight, {c} connections open",
+            n=len(self.gateway.inflight),
+            c=len(self.gateway.connections),
+        )
+        if self.port is not None:
+            yield defer.maybeDeferred(self.port.stopListening)
+        self.readiness.draining = True
+        self.gateway.startDraining()
+        try:
+            yield self.gateway.whenIdle().addTimeout(SHUTDOWN_GRACE, self.reactor)
+        except defer.TimeoutError:
+            log.warn(
+                "stop: {n} requests still running after {s}s; closing them",
+                n=len(self.gateway.inflight),
+                s=SHUTDOWN_GRACE,
+            )
+        try:
+            yield self.gateway.closeConnections().addTimeout(CLOSE_GRACE, self.reactor)
+        except defer.TimeoutError:
+            for channel in list(self.gateway.connections):
+                if channel.transport is not None:
+                    channel.transport.abortConnection()
+        yield defer.gatherResults([p.close() for p in self.generation.pools])
+        yield super().stopService()
+        yield self.audit.close()
+        log.info("stopped; {n} audit lines written", n=self.audit.linesWritten)

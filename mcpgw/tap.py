@@ -1,0 +1,47 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+The composition root: C{twistd mcpgw} options and L{makeService}. C{mcpgw run} builds the same
+service through L{makeService}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from mcpgw.config import ConfigError, load_config
+
+
+class Options(usage.Options):
+    """C{twistd mcpgw} command line."""
+
+    synopsis = "--config FILE"
+    optParameters = [
+        ["config", "c", "/etc/mcpgw/mcpgw.yaml", "Path to the YAML configuration file."],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self["loaded"] = load_config(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(f"invalid configuration {self['config']}:\n{e}") from None
+
+
+def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IService:
+    """
+    Build the gateway service from parsed options.
+
+    @param options: L{Options} (or a dict with C{config} and optionally C{loaded}, the parsed
+        L{mcpgw.config.Config}).
+    @param reactor: the reactor; the global one when C{None}.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as globalReactor
+
+        reactor = globalReactor
+    from mcpgw.service import GatewayService
+
+    config = options.get("loaded") or load_config(options["config"])
+    return GatewayService(reactor, options["config"], config)

@@ -1,0 +1,256 @@
+"""
+Test fixtures with real sockets on 127.0.0.1: a scriptable, recording upstream (twisted.web),
+an in-process gateway, and a blocking HTTP client run in a thread (so SSE arrival times are
+measured by a real client, independent of the reactor under test).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import tempfile
+import time
+from typing import Any
+
+import attr
+from mcpgw.config import config_from_string
+from twisted.internet import reactor, threads
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.trial.unittest import TestCase
+from twisted.web import resource, server
+
+from mcpgw.service import GatewayService
+
+
+@attr.s(auto_attribs=True)
+class Seen:
+    """One request as the upstream saw it."""
+
+    method: str
+    uri: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    peer: int
+
+    def header(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
+class ScriptedUpstream(resource.Resource):
+    """
+    An upstream whose behaviour is chosen by the query string (the gateway forwards it):
+
+      - C{mode=json} (default): 200 JSON echo of the request; C{Mcp-Session-Id: up-session}.
+      - C{mode=sse&n=N&gap=S}: N SSE events, S seconds apart, then the end.
+      - C{mode=delay&s=S}: the JSON answer after S seconds.
+      - C{mode=hang}: never answers.
+      - C{mode=reset}: headers and one SSE event, then the connection is aborted.
+      - C{mode=status&code=C}: an empty answer with status C.
+      - C{mode=big&size=N}: N bytes of body (Content-Length).
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Seen] = []
+        self.cancelled: list[float] = []
+        self.finishedStreams: list[float] = []
+
+    def render(self, request: server.Request) -> Any:
+        body = request.content.read() if request.content is not None else b""
+        self.seen.append(
+            Seen(
+                method=request.method.decode(),
+                uri=request.uri.decode(),
+                headers=[
+                    (k.decode(), v.decode())
+                    for k, vs in request.requestHeaders.getAllRawHeaders()
+                    for v in vs
+                ],
+                body=body,
+                peer=request.getClientAddress().port,  # type: ignore[attr-defined]
+            )
+        )
+        args = {k.decode(): v[0].decode() for k, v in request.args.items()}
+        mode = args.get("mode", "json")
+        request.notifyFinish().addErrback(lambda _: self.cancelled.append(time.monotonic()))
+        if mode == "json":
+            return self._json(request, body)
+        if mode == "delay":
+            reactor.callLater(float(args["s"]), self._jsonLater, request, body)
+            return server.NOT_DONE_YET
+        if mode == "hang":
+            return server.NOT_DONE_YET
+        if mode == "status":
+            request.setResponseCode(int(args["code"]))
+            request.setHeader(b"content-length", b"0")
+            return b""
+        if mode == "big":
+            request.setHeader(b"content-type", b"application/octet-stream")
+            return b"x" * int(args["size"])
+        if mode in ("sse", "reset"):
+            request.setHeader(b"content-type", b"text/event-stream")
+            request.setHeader(b"cache-control", b"no-cache")
+            request.setHeader(b"mcp-session-id", b"up-session")
+            n = int(args.get("n", "3"))
+            gap = float(args.get("gap", "0.05"))
+            self._event(request, 0, n, gap, mode == "reset")
+            return server.NOT_DONE_YET
+        raise AssertionError(mode)
+
+    def _json(self, request: server.Request, body: bytes) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"mcp-session-id", b"up-session")
+        request.setHeader(b"x-upstream-only", b"yes")
+        request.setHeader(b"connection", b"keep-alive, x-hop")
+        request.setHeader(b"x-hop", b"must-not-pass")
+        request.setHeader(b"keep-alive", b"timeout=5")
+        try:
+            rid = json.loads(body).get("id") if body else None
+        except ValueError:
+            rid = None
+        return json.dumps({"jsonrpc": "2.0", "id": rid, "result": {"echo": body.decode()}}).encode()
+
+    def _jsonLater(self, request: server.Request, body: bytes) -> None:
+        if not request._disconnected:  # type: ignore[attr-defined]
+            request.write(self._json(request, body))
+            request.finish()
+
+    def _event(self, request: server.Request, i: int, n: int, gap: float, reset: bool) -> None:
+        if request._disconnected:  # type: ignore[attr-defined]
+            return
+        request.write(b'id: %d\nevent: message\ndata: {"n": %d}\n\n' % (i, i))
+        if reset:
+            request.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        if i + 1 < n:
+            reactor.callLater(gap, self._event, request, i + 1, n, gap, reset)
+        else:
+            self.finishedStreams.append(time.monotonic())
+            request.finish()
+
+
+def freePort() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return int(port)
+
+
+class GatewayTestCase(TestCase):
+    """Starts a scripted upstream and a gateway in front of it, both on 127.0.0.1."""
+
+    extraConfig = ""
+    upstreamPath = "/mcp"
+
+    def setUp(self) -> Any:
+        self.upstream = ScriptedUpstream()
+        site = server.Site(self.upstream)
+        site.noisy = False
+        self.upstreamPort = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(self.upstreamPort.stopListening)
+        self.tmp = tempfile.mkdtemp(prefix="mcpgw-test-")
+        self.auditPath = os.path.join(self.tmp, "audit.jsonl")
+        return self.startGateway(self.configText())
+
+    def configText(self) -> str:
+        up = self.upstreamPort.getHost().port
+        return (
+            "listen: {host: 127.0.0.1, port: 0}\n"
+            "upstreams:\n"
+            f"  - {{name: up, url: 'http://127.0.0.1:{up}{self.upstreamPath}', path: /mcp,"
+            " headers: {X-Injected: injected-value, Authorization: Bearer upstream-secret},"
+            " timeouts: {connect: 2, response: 1}}\n"
+            f"audit: {{path: {self.auditPath}, fsync: none, state_dir: {self.tmp}/state}}\n"
+            + self.extraConfig
+        )
+
+    def startGateway(self, text: str) -> Deferred[None]:
+        config = config_from_string(text, source="test.yaml", base_dir=self.tmp)
+        self.service = GatewayService(reactor, None, config)
+        self.service.startService()
+        self.port = self.service.port.getHost().port
+        self.addCleanup(self._stopGateway)
+        d: Deferred[None] = Deferred()
+        d.callback(None)
+        return d
+
+    @inlineCallbacks
+    def _stopGateway(self) -> Any:
+        if self.service.running:
+            yield self.service.stopService()
+
+    def url(self, path: str = "/mcp") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def auditLines(self) -> list[dict[str, Any]]:
+        with open(self.auditPath, "rb") as f:
+            return [json.loads(line) for line in f]
+
+    def call(
+        self,
+        method: str = "POST",
+        path: str = "/mcp",
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        port: int | None = None,
+    ) -> Deferred[Reply]:
+        return threads.deferToThread(request, port or self.port, method, path, body, headers or {})
+
+
+@attr.s(auto_attribs=True)
+class Reply:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    chunks: list[tuple[float, bytes]]
+    started: float
+
+    def header(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None,
+    headers: dict[str, str],
+    timeout: float = 10.0,
+) -> Reply:
+    """A blocking HTTP/1.1 request; SSE lines are timestamped as they arrive."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        hdrs = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+        hdrs.update(headers)
+        started = time.monotonic()
+        conn.request(method, path, body=body, headers=hdrs)
+        resp = conn.getresponse()
+        chunks: list[tuple[float, bytes]] = []
+        data = b""
+        if resp.getheader("content-type", "").startswith("text/event-stream"):
+            while True:
+                line = resp.readline()
+                if not line:
+                    break
+                chunks.append((time.monotonic(), line))
+                data += line
+        else:
+            data = resp.read()
+        return Reply(resp.status, resp.getheaders(), data, chunks, started)
+    finally:
+        conn.close()
+
+
+def rpc(method: str, params: dict[str, Any] | None = None, id: Any = 1) -> bytes:
+    msg: dict[str, Any] = {"jsonrpc": "2.0", "id": id, "method": method}
+    if params is not None:
+        msg["params"] = params
+    return json.dumps(msg).encode()
