@@ -1,0 +1,1352 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The YAML configuration: parsed and validated into immutable L{attr.frozen} objects.
+
+L{load_config} reads a file, L{config_from_string} parses text; both return a L{Config} or raise
+one L{ConfigError} listing I{every} problem found (each a L{Problem} with a dotted path, a message
+and the 1-based line in the YAML), so C{mcpgw config check} can print them all at once.
+
+Rules, beyond the schema in C{DESIGN.md}:
+  - Every key of every mapping is checked: unknown keys are errors (with a "did you mean"
+    suggestion when a known key is close), duplicate keys are errors, missing required keys are
+    reported against the parent mapping. Scalars keep their YAML types: C{port: "80"} is a string
+    and is rejected where an integer is expected; integers are accepted where numbers are.
+  - C{null} for an optional section or key means its default.
+  - C{${NAME}} (C{NAME} matching C{[A-Za-z_][A-Za-z0-9_]*}) is replaced by that environment
+    variable in every string value, anywhere in the string and any number of times; the result is
+    not expanded again. An unset variable, or a C{${} that does not form such a reference, is an
+    error. There is no escape: a literal C{${} cannot be written. Only values the YAML typed as
+    strings are expanded, so C{port: ${PORT}} is a string and is rejected.
+  - Relative file paths are resolved against the config file's directory (for
+    L{config_from_string}, its C{base_dir}, or the current directory). C{tls.cert_file},
+    C{tls.key_file}, C{tls.client_ca}, C{license.file} and a webhook sink's C{ca_file} must exist
+    when the config is loaded; C{audit.path} and C{audit.state_dir} are only resolved: the audit
+    writer and the sinks create them.
+  - C{listen.port: 0} asks the operating system for a free port (useful in tests).
+  - Upstream paths must not be C{/healthz} or C{/readyz}; injected headers (C{upstreams[].headers},
+    webhook C{headers}) must be HTTP tokens with Latin-1 values without CR, LF or NUL, and cannot
+    set C{Host}, C{Content-Length}, C{Transfer-Encoding} or C{Connection}.
+  - Sink names name files in C{audit.state_dir}, so they are limited to letters, digits, C{.},
+    C{_} and C{-} (starting with a letter or digit).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import ClassVar, TypeAlias, TypeVar
+from urllib.parse import quote, urlsplit
+
+import attr
+import yaml
+from yaml.constructor import ConstructorError, SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+__all__ = [
+    "BUILTIN_REDACTIONS",
+    "APIKey",
+    "AuditConfig",
+    "AuthConfig",
+    "BatchConfig",
+    "Config",
+    "ConfigError",
+    "GCSSinkConfig",
+    "InputRateLimit",
+    "KafkaSinkConfig",
+    "LicenseConfig",
+    "LimitsConfig",
+    "ListenConfig",
+    "MatchSpec",
+    "ObjectLockConfig",
+    "PolicyConfig",
+    "PolicyRule",
+    "Problem",
+    "RateLimitSpec",
+    "S3SinkConfig",
+    "SinkConfig",
+    "TLSConfig",
+    "TelemetryConfig",
+    "Timeouts",
+    "UpstreamConfig",
+    "WebhookSinkConfig",
+    "config_from_string",
+    "load_config",
+]
+
+#: Names usable in a redact rule's C{redact} list instead of a regular expression.
+BUILTIN_REDACTIONS: frozenset[str] = frozenset({"bearer", "openai_key", "aws_access_key", "jwt"})
+
+#: Kinds of C{match} in a policy rule.
+MATCH_KINDS = ("exact", "prefix", "glob", "regex", "list")
+#: Policy rule actions.
+ACTIONS = ("allow", "deny", "redact", "rate_limit")
+#: Gateway paths answered by the gateway itself, so no upstream may use them.
+RESERVED_PATHS = frozenset({"/healthz", "/readyz"})
+#: Headers the gateway owns; configured header injection may not set them.
+FORBIDDEN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+
+
+# -- Problems ---------------------------------------------------------------------------------
+
+
+@attr.frozen
+class Problem:
+    """
+    One thing wrong with a configuration.
+
+    @ivar path: where, dotted, with list indices: C{upstreams[0].url}; C{""} for the whole file.
+    @ivar message: what is wrong.
+    @ivar line: the 1-based line in the YAML text, when known.
+    """
+
+    path: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.path}: {self.message}" if self.path else self.message
+        return text if self.line is None else f"{text} (line {self.line})"
+
+
+class ConfigError(Exception):
+    """
+    A configuration is invalid; C{str()} gives one problem per line.
+
+    @ivar problems: every problem found, in line order.
+    @ivar source: the config file's path, or C{"<string>"}.
+    """
+
+    def __init__(self, problems: Sequence[Problem], source: str = "<string>") -> None:
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        self.source = source
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return "\n".join(str(p) for p in self.problems)
+
+
+# -- The data model ---------------------------------------------------------------------------
+
+
+@attr.frozen
+class ListenConfig:
+    """
+    C{listen}: where the gateway accepts connections, and which C{Host}/C{Origin} it accepts.
+
+    @ivar port: 0 to let the operating system pick a free port.
+    @ivar allowed_origins: each C{scheme://host[:port]}.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    reuse_port: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+
+
+@attr.frozen
+class TLSConfig:
+    """C{tls}: native TLS; absolute paths of existing files."""
+
+    cert_file: str
+    key_file: str
+    client_ca: str | None = None
+
+
+@attr.frozen
+class Timeouts:
+    """C{upstreams[].timeouts}, in seconds; C{response} is until the first byte."""
+
+    connect: float = 5.0
+    response: float = 120.0
+
+
+@attr.frozen
+class UpstreamConfig:
+    """
+    One upstream MCP server, reached at gateway path C{path}.
+
+    @ivar scheme: C{"http"} or C{"https"}, from C{url}.
+    @ivar host: the URL's host, lower-case, without IPv6 brackets.
+    @ivar port: the URL's port, or 80/443.
+    @ivar target: the URL's path and C{?query} as a request target (C{b"/"} when empty),
+        non-ASCII characters percent-encoded.
+    @ivar headers: C{(name, value)} pairs injected into every upstream request.
+    """
+
+    name: str
+    url: str
+    scheme: str
+    host: str
+    port: int
+    target: bytes
+    path: str = "/mcp"
+    headers: tuple[tuple[str, str], ...] = ()
+    timeouts: Timeouts = Timeouts()
+
+    @classmethod
+    def from_url(
+        cls,
+        name: str,
+        url: str,
+        path: str = "/mcp",
+        headers: tuple[tuple[str, str], ...] = (),
+        timeouts: Timeouts = Timeouts(),
+    ) -> UpstreamConfig:
+        """
+        Build an upstream, computing the URL fields (for code and tests that need one directly).
+
+        @raise ValueError: C{url} is not a usable http/https URL.
+        """
+        scheme, host, port, target = split_url(url)
+        return cls(name, url, scheme, host, port, target, path, headers, timeouts)
+
+
+@attr.frozen
+class APIKey:
+    """An API key entry: its id, and the Argon2id hash of the key."""
+
+    id: str
+    hash: str
+
+
+@attr.frozen
+class AuthConfig:
+    """C{auth}: API-key authentication (off: an external proxy authenticates)."""
+
+    enabled: bool = False
+    keys: tuple[APIKey, ...] = ()
+
+
+@attr.frozen
+class MatchSpec:
+    """
+    A policy rule's C{match}: which tool names it applies to.
+
+    @ivar kind: one of L{MATCH_KINDS}.
+    @ivar value: the pattern; a tuple of names for C{list}.
+    """
+
+    kind: str
+    value: str | tuple[str, ...]
+
+
+@attr.frozen
+class RateLimitSpec:
+    """A token bucket: C{rate} tokens a second, holding at most C{burst}."""
+
+    rate: float
+    burst: float
+
+
+@attr.frozen
+class PolicyRule:
+    """
+    One policy rule.
+
+    @ivar redact: built-in names (L{BUILTIN_REDACTIONS}) or regular expressions; non-empty
+        exactly when C{action} is C{redact}.
+    @ivar rate_limit: set exactly when C{action} is C{rate_limit}.
+    """
+
+    id: str
+    action: str
+    match: MatchSpec
+    redact: tuple[str, ...] = ()
+    rate_limit: RateLimitSpec | None = None
+
+
+@attr.frozen
+class PolicyConfig:
+    """C{policy}: rules in order (first match wins), else C{default_action}."""
+
+    default_action: str = "allow"
+    filter_tools_list: bool = True
+    rules: tuple[PolicyRule, ...] = ()
+
+
+@attr.frozen
+class BatchConfig:
+    """A sink ships a batch when it has C{max_lines} lines or is C{max_seconds} old."""
+
+    max_lines: int
+    max_seconds: float
+
+
+@attr.frozen
+class ObjectLockConfig:
+    """S3 Object Lock retention for each object written."""
+
+    mode: str
+    retain_days: int
+
+
+@attr.frozen
+class S3SinkConfig:
+    """An audit sink writing batches to S3 (or an S3-compatible endpoint)."""
+
+    type: ClassVar[str] = "s3"
+    name: str
+    bucket: str
+    prefix: str = ""
+    region: str | None = None
+    endpoint_url: str | None = None
+    object_lock: ObjectLockConfig | None = None
+    batch: BatchConfig = BatchConfig(10000, 60.0)
+
+
+@attr.frozen
+class GCSSinkConfig:
+    """An audit sink writing batches to Google Cloud Storage."""
+
+    type: ClassVar[str] = "gcs"
+    name: str
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    batch: BatchConfig = BatchConfig(10000, 60.0)
+
+
+@attr.frozen
+class KafkaSinkConfig:
+    """
+    An audit sink producing each line to a Kafka topic.
+
+    @ivar config: extra librdkafka settings; values are strings (YAML booleans become
+        C{"true"}/C{"false"}).
+    """
+
+    type: ClassVar[str] = "kafka"
+    name: str
+    bootstrap_servers: tuple[str, ...]
+    topic: str
+    config: tuple[tuple[str, str], ...] = ()
+
+
+@attr.frozen
+class WebhookSinkConfig:
+    """An audit sink POSTing batches to an HTTP(S) endpoint."""
+
+    type: ClassVar[str] = "webhook"
+    name: str
+    url: str
+    headers: tuple[tuple[str, str], ...] = ()
+    ca_file: str | None = None
+    batch: BatchConfig = BatchConfig(500, 5.0)
+
+
+SinkConfig: TypeAlias = S3SinkConfig | GCSSinkConfig | KafkaSinkConfig | WebhookSinkConfig
+
+
+@attr.frozen
+class AuditConfig:
+    """C{audit}: the canonical file (absolute C{path}, C{state_dir}) and its sinks."""
+
+    path: str = "audit.jsonl"
+    fsync: str = "interval"
+    state_dir: str = "state"
+    sinks: tuple[SinkConfig, ...] = ()
+
+
+@attr.frozen
+class TelemetryConfig:
+    """C{telemetry}: OTLP/HTTP trace export (none without C{otlp_endpoint})."""
+
+    otlp_endpoint: str | None = None
+    service_name: str = "mcpgw"
+    environment: str | None = None
+
+
+@attr.frozen
+class InputRateLimit:
+    """The per-client-address token bucket applied before parsing or auth."""
+
+    rate: float
+    burst: float
+
+
+@attr.frozen
+class LimitsConfig:
+    """C{limits}."""
+
+    max_body_bytes: int = 4194304
+    input_rate_limit: InputRateLimit | None = None
+
+
+@attr.frozen
+class LicenseConfig:
+    """C{license}: the absolute path of the license file, if any."""
+
+    file: str | None = None
+
+
+@attr.frozen
+class Config:
+    """
+    A whole, valid configuration.
+
+    @ivar source: the config file's path, or C{"<string>"}.
+    """
+
+    upstreams: tuple[UpstreamConfig, ...]
+    listen: ListenConfig = ListenConfig()
+    tls: TLSConfig | None = None
+    auth: AuthConfig = AuthConfig()
+    policy: PolicyConfig = PolicyConfig()
+    audit: AuditConfig = AuditConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    limits: LimitsConfig = LimitsConfig()
+    license: LicenseConfig = LicenseConfig()
+    source: str = "<string>"
+
+
+# -- Entry points -----------------------------------------------------------------------------
+
+
+def load_config(path: str) -> Config:
+    """
+    Read and validate the config file at C{path}.
+
+    @raise ConfigError: the file cannot be read, or the configuration is invalid.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError([Problem("", f"cannot read {path}: {reason}")], path) from None
+    return config_from_string(text, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def config_from_string(
+    text: str,
+    source: str = "<string>",
+    base_dir: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """
+    Parse and validate a configuration.
+
+    @param text: the YAML.
+    @param source: where it came from (kept as L{Config.source} and L{ConfigError.source}).
+    @param base_dir: the directory relative paths are resolved against (default: the current
+        directory).
+    @param environ: the variables C{${NAME}} expands from (default: C{os.environ}).
+    @raise ConfigError: listing every problem found.
+    """
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        message = " ".join(filter(None, [e.context, e.problem]))
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError([Problem("", f"invalid YAML: {message}", line)], source) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([Problem("", f"invalid YAML: {e}")], source) from None
+    if root is None or (isinstance(root, ScalarNode) and root.tag == "tag:yaml.org,2002:null"):
+        raise ConfigError([Problem("", "config file is empty")], source)
+    w = _Walker(os.environ if environ is None else environ, os.path.abspath(base_dir or "."))
+    config = _parse_config(w, root, source)
+    if w.problems:
+        problems = sorted(w.problems, key=lambda p: (p.line is None, p.line or 0))
+        raise ConfigError(problems, source)
+    return config
+
+
+# -- The walker -------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+_NULL_TAG = "tag:yaml.org,2002:null"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ENV_REF = re.compile(r"\$\{(?P<name>[^}]*)(?P<close>\}?)")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_SINK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+_TYPE_NAMES = {
+    str: "string",
+    bool: "boolean",
+    int: "integer",
+    float: "number",
+    type(None): "null",
+    list: "list",
+    dict: "mapping",
+}
+
+
+def _line(node: Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+def _is_null(node: Node) -> bool:
+    return isinstance(node, ScalarNode) and node.tag == _NULL_TAG
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def split_url(url: str) -> tuple[str, str, int, bytes]:
+    """
+    Split an upstream URL.
+
+    @return: C{(scheme, host, port, target)}, as in L{UpstreamConfig}.
+    @raise ValueError: C{url} is not an http/https URL with a host and a valid port, or has
+        credentials in it.
+    """
+    if not url.lower().startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    parts = urlsplit(url)
+    if not parts.hostname:
+        raise ValueError("must include a host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not include credentials (use headers)")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    scheme = parts.scheme.lower()
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    encoded = quote(target, safe="/?:@!$&'()*+,;=-._~%").encode("ascii")
+    return scheme, parts.hostname, port or (443 if scheme == "https" else 80), encoded
+
+
+class _Walker:
+    """
+    Converts YAML nodes into values, collecting every problem instead of stopping at the first.
+
+    Each converter takes a node and its dotted path and returns the value, or C{None} after
+    recording a L{Problem}.
+    """
+
+    def __init__(self, environ: Mapping[str, str], base_dir: str) -> None:
+        self.environ = environ
+        self.base_dir = base_dir
+        self.problems: list[Problem] = []
+        self._constructor = SafeConstructor()
+
+    def report(self, path: str, message: str, node: Node | None) -> None:
+        """Record a problem at C{path}, on C{node}'s line."""
+        self.problems.append(Problem(path, message, _line(node) if node is not None else None))
+
+    def scalar(self, node: Node, path: str) -> object:
+        """The Python value of a scalar, or of a collection: C{[]} / C{{}} (for type names)."""
+        if isinstance(node, SequenceNode):
+            return []
+        if isinstance(node, MappingNode):
+            return {}
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except ConstructorError as e:
+            self.report(path, f"invalid value: {e.problem}", node)
+            return _INVALID
+
+    def wrong_type(self, path: str, expected: str, node: Node, value: object) -> None:
+        got = _TYPE_NAMES.get(type(value), type(value).__name__)
+        quotable = expected == "a string" and isinstance(node, ScalarNode)
+        hint = " (quote the value)" if quotable else ""
+        self.report(path, f"must be {expected}, got {got}{hint}", node)
+
+    def string(self, node: Node, path: str, *, nonempty: bool = True) -> str | None:
+        """A string, with C{${NAME}} expanded."""
+        value = self.scalar(node, path)
+        if value is _INVALID:
+            return None
+        if not isinstance(value, str):
+            self.wrong_type(path, "a string", node, value)
+            return None
+        value = self._expand(value, path, node)
+        if value is not None and nonempty and not value:
+            self.report(path, "must not be empty", node)
+            return None
+        return value
+
+    def _expand(self, value: str, path: str, node: Node) -> str | None:
+        ok = True
+
+        def substitute(m: re.Match[str]) -> str:
+            nonlocal ok
+            name = m["name"]
+            if not m["close"] or not _ENV_NAME.fullmatch(name):
+                self.report(path, f"malformed variable reference {m[0]!r}: use ${{NAME}}", node)
+            elif name not in self.environ:
+                self.report(path, f"environment variable {name!r} is not set", node)
+            else:
+                return self.environ[name]
+            ok = False
+            return m[0]
+
+        expanded = _ENV_REF.sub(substitute, value)
+        return expanded if ok else None
+
+    def integer(
+        self, node: Node, path: str, minimum: int | None = None, maximum: int | None = None
+    ) -> int | None:
+        """An integer within C{[minimum, maximum]}."""
+        value = self.scalar(node, path)
+        if value is _INVALID:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool):
+            self.wrong_type(path, "an integer", node, value)
+            return None
+        if minimum is not None and maximum is not None and not minimum <= value <= maximum:
+            self.report(path, f"must be between {minimum} and {maximum}", node)
+        elif minimum is not None and value < minimum:
+            self.report(path, f"must be at least {minimum}", node)
+        else:
+            return value
+        return None
+
+    def number(
+        self, node: Node, path: str, *, above: float | None = None, minimum: float | None = None
+    ) -> float | None:
+        """A finite number (integers accepted), C{> above} and C{>= minimum}."""
+        value = self.scalar(node, path)
+        if value is _INVALID:
+            return None
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            self.wrong_type(path, "a number", node, value)
+            return None
+        number = float(value)
+        if not math.isfinite(number):
+            self.report(path, "must be a finite number", node)
+        elif above is not None and number <= above:
+            self.report(path, f"must be greater than {above:g}", node)
+        elif minimum is not None and number < minimum:
+            self.report(path, f"must be at least {minimum:g}", node)
+        else:
+            return number
+        return None
+
+    def boolean(self, node: Node, path: str) -> bool | None:
+        """C{true} or C{false}."""
+        value = self.scalar(node, path)
+        if value is _INVALID:
+            return None
+        if not isinstance(value, bool):
+            self.wrong_type(path, "true or false", node, value)
+            return None
+        return value
+
+    def choice(self, node: Node, path: str, choices: Sequence[str]) -> str | None:
+        """One of C{choices}."""
+        value = self.string(node, path, nonempty=False)
+        if value is not None and value not in choices:
+            self.report(path, f"must be one of {', '.join(choices)}, got {value!r}", node)
+            return None
+        return value
+
+    def url(self, node: Node, path: str) -> str | None:
+        """An http or https URL with a host."""
+        value = self.string(node, path)
+        if value is not None:
+            try:
+                split_url(value)
+            except ValueError as e:
+                self.report(path, str(e), node)
+                return None
+        return value
+
+    def file(self, node: Node, path: str, *, must_exist: bool) -> str | None:
+        """A path, made absolute against the base directory; optionally an existing file."""
+        value = self.string(node, path)
+        if value is None:
+            return None
+        resolved = os.path.normpath(os.path.join(self.base_dir, value))
+        if must_exist and not os.path.exists(resolved):
+            self.report(path, f"file not found: {resolved}", node)
+        elif must_exist and not os.path.isfile(resolved):
+            self.report(path, f"not a regular file: {resolved}", node)
+        else:
+            return resolved
+        return None
+
+    def sequence(self, node: Node, path: str) -> list[tuple[str, Node]] | None:
+        """A list: its items, each with its path C{path[i]}."""
+        if not isinstance(node, SequenceNode):
+            self.wrong_type(path, "a list", node, self.scalar(node, path))
+            return None
+        return [(f"{path}[{i}]", item) for i, item in enumerate(node.value)]
+
+    def strings(
+        self,
+        node: Node,
+        path: str,
+        *,
+        nonempty: bool = False,
+        check: Callable[[str], str | None] | None = None,
+    ) -> tuple[str, ...] | None:
+        """
+        A list of non-empty strings; with C{nonempty}, at least one.
+
+        @param check: returns a problem's message for an invalid item, else C{None}.
+        """
+        items = self.sequence(node, path)
+        if items is None:
+            return None
+        if nonempty and not items:
+            self.report(path, "must not be empty", node)
+            return None
+        values = []
+        for p, item in items:
+            value = self.string(item, p)
+            if value is not None and check is not None and (problem := check(value)):
+                self.report(p, problem, item)
+                value = None
+            values.append(value)
+        return tuple(v for v in values if v is not None) if None not in values else None
+
+    def pairs(self, node: Node, path: str) -> list[tuple[str, str, Node, Node]] | None:
+        """A free-form mapping: C{(key, path, key node, value node)} for each entry."""
+        if not isinstance(node, MappingNode):
+            self.wrong_type(path, "a mapping", node, self.scalar(node, path))
+            return None
+        try:
+            self._constructor.flatten_mapping(node)
+        except ConstructorError as e:
+            self.report(path, f"invalid merge: {e.problem}", node)
+            return None
+        result = []
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = self.scalar(key_node, path)
+            if key is _INVALID:
+                continue
+            if not isinstance(key, str):
+                got = _TYPE_NAMES.get(type(key), type(key).__name__)
+                self.report(path, f"keys must be strings, got {got}", key_node)
+            elif key in seen:
+                self.report(path, f"duplicate key {key!r}", key_node)
+            else:
+                seen.add(key)
+                result.append((key, _join(path, key), key_node, value_node))
+        return result
+
+    def mapping(self, node: Node, path: str, keys: Collection[str]) -> _Map | None:
+        """A mapping whose keys must be among C{keys} (others are reported and ignored)."""
+        entries = self.pairs(node, path)
+        if entries is None:
+            return None
+        m = _Map(self, node, path, {key: (k, v) for key, _, k, v in entries})
+        m.restrict(keys)
+        return m
+
+    def headers(self, node: Node, path: str) -> tuple[tuple[str, str], ...] | None:
+        """Injected HTTP headers: C{{name: value}}."""
+        entries = self.pairs(node, path)
+        if entries is None:
+            return None
+        result = []
+        seen: set[str] = set()
+        ok = True
+        for name, p, key_node, value_node in entries:
+            value = self.string(value_node, p, nonempty=False)
+            if not _TOKEN.fullmatch(name):
+                self.report(path, f"invalid header name {name!r}", key_node)
+            elif name.lower() in FORBIDDEN_HEADERS:
+                self.report(path, f"header {name!r} is set by the gateway and cannot be injected",
+                            key_node)
+            elif name.lower() in seen:
+                self.report(path, f"duplicate header {name!r}", key_node)
+            elif value is not None and any(c in value for c in "\r\n\0"):
+                self.report(p, "must not contain CR, LF or NUL", value_node)
+            elif value is not None and not value.isascii() and not _latin1(value):
+                self.report(p, "must be Latin-1 text", value_node)
+            elif value is not None:
+                seen.add(name.lower())
+                result.append((name, value))
+                continue
+            ok = False
+        return tuple(result) if ok else None
+
+
+def _latin1(value: str) -> bool:
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class _Invalid:
+    """The value of a scalar that could not be constructed (already reported)."""
+
+
+_INVALID = _Invalid()
+
+
+class _Map:
+    """
+    A mapping being read: typed accessors by key, each returning the default when the key is
+    absent or C{null} (or, after reporting a problem, when the value is wrong).
+    """
+
+    def __init__(
+        self, walker: _Walker, node: Node, path: str, entries: dict[str, tuple[Node, Node]]
+    ) -> None:
+        self.w = walker
+        self.node = node
+        self.path = path
+        self.entries = entries
+
+    def restrict(self, keys: Collection[str], what: str = "") -> None:
+        """
+        Report and drop every key not in C{keys}, suggesting a close known key.
+
+        @param what: appended to the message, e.g. C{" for a kafka sink"}.
+        """
+        for key, (key_node, _) in list(self.entries.items()):
+            if key not in keys:
+                close = difflib.get_close_matches(key, list(keys), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                self.w.report(self.path, f"unknown key {key!r}{what}{hint}", key_node)
+                del self.entries[key]
+
+    def at(self, key: str) -> str:
+        """The path of C{key}."""
+        return _join(self.path, key)
+
+    def get(self, key: str, *, required: bool = False) -> Node | None:
+        """
+        The value node of C{key}; C{None} if absent or C{null} (or absent and C{required},
+        reported). A required key given as C{null} is returned, for its converter to reject.
+        """
+        entry = self.entries.get(key)
+        if entry is None:
+            if required:
+                self.w.report(self.path, f"missing required key {key!r}", self.node)
+            return None
+        node = entry[1]
+        if _is_null(node) and not required:
+            return None
+        return node
+
+    def value(
+        self, key: str, convert: Callable[[Node, str], T | None], default: T, *, required: bool
+    ) -> T:
+        """C{convert} applied to C{key}'s value, or C{default}."""
+        node = self.get(key, required=required)
+        if node is None:
+            return default
+        result = convert(node, self.at(key))
+        return default if result is None else result
+
+    def require_str(self, key: str) -> str:
+        """A required non-empty string."""
+        return self.value(key, self.w.string, "", required=True)
+
+    def optional_str(self, key: str, default: str | None = None) -> str | None:
+        """An optional non-empty string."""
+        return self.value(key, self.w.string, default, required=False)
+
+    def str_or(self, key: str, default: str, *, nonempty: bool = True) -> str:
+        """An optional string with a default."""
+        return self.value(
+            key, lambda n, p: self.w.string(n, p, nonempty=nonempty), default, required=False
+        )
+
+    def bool_or(self, key: str, default: bool) -> bool:
+        """An optional boolean."""
+        return self.value(key, self.w.boolean, default, required=False)
+
+    def int_or(self, key: str, default: int, minimum: int, maximum: int | None = None) -> int:
+        """An optional integer within bounds."""
+        return self.value(
+            key, lambda n, p: self.w.integer(n, p, minimum, maximum), default, required=False
+        )
+
+    def number(
+        self,
+        key: str,
+        default: float,
+        *,
+        required: bool = False,
+        above: float | None = None,
+        minimum: float | None = None,
+    ) -> float:
+        """A number, C{> above} and C{>= minimum}."""
+        return self.value(
+            key,
+            lambda n, p: self.w.number(n, p, above=above, minimum=minimum),
+            default,
+            required=required,
+        )
+
+    def choice(
+        self, key: str, choices: Sequence[str], default: str, *, required: bool = False
+    ) -> str:
+        """One of C{choices}."""
+        return self.value(
+            key, lambda n, p: self.w.choice(n, p, choices), default, required=required
+        )
+
+    def url_or(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
+        """An http or https URL."""
+        return self.value(key, self.w.url, default, required=required)
+
+    def file(self, key: str, *, must_exist: bool, required: bool = False) -> str | None:
+        """A path resolved against the base directory."""
+        return self.value(
+            key, lambda n, p: self.w.file(n, p, must_exist=must_exist), None, required=required
+        )
+
+    def strings(
+        self,
+        key: str,
+        *,
+        required: bool = False,
+        nonempty: bool = False,
+        check: Callable[[str], str | None] | None = None,
+    ) -> tuple[str, ...]:
+        """A list of strings, each passing C{check} (see L{_Walker.strings})."""
+        return self.value(
+            key,
+            lambda n, p: self.w.strings(n, p, nonempty=nonempty, check=check),
+            (),
+            required=required,
+        )
+
+    def section(self, key: str, keys: Collection[str], *, required: bool = False) -> _Map | None:
+        """A nested mapping with known C{keys}, or C{None} if absent, C{null} or invalid."""
+        node = self.get(key, required=required)
+        if node is None:
+            return None
+        return self.w.mapping(node, self.at(key), keys)
+
+    def items(self, key: str, *, required: bool = False) -> list[tuple[str, Node]]:
+        """The items of a list, each with its path."""
+        node = self.get(key, required=required)
+        if node is None:
+            return []
+        return self.w.sequence(node, self.at(key)) or []
+
+
+def _check_unique(
+    w: _Walker, items: Sequence[tuple[str, str, Node]], what: str
+) -> None:
+    """Report each C{(value, path, node)} whose value was already seen."""
+    seen: set[str] = set()
+    for value, path, node in items:
+        if value in seen:
+            w.report(path, f"duplicate {what} {value!r}", node)
+        seen.add(value)
+
+
+# -- Sections ---------------------------------------------------------------------------------
+
+_TOP_KEYS = (
+    "listen", "tls", "upstreams", "auth", "policy", "audit", "telemetry", "limits", "license",
+)
+
+
+def _parse_config(w: _Walker, root: Node, source: str) -> Config:
+    m = w.mapping(root, "", _TOP_KEYS)
+    if m is None:
+        return Config(upstreams=(), source=source)
+    tls = _parse_tls(m.section("tls", ("cert_file", "key_file", "client_ca")))
+    auth = _parse_auth(w, m, tls)
+    return Config(
+        listen=_parse_listen(w, m.section("listen", attr.fields_dict(ListenConfig))),
+        tls=tls,
+        upstreams=_parse_upstreams(w, m),
+        auth=auth,
+        policy=_parse_policy(w, m.section("policy", attr.fields_dict(PolicyConfig))),
+        audit=_parse_audit(w, m.section("audit", attr.fields_dict(AuditConfig))),
+        telemetry=_parse_telemetry(m.section("telemetry", attr.fields_dict(TelemetryConfig))),
+        limits=_parse_limits(w, m.section("limits", attr.fields_dict(LimitsConfig))),
+        license=_parse_license(m.section("license", ("file",))),
+        source=source,
+    )
+
+
+def _parse_listen(w: _Walker, m: _Map | None) -> ListenConfig:
+    if m is None:
+        return ListenConfig()
+    return ListenConfig(
+        host=m.str_or("host", "127.0.0.1"),
+        port=m.int_or("port", 8080, 0, 65535),
+        reuse_port=m.bool_or("reuse_port", False),
+        allowed_hosts=m.strings("allowed_hosts", check=_check_host),
+        allowed_origins=m.strings("allowed_origins", check=_check_origin),
+    )
+
+
+def _check_host(host: str) -> str | None:
+    if "/" in host or any(c.isspace() for c in host):
+        return f"must be a host or host:port, got {host!r}"
+    return None
+
+
+def _check_origin(origin: str) -> str | None:
+    problem = f"must look like scheme://host[:port], got {origin!r}"
+    scheme, sep, _ = origin.partition("://")
+    if not sep or not _SCHEME.fullmatch(scheme):
+        return problem
+    parts = urlsplit(origin)
+    try:
+        parts.port  # noqa: B018 (validates the port)
+    except ValueError:
+        return problem
+    if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.fragment:
+        return problem
+    return problem if "@" in parts.netloc else None
+
+
+def _parse_tls(m: _Map | None) -> TLSConfig | None:
+    if m is None:
+        return None
+    return TLSConfig(
+        cert_file=m.file("cert_file", must_exist=True, required=True) or "",
+        key_file=m.file("key_file", must_exist=True, required=True) or "",
+        client_ca=m.file("client_ca", must_exist=True),
+    )
+
+
+def _parse_upstreams(w: _Walker, root: _Map) -> tuple[UpstreamConfig, ...]:
+    items = root.items("upstreams", required=True)
+    node = root.get("upstreams")
+    if node is not None and isinstance(node, SequenceNode) and not items:
+        w.report("upstreams", "must list at least one upstream", node)
+    keys = ("name", "url", "path", "headers", "timeouts")
+    upstreams = []
+    names: list[tuple[str, str, Node]] = []
+    paths: list[tuple[str, str, Node]] = []
+    for path, item in items:
+        m = w.mapping(item, path, keys)
+        if m is None:
+            continue
+        name = m.require_str("name")
+        url = m.value("url", w.url, "", required=True)
+        route = m.str_or("path", "/mcp")
+        route_node = m.get("path")
+        if not route.startswith("/"):
+            w.report(m.at("path"), "must start with /", route_node)
+        elif route in RESERVED_PATHS:
+            w.report(m.at("path"), f"{route} is reserved for health checks", route_node)
+        elif any(c in route for c in "?#") or any(c.isspace() for c in route):
+            w.report(m.at("path"), "must be a plain path (no query or spaces)", route_node)
+        timeouts = Timeouts()
+        t = m.section("timeouts", ("connect", "response"))
+        if t is not None:
+            timeouts = Timeouts(
+                connect=t.number("connect", 5.0, above=0),
+                response=t.number("response", 120.0, above=0),
+            )
+        try:
+            scheme, host, port, target = split_url(url)
+        except ValueError:  # reported by w.url, or url missing
+            scheme, host, port, target = "http", "", 80, b"/"
+        upstreams.append(
+            UpstreamConfig(
+                name=name,
+                url=url,
+                scheme=scheme,
+                host=host,
+                port=port,
+                target=target,
+                path=route,
+                headers=m.value("headers", w.headers, (), required=False),
+                timeouts=timeouts,
+            )
+        )
+        if (n := m.get("name")) is not None and name:
+            names.append((name, m.at("name"), n))
+        if route_node is not None:
+            paths.append((route, m.at("path"), route_node))
+        else:
+            paths.append((route, path, item))
+    _check_unique(w, names, "upstream name")
+    _check_unique(w, paths, "upstream path")
+    return tuple(upstreams)
+
+
+def _parse_auth(w: _Walker, root: _Map, tls: TLSConfig | None) -> AuthConfig:
+    m = root.section("auth", ("enabled", "keys"))
+    if m is None:
+        return AuthConfig()
+    keys = []
+    ids: list[tuple[str, str, Node]] = []
+    for path, item in m.items("keys"):
+        k = w.mapping(item, path, ("id", "hash"))
+        if k is None:
+            continue
+        key_id = k.require_str("id")
+        digest = k.require_str("hash")
+        if digest and not digest.startswith("$argon2id$"):
+            w.report(k.at("hash"), "must be an Argon2id hash ($argon2id$...)", k.get("hash"))
+        if (n := k.get("id")) is not None and key_id:
+            ids.append((key_id, k.at("id"), n))
+        keys.append(APIKey(id=key_id, hash=digest))
+    _check_unique(w, ids, "key id")
+    enabled = m.bool_or("enabled", False)
+    if enabled and not m.get("keys") and (tls is None or tls.client_ca is None):
+        w.report(m.at("enabled"), "true but no keys are configured", m.get("enabled"))
+    return AuthConfig(enabled=enabled, keys=tuple(keys))
+
+
+def _parse_policy(w: _Walker, m: _Map | None) -> PolicyConfig:
+    if m is None:
+        return PolicyConfig()
+    rules = []
+    ids: list[tuple[str, str, Node]] = []
+    for path, item in m.items("rules"):
+        r = w.mapping(item, path, attr.fields_dict(PolicyRule))
+        if r is None:
+            continue
+        rule = _parse_rule(w, r)
+        if (n := r.get("id")) is not None and rule.id:
+            ids.append((rule.id, r.at("id"), n))
+        rules.append(rule)
+    _check_unique(w, ids, "rule id")
+    return PolicyConfig(
+        default_action=m.choice("default_action", ("allow", "deny"), "allow"),
+        filter_tools_list=m.bool_or("filter_tools_list", True),
+        rules=tuple(rules),
+    )
+
+
+def _parse_rule(w: _Walker, r: _Map) -> PolicyRule:
+    rule_id = r.require_str("id")
+    action = r.choice("action", ACTIONS, "", required=True)
+    match = _parse_match(w, r)
+    redact: tuple[str, ...] = ()
+    if r.get("redact") is not None:
+        if action and action != "redact":
+            w.report(r.at("redact"), "is only allowed with action: redact", r.get("redact"))
+        redact = r.strings("redact", nonempty=True, check=_check_redaction)
+    elif action == "redact":
+        r.get("redact", required=True)
+    rate_limit = None
+    if r.get("rate_limit") is not None:
+        if action and action != "rate_limit":
+            w.report(
+                r.at("rate_limit"), "is only allowed with action: rate_limit", r.get("rate_limit")
+            )
+        rate_limit = _parse_bucket(r.section("rate_limit", ("rate", "burst")))
+    elif action == "rate_limit":
+        r.get("rate_limit", required=True)
+    return PolicyRule(
+        id=rule_id,
+        action=action,
+        match=match,
+        redact=redact,
+        rate_limit=RateLimitSpec(*rate_limit) if rate_limit else None,
+    )
+
+
+def _parse_match(w: _Walker, r: _Map) -> MatchSpec:
+    invalid = MatchSpec("exact", "")
+    m = r.section("match", MATCH_KINDS, required=True)
+    if m is None:
+        if (node := r.get("match")) is not None and _is_null(node):
+            w.report(r.at("match"), f"must have exactly one of {', '.join(MATCH_KINDS)}", node)
+        return invalid
+    if len(m.entries) != 1:
+        got = f", got {', '.join(m.entries)}" if m.entries else ""
+        w.report(m.path, f"must have exactly one of {', '.join(MATCH_KINDS)}{got}", m.node)
+        return invalid
+    (kind,) = m.entries
+    if kind == "list":
+        names = m.strings("list", required=True, nonempty=True)
+        return MatchSpec("list", names) if names else invalid
+    pattern = m.require_str(kind)
+    if kind == "regex" and pattern:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            w.report(m.at(kind), f"invalid regular expression: {e}", m.get(kind))
+            return invalid
+    return MatchSpec(kind, pattern) if pattern else invalid
+
+
+def _check_redaction(entry: str) -> str | None:
+    """A built-in name, or a regular expression that cannot match nothing."""
+    if entry in BUILTIN_REDACTIONS:
+        return None
+    if re.fullmatch(r"[a-z_]+", entry):
+        close = difflib.get_close_matches(entry, sorted(BUILTIN_REDACTIONS), n=1)
+        if close:
+            return f"unknown built-in redaction {entry!r}; did you mean {close[0]!r}?"
+    try:
+        pattern = re.compile(entry)
+    except re.error as e:
+        return f"invalid regular expression: {e}"
+    return "must not match the empty string" if pattern.search("") is not None else None
+
+
+def _parse_bucket(m: _Map | None) -> tuple[float, float] | None:
+    """C{{rate, burst}}: C{burst} defaults to C{max(1, rate)}."""
+    if m is None:
+        return None
+    rate = m.number("rate", 0.0, required=True, above=0)
+    burst = m.number("burst", max(1.0, rate), minimum=1)
+    return (rate, burst) if rate else None
+
+
+# -- Audit ------------------------------------------------------------------------------------
+
+_BATCH_DEFAULTS = {
+    "s3": BatchConfig(10000, 60.0),
+    "gcs": BatchConfig(10000, 60.0),
+    "webhook": BatchConfig(500, 5.0),
+}
+_SINK_KEYS = {
+    "s3": ("type", *attr.fields_dict(S3SinkConfig)),
+    "gcs": ("type", *attr.fields_dict(GCSSinkConfig)),
+    "kafka": ("type", *attr.fields_dict(KafkaSinkConfig)),
+    "webhook": ("type", *attr.fields_dict(WebhookSinkConfig)),
+}
+
+
+def _parse_audit(w: _Walker, m: _Map | None) -> AuditConfig:
+    if m is None:
+        return _default_audit(w)
+    sinks = []
+    names: list[tuple[str, str, Node]] = []
+    for path, item in m.items("sinks"):
+        sink = _parse_sink(w, path, item)
+        if sink is not None:
+            sinks.append(sink[0])
+            names.append((sink[0].name, _join(path, "name"), sink[1]))
+    _check_unique(w, names, "sink name")
+    default = _default_audit(w)
+    return AuditConfig(
+        path=m.file("path", must_exist=False) or default.path,
+        fsync=m.choice("fsync", ("none", "interval", "always"), "interval"),
+        state_dir=m.file("state_dir", must_exist=False) or default.state_dir,
+        sinks=tuple(sinks),
+    )
+
+
+def _default_audit(w: _Walker) -> AuditConfig:
+    return AuditConfig(
+        path=os.path.join(w.base_dir, "audit.jsonl"), state_dir=os.path.join(w.base_dir, "state")
+    )
+
+
+def _parse_sink(w: _Walker, path: str, item: Node) -> tuple[SinkConfig, Node] | None:
+    """A sink and the node of its name, or C{None} if its type is unknown or it has no name."""
+    m = w.mapping(item, path, {key for keys in _SINK_KEYS.values() for key in keys})
+    if m is None:
+        return None
+    kind = m.choice("type", tuple(_SINK_KEYS), "", required=True)
+    if not kind:
+        return None
+    m.restrict(_SINK_KEYS[kind], f" for a {kind} sink")
+    name = m.require_str("name")
+    name_node = m.get("name")
+    if name and not _SINK_NAME.fullmatch(name):
+        w.report(m.at("name"), "may only contain letters, digits, '.', '_' and '-'", name_node)
+    sink: SinkConfig
+    if kind == "kafka":
+        sink = KafkaSinkConfig(
+            name=name,
+            bootstrap_servers=m.strings("bootstrap_servers", required=True, nonempty=True),
+            topic=m.require_str("topic"),
+            config=m.value("config", _kafka_config(w), (), required=False),
+        )
+    elif kind == "webhook":
+        sink = WebhookSinkConfig(
+            name=name,
+            url=m.url_or("url", "", required=True) or "",
+            headers=m.value("headers", w.headers, (), required=False),
+            ca_file=m.file("ca_file", must_exist=True),
+            batch=_parse_batch(m, kind),
+        )
+    elif kind == "gcs":
+        sink = GCSSinkConfig(
+            name=name,
+            bucket=m.require_str("bucket"),
+            prefix=m.str_or("prefix", "", nonempty=False),
+            endpoint_url=m.url_or("endpoint_url"),
+            batch=_parse_batch(m, kind),
+        )
+    else:
+        lock = m.section("object_lock", ("mode", "retain_days"))
+        sink = S3SinkConfig(
+            name=name,
+            bucket=m.require_str("bucket"),
+            prefix=m.str_or("prefix", "", nonempty=False),
+            region=m.optional_str("region"),
+            endpoint_url=m.url_or("endpoint_url"),
+            object_lock=None
+            if lock is None
+            else ObjectLockConfig(
+                mode=lock.choice("mode", ("GOVERNANCE", "COMPLIANCE"), "", required=True),
+                retain_days=lock.value(
+                    "retain_days", lambda n, p: w.integer(n, p, 1), 0, required=True
+                ),
+            ),
+            batch=_parse_batch(m, kind),
+        )
+    return (sink, name_node) if name_node is not None and name else None
+
+
+def _parse_batch(m: _Map, kind: str) -> BatchConfig:
+    default = _BATCH_DEFAULTS[kind]
+    b = m.section("batch", ("max_lines", "max_seconds"))
+    if b is None:
+        return default
+    return BatchConfig(
+        max_lines=b.int_or("max_lines", default.max_lines, 1),
+        max_seconds=b.number("max_seconds", default.max_seconds, above=0),
+    )
+
+
+def _kafka_config(w: _Walker) -> Callable[[Node, str], tuple[tuple[str, str], ...] | None]:
+    """A converter for a Kafka sink's C{config}: strings, numbers and booleans, as strings."""
+
+    def convert(node: Node, path: str) -> tuple[tuple[str, str], ...] | None:
+        entries = w.pairs(node, path)
+        if entries is None:
+            return None
+        result = []
+        for key, p, _, value_node in entries:
+            value = w.scalar(value_node, p)
+            if isinstance(value, bool):
+                result.append((key, "true" if value else "false"))
+            elif isinstance(value, int | float):
+                result.append((key, str(value)))
+            elif isinstance(value, str):
+                text = w.string(value_node, p, nonempty=False)
+                if text is not None:
+                    result.append((key, text))
+            elif value is not _INVALID:
+                w.wrong_type(p, "a string, number or boolean", value_node, value)
+        return tuple(result)
+
+    return convert
+
+
+# -- The rest ---------------------------------------------------------------------------------
+
+
+def _parse_telemetry(m: _Map | None) -> TelemetryConfig:
+    if m is None:
+        return TelemetryConfig()
+    return TelemetryConfig(
+        otlp_endpoint=m.url_or("otlp_endpoint"),
+        service_name=m.str_or("service_name", "mcpgw"),
+        environment=m.optional_str("environment"),
+    )
+
+
+def _parse_limits(w: _Walker, m: _Map | None) -> LimitsConfig:
+    if m is None:
+        return LimitsConfig()
+    bucket = _parse_bucket(m.section("input_rate_limit", ("rate", "burst")))
+    return LimitsConfig(
+        max_body_bytes=m.int_or("max_body_bytes", 4194304, 1),
+        input_rate_limit=InputRateLimit(*bucket) if bucket else None,
+    )
+
+
+def _parse_license(m: _Map | None) -> LicenseConfig:
+    if m is None:
+        return LicenseConfig()
+    return LicenseConfig(file=m.file("file", must_exist=True))
