@@ -441,7 +441,7 @@ def config_from_string(
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
-        message = " ".join(filter(None, [e.context, e.problem]))
+        message = f"{e.problem} ({e.context})" if e.context else str(e.problem)
         line = mark.line + 1 if mark is not None else None
         raise ConfigError([Problem("", f"invalid YAML: {message}", line)], source) from None
     except yaml.YAMLError as e:
@@ -451,8 +451,7 @@ def config_from_string(
     w = _Walker(os.environ if environ is None else environ, os.path.abspath(base_dir or "."))
     config = _parse_config(w, root, source)
     if w.problems:
-        problems = sorted(w.problems, key=lambda p: (p.line is None, p.line or 0))
-        raise ConfigError(problems, source)
+        raise ConfigError([problem for _, problem in sorted(w.problems)], source)
     return config
 
 
@@ -527,12 +526,16 @@ class _Walker:
     def __init__(self, environ: Mapping[str, str], base_dir: str) -> None:
         self.environ = environ
         self.base_dir = base_dir
-        self.problems: list[Problem] = []
+        #: C{((line, column, sequence), problem)}: sorted, the problems in document order.
+        self.problems: list[tuple[tuple[int, int, int], Problem]] = []
         self._constructor = SafeConstructor()
 
     def report(self, path: str, message: str, node: Node | None) -> None:
         """Record a problem at C{path}, on C{node}'s line."""
-        self.problems.append(Problem(path, message, _line(node) if node is not None else None))
+        mark = node.start_mark if node is not None else None
+        where = (mark.line, mark.column) if mark is not None else (1 << 30, 0)
+        problem = Problem(path, message, _line(node) if node is not None else None)
+        self.problems.append(((*where, len(self.problems)), problem))
 
     def scalar(self, node: Node, path: str) -> object:
         """The Python value of a scalar, or of a collection: C{[]} / C{{}} (for type names)."""
@@ -544,7 +547,10 @@ class _Walker:
             return self._constructor.construct_object(node, deep=True)
         except ConstructorError as e:
             self.report(path, f"invalid value: {e.problem}", node)
-            return _INVALID
+        except (ValueError, TypeError, OverflowError) as e:  # e.g. "!!int eighty"
+            self.report(path, f"invalid value: {e}", node)
+        self._constructor.recursive_objects.clear()  # left behind by the failed construction
+        return _INVALID
 
     def wrong_type(self, path: str, expected: str, node: Node, value: object) -> None:
         got = _TYPE_NAMES.get(type(value), type(value).__name__)
@@ -702,17 +708,20 @@ class _Walker:
         return tuple(v for v in values if v is not None) if None not in values else None
 
     def pairs(self, node: Node, path: str) -> list[tuple[str, str, Node, Node]] | None:
-        """A free-form mapping: C{(key, path, key node, value node)} for each entry."""
+        """
+        A free-form mapping: C{(key, path, key node, value node)} for each entry. YAML merge
+        keys (C{<<: *anchor}) are applied; the mapping's own keys override merged ones.
+        """
         if not isinstance(node, MappingNode):
             self.wrong_type(path, "a mapping", node, self.scalar(node, path))
             return None
+        own = {id(key_node) for key_node, _ in node.value}
         try:
             self._constructor.flatten_mapping(node)
         except ConstructorError as e:
             self.report(path, f"invalid merge: {e.problem}", node)
             return None
-        result = []
-        seen: set[str] = set()
+        result: dict[str, tuple[Node, Node]] = {}
         for key_node, value_node in node.value:
             key = self.scalar(key_node, path)
             if key is _INVALID:
@@ -720,12 +729,11 @@ class _Walker:
             if not isinstance(key, str):
                 got = _TYPE_NAMES.get(type(key), type(key).__name__)
                 self.report(path, f"keys must be strings, got {got}", key_node)
-            elif key in seen:
+            elif key in result and id(result[key][0]) in own:
                 self.report(path, f"duplicate key {key!r}", key_node)
             else:
-                seen.add(key)
-                result.append((key, _join(path, key), key_node, value_node))
-        return result
+                result[key] = (key_node, value_node)
+        return [(key, _join(path, key), k, v) for key, (k, v) in result.items()]
 
     def mapping(self, node: Node, path: str, keys: Collection[str]) -> _Map | None:
         """A mapping whose keys must be among C{keys} (others are reported and ignored)."""
@@ -749,8 +757,9 @@ class _Walker:
             if not _TOKEN.fullmatch(name):
                 self.report(path, f"invalid header name {name!r}", key_node)
             elif name.lower() in FORBIDDEN_HEADERS:
-                self.report(path, f"header {name!r} is set by the gateway and cannot be injected",
-                            key_node)
+                self.report(
+                    path, f"header {name!r} is set by the gateway and cannot be injected", key_node
+                )
             elif name.lower() in seen:
                 self.report(path, f"duplicate header {name!r}", key_node)
             elif value is not None and any(c in value for c in "\r\n\0"):
@@ -926,9 +935,7 @@ class _Map:
         return self.w.sequence(node, self.at(key)) or []
 
 
-def _check_unique(
-    w: _Walker, items: Sequence[tuple[str, str, Node]], what: str
-) -> None:
+def _check_unique(w: _Walker, items: Sequence[tuple[str, str, Node]], what: str) -> None:
     """Report each C{(value, path, node)} whose value was already seen."""
     seen: set[str] = set()
     for value, path, node in items:
@@ -940,7 +947,15 @@ def _check_unique(
 # -- Sections ---------------------------------------------------------------------------------
 
 _TOP_KEYS = (
-    "listen", "tls", "upstreams", "auth", "policy", "audit", "telemetry", "limits", "license",
+    "listen",
+    "tls",
+    "upstreams",
+    "auth",
+    "policy",
+    "audit",
+    "telemetry",
+    "limits",
+    "license",
 )
 
 
@@ -1022,14 +1037,8 @@ def _parse_upstreams(w: _Walker, root: _Map) -> tuple[UpstreamConfig, ...]:
             continue
         name = m.require_str("name")
         url = m.value("url", w.url, "", required=True)
-        route = m.str_or("path", "/mcp")
         route_node = m.get("path")
-        if not route.startswith("/"):
-            w.report(m.at("path"), "must start with /", route_node)
-        elif route in RESERVED_PATHS:
-            w.report(m.at("path"), f"{route} is reserved for health checks", route_node)
-        elif any(c in route for c in "?#") or any(c.isspace() for c in route):
-            w.report(m.at("path"), "must be a plain path (no query or spaces)", route_node)
+        route = _route(w, route_node, m.at("path")) if route_node else "/mcp"
         timeouts = Timeouts()
         t = m.section("timeouts", ("connect", "response"))
         if t is not None:
@@ -1049,20 +1058,34 @@ def _parse_upstreams(w: _Walker, root: _Map) -> tuple[UpstreamConfig, ...]:
                 host=host,
                 port=port,
                 target=target,
-                path=route,
+                path=route or "/mcp",
                 headers=m.value("headers", w.headers, (), required=False),
                 timeouts=timeouts,
             )
         )
         if (n := m.get("name")) is not None and name:
             names.append((name, m.at("name"), n))
-        if route_node is not None:
-            paths.append((route, m.at("path"), route_node))
-        else:
-            paths.append((route, path, item))
+        if route is not None:
+            paths.append((route, *((m.at("path"), route_node) if route_node else (path, item))))
     _check_unique(w, names, "upstream name")
     _check_unique(w, paths, "upstream path")
     return tuple(upstreams)
+
+
+def _route(w: _Walker, node: Node, path: str) -> str | None:
+    """An upstream's gateway C{path}."""
+    route = w.string(node, path)
+    if route is None:
+        return None
+    if not route.startswith("/"):
+        w.report(path, "must start with /", node)
+    elif route in RESERVED_PATHS:
+        w.report(path, f"{route} is reserved for health checks", node)
+    elif any(c in route for c in "?#") or any(c.isspace() for c in route):
+        w.report(path, "must be a plain path (no query, fragment or spaces)", node)
+    else:
+        return route
+    return None
 
 
 def _parse_auth(w: _Walker, root: _Map, tls: TLSConfig | None) -> AuthConfig:
@@ -1084,7 +1107,7 @@ def _parse_auth(w: _Walker, root: _Map, tls: TLSConfig | None) -> AuthConfig:
         keys.append(APIKey(id=key_id, hash=digest))
     _check_unique(w, ids, "key id")
     enabled = m.bool_or("enabled", False)
-    if enabled and not m.get("keys") and (tls is None or tls.client_ca is None):
+    if enabled and not keys and (tls is None or tls.client_ca is None):
         w.report(m.at("enabled"), "true but no keys are configured", m.get("enabled"))
     return AuthConfig(enabled=enabled, keys=tuple(keys))
 
@@ -1143,8 +1166,6 @@ def _parse_match(w: _Walker, r: _Map) -> MatchSpec:
     invalid = MatchSpec("exact", "")
     m = r.section("match", MATCH_KINDS, required=True)
     if m is None:
-        if (node := r.get("match")) is not None and _is_null(node):
-            w.report(r.at("match"), f"must have exactly one of {', '.join(MATCH_KINDS)}", node)
         return invalid
     if len(m.entries) != 1:
         got = f", got {', '.join(m.entries)}" if m.entries else ""
