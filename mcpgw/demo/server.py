@@ -1,0 +1,151 @@
+"""
+A small, real MCP server on the official Python SDK (C{mcp} 2.x), for C{make run} and the
+end-to-end tests: the gateway's upstream.
+
+    python -m mcpgw.demo.server --host 127.0.0.1 --port 9000 --path /mcp [--json-response]
+        [--stateless]
+
+Tools:
+
+  - C{echo(text)}: returns C{text}.
+  - C{add(a, b)}: returns C{a + b}.
+  - C{countdown(n, delay=0.05)}: sends C{n} progress notifications and log messages, one every
+    C{delay} seconds, then returns C{"liftoff"} (so an SSE response carries several events).
+  - C{whoami()}: the HTTP request headers this server saw for the call (proves header injection
+    and what a proxy forwards).
+
+Also a resource C{demo://info} and a prompt C{greet(name)}.
+
+By default sessions are stateful and answers are SSE streams (the SDK's defaults). It listens
+on loopback only; DNS-rebinding protection accepts C{Host} C{127.0.0.1:*} and C{localhost:*}.
+C{--port 0} picks a free port; the ready line names the real one:
+
+    demo MCP server listening on http://127.0.0.1:9000/mcp
+
+This module needs the C{demo} extra (C{mcp}, C{uvicorn}); the gateway never imports it.
+"""
+
+# No `from __future__ import annotations` here: the SDK evaluates the tools' annotations, which
+# name `Context`, imported inside build_server() so that only the demo needs `mcp`.
+
+import argparse
+import contextlib
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+LOOPBACK = ("127.0.0.1", "localhost")
+
+
+def build_server() -> Any:
+    """The demo C{MCPServer} with its tools, resource and prompt."""
+    from mcp.server.mcpserver import Context, MCPServer
+
+    mcp = MCPServer(
+        name="mcpgw-demo",
+        version="1.0.0",
+        instructions="Demo server behind the mcpgw gateway: echo, add, countdown, whoami.",
+        log_level="WARNING",
+    )
+
+    @mcp.tool(description="Return the text unchanged.")
+    def echo(text: str) -> str:
+        return text
+
+    @mcp.tool(description="Add two numbers.")
+    def add(a: float, b: float) -> float:
+        return a + b
+
+    @mcp.tool(description="Count down from n: a progress notification and a log message per step.")
+    async def countdown(n: int, ctx: Context, delay: float = 0.05) -> str:
+        import anyio
+
+        n = max(0, min(n, 1000))
+        delay = max(0.0, min(delay, 10.0))
+        for i in range(n):
+            with warnings.catch_warnings():
+                # The logging capability is deprecated at 2026-07-28; it still works.
+                warnings.simplefilter("ignore")
+                await ctx.info(f"T-minus {n - i}")
+            await ctx.report_progress(i + 1, n, f"{n - i - 1} to go")
+            await anyio.sleep(delay)
+        return "liftoff"
+
+    @mcp.tool(description="The HTTP request headers the server saw for this call.")
+    def whoami(ctx: Context) -> dict[str, str]:
+        headers = ctx.headers
+        return {k.lower(): v for k, v in headers.items()} if headers is not None else {}
+
+    @mcp.resource("demo://info", name="info", mime_type="application/json")
+    def info() -> str:
+        return json.dumps({"server": "mcpgw-demo", "tools": ["echo", "add", "countdown", "whoami"]})
+
+    @mcp.prompt(description="A friendly greeting.")
+    def greet(name: str) -> str:
+        return f"Say hello to {name}."
+
+    return mcp
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mcpgw.demo.server", description="The demo MCP server (official SDK)."
+    )
+    p.add_argument("--host", default="127.0.0.1", choices=LOOPBACK, help="loopback only")
+    p.add_argument("--port", type=int, default=9000, help="0 picks a free port")
+    p.add_argument("--path", default="/mcp")
+    p.add_argument("--json-response", action="store_true", help="answer with JSON, not SSE")
+    p.add_argument("--stateless", action="store_true", help="no sessions (no Mcp-Session-Id)")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    path = args.path if args.path.startswith("/") else "/" + args.path
+
+    import anyio
+    import uvicorn
+    from mcp.server.transport_security import TransportSecuritySettings
+
+    security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=["127.0.0.1:*", "localhost:*", "127.0.0.1", "localhost"],
+        allowed_origins=["http://127.0.0.1:*", "http://localhost:*"],
+    )
+    app = build_server().streamable_http_app(
+        streamable_http_path=path,
+        json_response=args.json_response,
+        stateless_http=args.stateless,
+        transport_security=security,
+        host=args.host,
+    )
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.should_exit:
+                return
+            port = args.port
+            for server in self.servers:
+                for sock in server.sockets:
+                    port = sock.getsockname()[1]
+            print(f"demo MCP server listening on http://{args.host}:{port}{path}", flush=True)
+
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=2,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        anyio.run(Server(config).serve)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
