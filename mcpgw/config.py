@@ -33,6 +33,7 @@ Rules, beyond the schema in C{DESIGN.md}:
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -74,6 +75,7 @@ __all__ = [
     "WebhookSinkConfig",
     "config_from_string",
     "load_config",
+    "split_url",
 ]
 
 #: Names usable in a redact rule's C{redact} list instead of a regular expression.
@@ -170,7 +172,7 @@ class UpstreamConfig:
     One upstream MCP server, reached at gateway path C{path}.
 
     @ivar scheme: C{"http"} or C{"https"}, from C{url}.
-    @ivar host: the URL's host, lower-case, without IPv6 brackets.
+    @ivar host: the URL's host, lower-case, without IPv6 brackets; IDNA-encoded (ASCII).
     @ivar port: the URL's port, or 80/443.
     @ivar target: the URL's path and C{?query} as a request target (C{b"/"} when empty),
         non-ASCII characters percent-encoded.
@@ -444,8 +446,10 @@ def config_from_string(
         message = f"{e.problem} ({e.context})" if e.context else str(e.problem)
         line = mark.line + 1 if mark is not None else None
         raise ConfigError([Problem("", f"invalid YAML: {message}", line)], source) from None
-    except yaml.YAMLError as e:
-        raise ConfigError([Problem("", f"invalid YAML: {e}")], source) from None
+    except yaml.reader.ReaderError as e:
+        message = f"invalid YAML: unacceptable character #x{e.character:04x}: {e.reason}"
+        line = text.count("\n", 0, e.position) + 1
+        raise ConfigError([Problem("", message, line)], source) from None
     if root is None or (isinstance(root, ScalarNode) and root.tag == "tag:yaml.org,2002:null"):
         raise ConfigError([Problem("", "config file is empty")], source)
     w = _Walker(os.environ if environ is None else environ, os.path.abspath(base_dir or "."))
@@ -464,6 +468,7 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ENV_REF = re.compile(r"\$\{(?P<name>[^}]*)(?P<close>\}?)")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _SINK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_HOST = re.compile(r"[A-Za-z0-9._:-]+")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 _TYPE_NAMES = {
     str: "string",
@@ -498,11 +503,24 @@ def split_url(url: str) -> tuple[str, str, int, bytes]:
     """
     if not url.lower().startswith(("http://", "https://")):
         raise ValueError("must start with http:// or https://")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. a bad IPv6 literal
+        raise ValueError("is not a valid URL") from None
     if not parts.hostname:
         raise ValueError("must include a host")
     if parts.username is not None or parts.password is not None:
         raise ValueError("must not include credentials (use headers)")
+    host = parts.hostname
+    try:
+        if ":" in host:
+            ipaddress.IPv6Address(host)
+        else:
+            host = host.encode("idna").decode("ascii")
+    except (ValueError, UnicodeError):
+        raise ValueError(f"has an invalid host {parts.hostname!r}") from None
+    if not _HOST.fullmatch(host):
+        raise ValueError(f"has an invalid host {parts.hostname!r}")
     try:
         port = parts.port
     except ValueError:
@@ -512,7 +530,7 @@ def split_url(url: str) -> tuple[str, str, int, bytes]:
     if parts.query:
         target += "?" + parts.query
     encoded = quote(target, safe="/?:@!$&'()*+,;=-._~%").encode("ascii")
-    return scheme, parts.hostname, port or (443 if scheme == "https" else 80), encoded
+    return scheme, host, port or (443 if scheme == "https" else 80), encoded
 
 
 class _Walker:
@@ -553,8 +571,11 @@ class _Walker:
         return _INVALID
 
     def wrong_type(self, path: str, expected: str, node: Node, value: object) -> None:
+        """Report that C{value} (from L{scalar}) is not what was C{expected}."""
+        if value is _INVALID:
+            return
         got = _TYPE_NAMES.get(type(value), type(value).__name__)
-        quotable = expected == "a string" and isinstance(node, ScalarNode)
+        quotable = expected == "a string" and isinstance(node, ScalarNode) and value is not None
         hint = " (quote the value)" if quotable else ""
         self.report(path, f"must be {expected}, got {got}{hint}", node)
 
@@ -716,13 +737,14 @@ class _Walker:
             self.wrong_type(path, "a mapping", node, self.scalar(node, path))
             return None
         own = {id(key_node) for key_node, _ in node.value}
+        flat = MappingNode(node.tag, list(node.value), node.start_mark, node.end_mark)
         try:
-            self._constructor.flatten_mapping(node)
+            self._constructor.flatten_mapping(flat)
         except ConstructorError as e:
             self.report(path, f"invalid merge: {e.problem}", node)
             return None
         result: dict[str, tuple[Node, Node]] = {}
-        for key_node, value_node in node.value:
+        for key_node, value_node in flat.value:
             key = self.scalar(key_node, path)
             if key is _INVALID:
                 continue
@@ -764,7 +786,7 @@ class _Walker:
                 self.report(path, f"duplicate header {name!r}", key_node)
             elif value is not None and any(c in value for c in "\r\n\0"):
                 self.report(p, "must not contain CR, LF or NUL", value_node)
-            elif value is not None and not value.isascii() and not _latin1(value):
+            elif value is not None and not _latin1(value):
                 self.report(p, "must be Latin-1 text", value_node)
             elif value is not None:
                 seen.add(name.lower())
@@ -946,17 +968,7 @@ def _check_unique(w: _Walker, items: Sequence[tuple[str, str, Node]], what: str)
 
 # -- Sections ---------------------------------------------------------------------------------
 
-_TOP_KEYS = (
-    "listen",
-    "tls",
-    "upstreams",
-    "auth",
-    "policy",
-    "audit",
-    "telemetry",
-    "limits",
-    "license",
-)
+_TOP_KEYS = tuple(key for key in attr.fields_dict(Config) if key != "source")
 
 
 def _parse_config(w: _Walker, root: Node, source: str) -> Config:
@@ -1002,8 +1014,8 @@ def _check_origin(origin: str) -> str | None:
     scheme, sep, _ = origin.partition("://")
     if not sep or not _SCHEME.fullmatch(scheme):
         return problem
-    parts = urlsplit(origin)
     try:
+        parts = urlsplit(origin)
         parts.port  # noqa: B018 (validates the port)
     except ValueError:
         return problem

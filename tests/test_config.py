@@ -333,6 +333,7 @@ class DefaultTests(ConfigTestCase):
               - {name: a, url: "https://Example.COM", path: /a}
               - {name: b, url: "http://[::1]:81/x y/é?q=1&r=2#frag", path: /b}
               - {name: c, url: "HTTP://h:8443/mcp/", path: /c, timeouts: {connect: 1}}
+              - {name: d, url: "http://bücher.example/", path: /d}
             """
         )
         fields = [(u.scheme, u.host, u.port, u.target) for u in config.upstreams]
@@ -342,6 +343,7 @@ class DefaultTests(ConfigTestCase):
                 ("https", "example.com", 443, b"/"),
                 ("http", "::1", 81, b"/x%20y/%C3%A9?q=1&r=2"),
                 ("http", "h", 8443, b"/mcp/"),
+                ("http", "xn--bcher-kva.example", 80, b"/"),
             ],
         )
         self.assertEqual(config.upstreams[2].timeouts, Timeouts(connect=1.0, response=120.0))
@@ -601,6 +603,26 @@ class ProblemTests(ConfigTestCase):
             ],
         )
 
+    def test_badCharacter(self) -> None:
+        """A character YAML does not accept is one problem with its line."""
+        self.assertEqual(
+            self.problems(MINIMAL + "listen: {host: \x01}\n"),
+            [
+                "invalid YAML: unacceptable character #x0001: special characters are not "
+                "allowed (line 4)"
+            ],
+        )
+
+    def test_invalidMerge(self) -> None:
+        """A merge key that does not name a mapping is reported."""
+        self.assertEqual(
+            self.problems("upstreams:\n  - {<<: 5, name: a, url: 'http://h/'}\n"),
+            [
+                "upstreams[0]: invalid merge: expected a mapping or list of mappings for "
+                "merging, but found scalar (line 2)"
+            ],
+        )
+
     def test_rootNotMapping(self) -> None:
         """The document must be a mapping."""
         self.assertEqual(self.problems("- a\n- b\n"), ["must be a mapping, got list (line 1)"])
@@ -644,6 +666,8 @@ class ProblemTests(ConfigTestCase):
                   - {name: a, url: "http://", path: /a}
                   - {name: b, url: "http://h:99999/", path: /b}
                   - {name: c, url: "https://u:p@h/", path: /c}
+                  - {name: d, url: "http://a b/", path: /d}
+                  - {name: e, url: "http://[zz::1]/", path: /e}
                 telemetry: {otlp_endpoint: "localhost:4318"}
                 """
             ),
@@ -651,7 +675,9 @@ class ProblemTests(ConfigTestCase):
                 "upstreams[0].url: must include a host (line 2)",
                 "upstreams[1].url: has an invalid port (line 3)",
                 "upstreams[2].url: must not include credentials (use headers) (line 4)",
-                "telemetry.otlp_endpoint: must start with http:// or https:// (line 5)",
+                "upstreams[3].url: has an invalid host 'a b' (line 5)",
+                "upstreams[4].url: is not a valid URL (line 6)",
+                "telemetry.otlp_endpoint: must start with http:// or https:// (line 7)",
             ],
         )
 
