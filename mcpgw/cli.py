@@ -63,7 +63,7 @@ def run(path: str) -> int:
         print(f"mcpgw: cannot start: {e}", file=sys.stderr)
         return 1
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
     return 0
 
 

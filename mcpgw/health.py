@@ -106,7 +106,7 @@ class Readiness:
             self._probing = None
             return result
 
-        return DeferredList(probes, consumeErrors=True).addCallback(collect)  # type: ignore[arg-type]
+        return DeferredList(probes, consumeErrors=True).addCallback(collect)
 
     def _probeOne(self, host: str, port: int, timeout: float) -> Deferred[tuple[bool, str | None]]:
         ep = HostnameEndpoint(self._reactor, host, port, timeout=min(timeout, PROBE_TIMEOUT))

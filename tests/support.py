@@ -15,12 +15,14 @@ import time
 from typing import Any
 
 import attr
-from mcpgw.config import config_from_string
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IPullProducer
 from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
+from zope.interface import implementer
 
+from mcpgw.config import config_from_string
 from mcpgw.service import GatewayService
 
 
@@ -49,6 +51,8 @@ class ScriptedUpstream(resource.Resource):
       - C{mode=reset}: headers and one SSE event, then the connection is aborted.
       - C{mode=status&code=C}: an empty answer with status C.
       - C{mode=big&size=N}: N bytes of body (Content-Length).
+      - C{mode=produce&size=N}: N bytes written 64 KiB at a time as the socket drains (a pull
+        producer), counting what was produced in C{produced}.
     """
 
     isLeaf = True
@@ -58,6 +62,7 @@ class ScriptedUpstream(resource.Resource):
         self.seen: list[Seen] = []
         self.cancelled: list[float] = []
         self.finishedStreams: list[float] = []
+        self.produced = 0
 
     def render(self, request: server.Request) -> Any:
         body = request.content.read() if request.content is not None else b""
@@ -71,16 +76,25 @@ class ScriptedUpstream(resource.Resource):
                     for v in vs
                 ],
                 body=body,
-                peer=request.getClientAddress().port,  # type: ignore[attr-defined]
+                peer=request.getClientAddress().port,
             )
         )
         args = {k.decode(): v[0].decode() for k, v in request.args.items()}
         mode = args.get("mode", "json")
-        request.notifyFinish().addErrback(lambda _: self.cancelled.append(time.monotonic()))
+        pending: list[Any] = []
+        request.pending = pending
+
+        def gone(_: object) -> None:
+            self.cancelled.append(time.monotonic())
+            for call in pending:
+                if call.active():
+                    call.cancel()
+
+        request.notifyFinish().addErrback(gone)
         if mode == "json":
             return self._json(request, body)
         if mode == "delay":
-            reactor.callLater(float(args["s"]), self._jsonLater, request, body)
+            pending.append(reactor.callLater(float(args["s"]), self._jsonLater, request, body))
             return server.NOT_DONE_YET
         if mode == "hang":
             return server.NOT_DONE_YET
@@ -91,6 +105,12 @@ class ScriptedUpstream(resource.Resource):
         if mode == "big":
             request.setHeader(b"content-type", b"application/octet-stream")
             return b"x" * int(args["size"])
+        if mode == "produce":
+            total = int(args["size"])
+            request.setHeader(b"content-type", b"application/octet-stream")
+            request.setHeader(b"content-length", b"%d" % total)
+            request.registerProducer(_Producer(self, request, total), False)
+            return server.NOT_DONE_YET
         if mode in ("sse", "reset"):
             request.setHeader(b"content-type", b"text/event-stream")
             request.setHeader(b"cache-control", b"no-cache")
@@ -109,28 +129,61 @@ class ScriptedUpstream(resource.Resource):
         request.setHeader(b"x-hop", b"must-not-pass")
         request.setHeader(b"keep-alive", b"timeout=5")
         try:
-            rid = json.loads(body).get("id") if body else None
+            parsed = json.loads(body) if body else None
+            rid = parsed.get("id") if isinstance(parsed, dict) else None
         except ValueError:
             rid = None
         return json.dumps({"jsonrpc": "2.0", "id": rid, "result": {"echo": body.decode()}}).encode()
 
     def _jsonLater(self, request: server.Request, body: bytes) -> None:
-        if not request._disconnected:  # type: ignore[attr-defined]
+        if not request._disconnected:
             request.write(self._json(request, body))
             request.finish()
 
     def _event(self, request: server.Request, i: int, n: int, gap: float, reset: bool) -> None:
-        if request._disconnected:  # type: ignore[attr-defined]
+        if request._disconnected:
             return
         request.write(b'id: %d\nevent: message\ndata: {"n": %d}\n\n' % (i, i))
         if reset:
-            request.transport.abortConnection()  # type: ignore[union-attr]
+            request.pending.append(
+                reactor.callLater(0.2, request.transport.abortConnection)
+            )
             return
         if i + 1 < n:
-            reactor.callLater(gap, self._event, request, i + 1, n, gap, reset)
+            request.pending.append(
+                reactor.callLater(gap, self._event, request, i + 1, n, gap, reset)
+            )
         else:
             self.finishedStreams.append(time.monotonic())
             request.finish()
+
+
+@implementer(IPullProducer)
+class _Producer:
+    def __init__(self, upstream: ScriptedUpstream, request: server.Request, total: int) -> None:
+        self.upstream = upstream
+        self.request = request
+        self.left = total
+
+    def resumeProducing(self) -> None:
+        if self.request._disconnected:
+            return
+        if self.left <= 0:
+            self.request.unregisterProducer()
+            self.request.finish()
+            return
+        n = min(65536, self.left)
+        self.left -= n
+        self.upstream.produced += n
+        self.request.write(b"x" * n)
+
+    def stopProducing(self) -> None:
+        self.left = 0
+
+
+def portOf(listeningPort: Any) -> int:
+    """The TCP port number a listening port is bound to."""
+    return int(listeningPort.getHost().port)
 
 
 def freePort() -> int:
@@ -151,14 +204,14 @@ class GatewayTestCase(TestCase):
         self.upstream = ScriptedUpstream()
         site = server.Site(self.upstream)
         site.noisy = False
-        self.upstreamPort = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.upstreamPort = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[arg-type]
         self.addCleanup(self.upstreamPort.stopListening)
         self.tmp = tempfile.mkdtemp(prefix="mcpgw-test-")
         self.auditPath = os.path.join(self.tmp, "audit.jsonl")
         return self.startGateway(self.configText())
 
     def configText(self) -> str:
-        up = self.upstreamPort.getHost().port
+        up = portOf(self.upstreamPort)
         return (
             "listen: {host: 127.0.0.1, port: 0}\n"
             "upstreams:\n"
@@ -173,7 +226,7 @@ class GatewayTestCase(TestCase):
         config = config_from_string(text, source="test.yaml", base_dir=self.tmp)
         self.service = GatewayService(reactor, None, config)
         self.service.startService()
-        self.port = self.service.port.getHost().port
+        self.port = portOf(self.service.port)
         self.addCleanup(self._stopGateway)
         d: Deferred[None] = Deferred()
         d.callback(None)

@@ -13,7 +13,7 @@ from twisted.internet import reactor, threads
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 
-from tests.support import GatewayTestCase, rpc
+from tests.support import GatewayTestCase, portOf, rpc
 
 
 class ForwardingTests(GatewayTestCase):
@@ -73,7 +73,7 @@ class ForwardingTests(GatewayTestCase):
             },
         )
         seen = self.upstream.seen[-1]
-        self.assertEqual(seen.header("host"), [f"127.0.0.1:{self.upstreamPort.getHost().port}"])
+        self.assertEqual(seen.header("host"), [f"127.0.0.1:{portOf(self.upstreamPort)}"])
         self.assertEqual(seen.header("x-forwarded-for"), ["10.1.1.1, 127.0.0.1"])
         self.assertEqual(seen.header("x-forwarded-proto"), ["http"])
         self.assertEqual(seen.header("x-forwarded-host"), [f"127.0.0.1:{self.port}"])
@@ -189,24 +189,32 @@ class StreamingTests(GatewayTestCase):
 
     @inlineCallbacks
     def test_slowClientBackpressure(self) -> Any:
-        """A client that does not read pauses the upstream instead of growing gateway memory."""
+        """
+        A client that does not read pauses the upstream (backpressure) instead of the gateway
+        buffering the whole response; when the client leaves, the upstream is dropped.
+        """
+        total = 200 * 1024 * 1024
 
         def slowReader() -> int:
-            s = socket.create_connection(("127.0.0.1", self.port))
+            s = socket.socket()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", self.port))
+            body = b'{"jsonrpc":"2.0","id":1,"method":"x"}'
             s.sendall(
-                b"POST /mcp?mode=big&size=50000000 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                b"Content-Type: application/json\r\nContent-Length: 36\r\n\r\n"
-                b'{"jsonrpc":"2.0","id":1,"method":"x"}'[:36]
+                b"POST /mcp?mode=produce&size=%d HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (total, len(body), body)
             )
             s.recv(1024)
-            time.sleep(1.0)
+            time.sleep(1.5)
+            produced = self.upstream.produced
             s.close()
-            return 0
+            return produced
 
-        yield threads.deferToThread(slowReader)
-        # the upstream could not push 50 MB through: the gateway paused it, then dropped it
-        for _ in range(50):
+        produced = yield threads.deferToThread(slowReader)
+        # socket buffers hold a few MiB at most; without backpressure all 200 MiB would be sent
+        self.assertLess(produced, 32 * 1024 * 1024)
+        for _ in range(100):
             if self.upstream.cancelled:
                 break
             yield deferLater(reactor, 0.02, lambda: None)
@@ -356,17 +364,32 @@ class ErrorTests(GatewayTestCase):
     @inlineCallbacks
     def test_connectTimeout502(self) -> Any:
         """An upstream address that never answers the connect gets 502 after timeouts.connect."""
-        # 10.255.255.1 is unroutable on loopback-only machines; the connect times out or fails
+        # A listening socket whose accept queue is full: the kernel drops further SYNs, so the
+        # gateway's connect can only time out.
+        blackhole = socket.socket()
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(0)
+        self.addCleanup(blackhole.close)
+        port = blackhole.getsockname()[1]
+        fillers = []
+        for _ in range(4):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(("127.0.0.1", port))
+            fillers.append(f)
+        for f in fillers:
+            self.addCleanup(f.close)
         yield self.service.stopService()
         text = (
             self.configText()
-            .replace(f"127.0.0.1:{self.upstreamPort.getHost().port}", "10.255.255.1:9")
+            .replace(f"127.0.0.1:{portOf(self.upstreamPort)}", f"127.0.0.1:{port}")
             .replace("connect: 2", "connect: 0.5")
         )
         yield self.startGateway(text)
         started = time.monotonic()
-        reply = yield self.call(body=rpc("ping"))
+        reply = yield self.call(body=rpc("ping", id=None))
         self.assertRpcError(reply, 502, -32010, "upstream_unavailable")
+        self.assertIn("no connection within 0.5s", reply.json()["error"]["data"]["detail"])
         self.assertLess(time.monotonic() - started, 5)
 
 

@@ -371,13 +371,8 @@ class Gateway:
         x.bytesIn = request.bodySize
         self.inflight.add(x)
         request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
-        request.channel.persistent = False
-        try:
-            x.respondError(PayloadTooLarge(f"the request body exceeds {self.maxBodyBytes} bytes"))
-        finally:
-            channel = request.channel
-            if channel is not None:
-                channel.loseConnection()
+        request.channel.persistent = False  # requestDone() closes the connection
+        x.respondError(PayloadTooLarge(f"the request body exceeds {self.maxBodyBytes} bytes"))
 
     def internalError(self, request: Any, failure: Failure) -> None:
         """An unexpected exception escaped the request path: log it, answer 500 if possible."""

@@ -12,9 +12,10 @@ close every connection once the in-flight requests have finished.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -38,7 +39,7 @@ class GatewayChannel(http.HTTPChannel):
         super().connectionMade()
         self.site.gateway.connectionOpened(self)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         self.site.gateway.connectionClosed(self)
 
@@ -64,19 +65,19 @@ class GatewayRequest(server.Request):
     query = b""
 
     def gotLength(self, length: int | None) -> None:
+        # The first call on a new request: the headers are in, the body is next.
+        self.gateway: Gateway = cast(GatewayChannel, self.channel).site.gateway
         self.body: list[bytes] = []
         self.bodySize = 0
-        gateway: Gateway = self.channel.site.gateway
-        if length is not None and length > gateway.maxBodyBytes:
-            self._rejectTooLarge(gateway)
+        if length is not None and length > self.gateway.maxBodyBytes:
+            self._rejectTooLarge(self.gateway)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._rejected:
             return
         self.bodySize += len(data)
-        gateway: Gateway = self.channel.site.gateway
-        if self.bodySize > gateway.maxBodyBytes:
-            self._rejectTooLarge(gateway)
+        if self.bodySize > self.gateway.maxBodyBytes:
+            self._rejectTooLarge(self.gateway)
             return
         self.body.append(data)
 
@@ -103,13 +104,12 @@ class GatewayRequest(server.Request):
         self.process()
 
     def process(self) -> None:
-        self.site = self.channel.site
         try:
-            self.site.gateway.handle(self)
+            self.gateway.handle(self)
         except Exception:
-            self.site.gateway.internalError(self, Failure())
+            self.gateway.internalError(self, Failure())
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         exchange = self.exchange
         if exchange is not None:
@@ -125,7 +125,7 @@ class GatewaySite(server.Site):
     noisy = False
 
     def __init__(self, gateway: Gateway, reactor: Any, timeout: float) -> None:
-        super().__init__(None, requestFactory=GatewayRequest, reactor=reactor, timeout=timeout)  # type: ignore[arg-type]
+        super().__init__(None, requestFactory=GatewayRequest, reactor=reactor, timeout=timeout)
         self.gateway = gateway
         self._parsePOSTFormSubmission = False
 

@@ -232,7 +232,7 @@ class _ConnectFactory(ClientFactory):
 
     def buildProtocol(self, addr: Any) -> _UpstreamProtocol:
         proto = _UpstreamProtocol(self.pool)
-        proto.factory = self  # type: ignore[assignment]
+        proto.factory = self
         return proto
 
     def startedConnecting(self, connector: Any) -> None:
