@@ -110,7 +110,9 @@ class Readiness:
 
     def _probeOne(self, host: str, port: int, timeout: float) -> Deferred[tuple[bool, str | None]]:
         ep = HostnameEndpoint(self._reactor, host, port, timeout=min(timeout, PROBE_TIMEOUT))
-        d = ep.connect(Factory.forProtocol(Protocol))
+        factory = Factory.forProtocol(Protocol)
+        factory.noisy = False
+        d = ep.connect(factory)
 
         def ok(proto: Protocol) -> tuple[bool, str | None]:
             assert proto.transport is not None

@@ -1,0 +1,188 @@
+"""
+The commands as users run them, in real processes: C{mcpgw --version}, C{mcpgw config check},
+C{mcpgw run} and C{twistd -n mcpgw} (start, serve, SIGHUP, SIGTERM).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+from twisted.trial.unittest import TestCase
+
+import mcpgw
+from tests.support import freePort
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def mcpgwCommand(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mcpgw", *args]
+
+
+def post(port: int, body: bytes) -> tuple[int, dict[str, object]]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/mcp",
+        data=body,
+        headers={"Content-Type": "application/json", "Accept": "application/json, text/event-stream"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+class CommandTests(TestCase):
+    """One-shot commands."""
+
+    def test_version(self) -> None:
+        """C{mcpgw --version} prints the package version."""
+        out = subprocess.run(mcpgwCommand("--version"), capture_output=True, text=True, check=True)
+        self.assertEqual(out.stdout.strip(), f"mcpgw {mcpgw.__version__}")
+
+    def test_configCheckValid(self) -> None:
+        """The shipped example configs are valid."""
+        for name in ("mcpgw.yaml", "mcpgw.example.yaml"):
+            path = os.path.join(ROOT, "etc", name)
+            out = subprocess.run(mcpgwCommand("config", "check", path), capture_output=True, text=True)
+            self.assertEqual(out.returncode, 0, out.stderr)
+            self.assertIn("OK", out.stdout)
+
+    def test_configCheckReportsEveryProblemWithLines(self) -> None:
+        """Every problem is printed as C{path.in.yaml: what is wrong (line N)}; exit 1."""
+        d = tempfile.mkdtemp()
+        path = os.path.join(d, "bad.yaml")
+        with open(path, "w") as f:
+            f.write(
+                "listen:\n"
+                "  port: 70000\n"
+                "upstreams:\n"
+                "  - name: a\n"
+                "    url: ftp://x/mcp\n"
+                "policy:\n"
+                "  rules:\n"
+                "    - {id: r, action: deny, match: {regex: '('}}\n"
+                "tls: {cert_file: missing.crt, key_file: missing.key}\n"
+            )
+        out = subprocess.run(mcpgwCommand("config", "check", path), capture_output=True, text=True)
+        self.assertEqual(out.returncode, 1)
+        lines = out.stderr.splitlines()
+        self.assertTrue(any("listen.port:" in x and "(line 2)" in x for x in lines), lines)
+        self.assertTrue(any("upstreams[0].url:" in x and "(line 5)" in x for x in lines), lines)
+        self.assertTrue(any("policy.rules[0].match.regex:" in x and "(line 8)" in x for x in lines), lines)
+        self.assertTrue(any("tls.cert_file:" in x and "missing.crt" in x for x in lines), lines)
+        self.assertTrue(any("tls.key_file:" in x for x in lines), lines)
+
+
+class RunningTests(TestCase):
+    """The long-running commands start, serve, reload and stop cleanly."""
+
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="mcpgw-cli-")
+        self.port = freePort()
+        self.auditPath = os.path.join(self.tmp, "audit.jsonl")
+        self.config = os.path.join(self.tmp, "mcpgw.yaml")
+        with open(self.config, "w") as f:
+            f.write(
+                f"listen: {{host: 127.0.0.1, port: {self.port}}}\n"
+                "upstreams:\n"
+                f"  - {{name: gone, url: 'http://127.0.0.1:{freePort()}/mcp'}}\n"
+                "audit: {path: audit.jsonl, fsync: always}\n"
+            )
+
+    def start(self, argv: list[str]) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+        def stop() -> None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+        self.addCleanup(stop)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self.fail(f"exited early ({proc.returncode}): {proc.stdout.read() if proc.stdout else ''}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1) as r:
+                    if r.status == 200:
+                        return proc
+            except OSError:
+                time.sleep(0.1)
+        self.fail("gateway did not become healthy")
+
+    def stopAndCollect(self, proc: subprocess.Popen[str]) -> tuple[int, str]:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+        return proc.returncode, out
+
+    def serveOnce(self) -> None:
+        status, body = post(self.port, b'{"jsonrpc": "2.0", "id": 5, "method": "ping"}')
+        self.assertEqual(status, 502)
+        self.assertEqual(body["id"], 5)
+
+    def auditLines(self, path: str | None = None) -> list[dict[str, object]]:
+        with open(path or self.auditPath) as f:
+            return [json.loads(line) for line in f]
+
+    def test_mcpgwRun(self) -> None:
+        """C{mcpgw run} serves, logs JSON lines, and exits 0 on SIGTERM with the audit written."""
+        proc = self.start(mcpgwCommand("run", "--config", self.config))
+        self.serveOnce()
+        rc, out = self.stopAndCollect(proc)
+        self.assertEqual(rc, 0, out)
+        logs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        self.assertTrue(any("listening on" in e["msg"] for e in logs), out)
+        self.assertTrue(any("stopped;" in e["msg"] for e in logs), out)
+        self.assertEqual([line["status"] for line in self.auditLines()], [502])
+
+    def test_twistd(self) -> None:
+        """C{twistd -n mcpgw --config FILE} serves and stops cleanly on SIGTERM."""
+        proc = self.start([TWISTD, "-n", "--pidfile=", "mcpgw", "--config", self.config])
+        self.serveOnce()
+        rc, out = self.stopAndCollect(proc)
+        # twistd re-raises the signal it stopped on: 143 = 128 + SIGTERM (systemd counts it clean)
+        self.assertIn(rc, (0, -signal.SIGTERM, 128 + signal.SIGTERM), out)
+        self.assertIn("Server Shut Down", out)
+        self.assertEqual(len(self.auditLines()), 1)
+
+    def test_sighupReopensAuditFile(self) -> None:
+        """SIGHUP after logrotate's rename: the next lines go to a new file at the path."""
+        proc = self.start(mcpgwCommand("run", "--config", self.config))
+        self.serveOnce()
+        os.rename(self.auditPath, self.auditPath + ".1")
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(self.auditPath) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.serveOnce()
+        self.serveOnce()
+        rc, out = self.stopAndCollect(proc)
+        self.assertEqual(rc, 0, out)
+        self.assertEqual(len(self.auditLines(self.auditPath + ".1")), 1)
+        self.assertEqual(len(self.auditLines()), 2)
+        self.assertIn("reloaded", out)
+
+    def test_invalidConfigRefusesToStart(self) -> None:
+        """Both commands refuse an invalid config with the config-check messages; exit 1."""
+        with open(self.config, "a") as f:
+            f.write("limits: {max_body_bytes: -1}\n")
+        for argv in (
+            mcpgwCommand("run", "--config", self.config),
+            [TWISTD, "-n", "--pidfile=", "mcpgw", "--config", self.config],
+        ):
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+            self.assertEqual(out.returncode, 1, out.stdout + out.stderr)
+            # twistd prints usage errors on stdout, mcpgw on stderr
+            self.assertIn("limits.max_body_bytes:", out.stdout + out.stderr)
+            self.assertIn("(line 5)", out.stdout + out.stderr)

@@ -1,0 +1,107 @@
+"""
+Lifecycle of the gateway service: graceful stop (drain), SIGHUP reload and audit reopen.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.internet import reactor, threads
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+
+from tests.support import GatewayTestCase, request, rpc
+
+
+class DrainTests(GatewayTestCase):
+    """SIGTERM semantics: stop accepting, finish what is in flight, then close."""
+
+    @inlineCallbacks
+    def test_inflightRequestFinishesDuringStop(self) -> Any:
+        """A request in flight when the stop begins gets its full answer; new connects are refused."""
+        port = self.port
+        inflight = threads.deferToThread(
+            request, port, "POST", "/mcp?mode=delay&s=0.6", rpc("ping", id=99), {}
+        )
+        yield deferLater(reactor, 0.2, lambda: None)
+        stopping = self.service.stopService()
+        yield deferLater(reactor, 0.05, lambda: None)
+
+        def connectRefused() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except ConnectionRefusedError:
+                return True
+            return False
+
+        refused = yield threads.deferToThread(connectRefused)
+        self.assertTrue(refused)
+        reply = yield inflight
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.json()["id"], 99)
+        yield stopping
+        lines = self.auditLines()
+        self.assertEqual([line["status"] for line in lines], [200])
+
+    @inlineCallbacks
+    def test_serverStreamsEndAtStop(self) -> Any:
+        """An open GET server stream is ended at once by a stop (clients resume it)."""
+        stream = threads.deferToThread(
+            request, self.port, "GET", "/mcp?mode=sse&n=1000&gap=0.1", None, {}
+        )
+        yield deferLater(reactor, 0.3, lambda: None)
+        yield self.service.stopService()
+        reply = yield stream
+        self.assertEqual(reply.status, 200)
+        self.assertLess(len([c for _, c in reply.chunks if c.startswith(b"data:")]), 20)
+        self.assertEqual(self.auditLines()[-1]["http_method"], "GET")
+
+
+class ReloadTests(GatewayTestCase):
+    """SIGHUP: reopen the audit file and swap in a new generation."""
+
+    def setUp(self) -> Any:
+        d = super().setUp()
+        self.configPath = os.path.join(self.tmp, "mcpgw.yaml")
+        with open(self.configPath, "w") as f:
+            f.write(self.configText())
+        self.service.configPath = self.configPath
+        return d
+
+    @inlineCallbacks
+    def test_auditFileIsReopenedOnReload(self) -> Any:
+        """After logrotate renames the file, a reload makes new lines go to a new file."""
+        yield self.call(body=rpc("ping", id=1))
+        os.rename(self.auditPath, self.auditPath + ".1")
+        yield self.call(body=rpc("ping", id=2))  # still the renamed file
+        self.service.reload()
+        yield self.call(body=rpc("ping", id=3))
+        with open(self.auditPath + ".1") as f:
+            self.assertEqual(len(f.readlines()), 2)
+        self.assertEqual([line["jsonrpc_id"] for line in self.auditLines()], [3])
+
+    @inlineCallbacks
+    def test_reloadSwapsGenerationAndKeepsPool(self) -> Any:
+        """A changed config becomes generation 2; an unchanged upstream keeps its connections."""
+        yield self.call(body=rpc("ping"))
+        pool = self.service.generation.routes[b"/mcp"].pool
+        with open(self.configPath, "w") as f:
+            f.write(self.configText().replace("X-Injected: injected-value", "X-Injected: v2"))
+        self.service.reload()
+        self.assertEqual(self.service.generation.number, 2)
+        self.assertIs(self.service.generation.routes[b"/mcp"].pool, pool)
+        yield self.call(body=rpc("ping"))
+        self.assertEqual(self.upstream.seen[-1].header("x-injected"), ["v2"])
+        self.assertEqual(len({s.peer for s in self.upstream.seen}), 1)
+
+    @inlineCallbacks
+    def test_brokenConfigIsRejected(self) -> Any:
+        """A reload with an invalid config keeps the current generation."""
+        with open(self.configPath, "w") as f:
+            f.write("listen: {port: 99999}\nupstreams: []\n")
+        self.service.reload()
+        self.assertEqual(self.service.generation.number, 1)
+        reply = yield self.call(body=rpc("ping"))
+        self.assertEqual(reply.status, 200)
