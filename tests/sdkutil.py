@@ -303,6 +303,8 @@ class Transcript:
     countdown: Any = None
     progress: list[tuple[float, float | None, str | None]] = field(default_factory=list)
     logs: list[Any] = field(default_factory=list)
+    broadcast: Any = None
+    standalone_logs: list[Any] = field(default_factory=list)
     whoami: list[dict[str, str]] = field(default_factory=list)
     resource: Any = None
     prompt: Any = None
@@ -323,6 +325,8 @@ class Transcript:
             "countdown": self.countdown,
             "progress": self.progress,
             "logs": self.logs,
+            "broadcast": self.broadcast,
+            "standalone_logs": self.standalone_logs,
             "resource": self.resource,
             "prompt": self.prompt,
         }
@@ -340,11 +344,18 @@ async def _run_session(url: str, mode: str, countdown_n: int) -> Transcript:
         t.progress.append((progress, total, message))
 
     async def on_log(params: Any) -> None:
-        t.logs.append(dump(params))
+        (t.standalone_logs if params.logger == "broadcast" else t.logs).append(dump(params))
 
     async with sdk_client(
         url, recorder, mode=mode, logging_callback=on_log, log_level="debug"
     ) as c:
+        init = [e for e in recorder.exchanges if e.rpc_method == "initialize"]
+        t.session_id = init[0].response_headers.get("mcp-session-id") if init else None
+        if t.session_id is not None:
+            # The SDK opens the standalone GET stream in the background after `initialized`.
+            with anyio.move_on_after(5):
+                while not recorder.of("GET"):
+                    await anyio.sleep(0.02)
         t.protocol_version = c.protocol_version
         t.server_info = dump(c.server_info) if c.server_info is not None else None
         t.capabilities = dump(c.server_capabilities)
@@ -361,12 +372,11 @@ async def _run_session(url: str, mode: str, countdown_n: int) -> Transcript:
             t.whoami.append((await c.call_tool("whoami", {})).structured_content or {})
         t.resource = dump(await c.read_resource("demo://info"))
         t.prompt = dump(await c.get_prompt("greet", {"name": "Ada"}))
-        init = [e for e in recorder.exchanges if e.rpc_method == "initialize"]
-        t.session_id = init[0].response_headers.get("mcp-session-id") if init else None
         if t.session_id is not None:
-            # The SDK opens the standalone GET stream in the background after `initialized`.
+            # A message the server sends on the session's standalone (GET) stream.
+            t.broadcast = dump(await c.call_tool("broadcast", {"text": "via the GET stream"}))
             with anyio.move_on_after(5):
-                while not recorder.of("GET"):
+                while not t.standalone_logs:
                     await anyio.sleep(0.02)
     # Leaving the client sent DELETE (when there was a session); what does the session id get now?
     if t.session_id is not None:
@@ -399,6 +409,27 @@ def run_session(url: str, mode: str = "legacy", countdown_n: int = 3) -> Transcr
 
     anyio.run(main)
     return result[0]
+
+
+def time_countdown(url: str, mode: str = "legacy", n: int = 3, delay: float = 0.3) -> list[float]:
+    """
+    Seconds after the start of a C{countdown(n, delay)} call at which each progress notification
+    arrived at the SDK client, then the result.
+    """
+    times: list[float] = []
+
+    async def main() -> None:
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            times.append(anyio.current_time() - start)
+
+        async with sdk_client(url, Recorder(), mode=mode) as c:
+            start = anyio.current_time()
+            args = {"n": n, "delay": delay}
+            await c.call_tool("countdown", args, progress_callback=on_progress)
+            times.append(anyio.current_time() - start)
+
+    anyio.run(main)
+    return times
 
 
 @contextmanager

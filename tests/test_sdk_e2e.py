@@ -11,6 +11,10 @@ with its own gateway. Clients run on asyncio via anyio; no Twisted reactor in th
 
 from __future__ import annotations
 
+import json
+import signal
+import socket
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,14 +34,18 @@ from tests.sdkutil import (
     DemoServer,
     Gateway,
     Transcript,
+    free_port,
     raw_session,
     read_audit,
     run_session,
+    spawn,
     spawn_demo,
     spawn_gateway,
+    time_countdown,
     wait_demo,
     wait_gateway,
     wait_until,
+    write_gateway_config,
 )
 
 SERVER_FLAGS: dict[str, tuple[str, ...]] = {
@@ -47,7 +55,7 @@ SERVER_FLAGS: dict[str, tuple[str, ...]] = {
 }
 TARGETS = ["direct", "gateway"]
 STATEFUL = ["sse", "json"]
-TOOLS = {"echo", "add", "countdown", "whoami"}
+TOOLS = {"echo", "add", "countdown", "broadcast", "whoami"}
 AUDIT_KEYS = {
     "ts", "request_id", "session_id", "client_ip", "method", "tool", "upstream", "decision",
     "rule_id", "error", "auth_key_id", "auth_result", "bytes_in", "bytes_out", "status",
@@ -250,6 +258,60 @@ def test_get_stream_opened_by_sdk(
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("kind", STATEFUL)
+def test_standalone_stream_delivers(
+    session: Callable[..., Transcript], kind: str, target: str
+) -> None:
+    """A message the server sends on the session's standalone GET stream reaches the client."""
+    t = same_as_direct(session, kind, target)
+    assert t.broadcast["structuredContent"] == {"result": "sent"}
+    assert t.standalone_logs == [
+        {"level": "notice", "logger": "broadcast", "data": "via the GET stream"}
+    ]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_sse_streamed_not_buffered(url_of: Callable[[str, str], str], target: str) -> None:
+    """Each SSE event of a slow tool call reaches the client when it is sent, not at the end."""
+    times = time_countdown(url_of("sse", target), n=3, delay=0.3)
+    assert len(times) == 4, times
+    *progress, result = times
+    assert result >= 0.85, times
+    assert result - progress[0] >= 0.45, f"first progress event arrived late: {times}"
+    assert progress[1] - progress[0] >= 0.1, times
+
+
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}
+VARYING = {"date", "mcp-session-id", "content-length"}
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+@pytest.mark.parametrize("kind", [*STATEFUL, "stateless"])
+def test_headers_pass_through(session: Callable[..., Transcript], kind: str, mode: str) -> None:
+    """
+    Through the gateway the client gets the server's response headers (except hop-by-hop ones),
+    and the server gets the client's request headers, plus X-Forwarded-*.
+    """
+    direct, via = session(kind, "direct", mode), session(kind, "gateway", mode)
+    assert len(direct.exchanges) == len(via.exchanges)
+
+    def end_to_end(headers: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in headers.items() if k not in HOP_BY_HOP | VARYING}
+
+    for d, g in zip(direct.exchanges, via.exchanges, strict=True):
+        assert d.shape() == g.shape()
+        assert end_to_end(g.response_headers) == end_to_end(d.response_headers), d.shape()
+        assert ("mcp-session-id" in g.response_headers) == ("mcp-session-id" in d.response_headers)
+    for seen_direct, seen_via in zip(direct.whoami, via.whoami, strict=True):
+        forwarded = {k: v for k, v in seen_via.items() if k.startswith("x-forwarded-")}
+        assert forwarded.get("x-forwarded-for") == "127.0.0.1"
+        assert forwarded.get("x-forwarded-proto") == "http"
+        assert end_to_end({k: v for k, v in seen_via.items() if k not in forwarded}) == end_to_end(
+            seen_direct
+        )
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("kind", STATEFUL)
 def test_delete_ends_session(session: Callable[..., Transcript], kind: str, target: str) -> None:
     """The SDK's DELETE on close ends the session: the id then gets 404, the same body as direct."""
     t = session(kind, target)
@@ -306,6 +368,94 @@ def test_get_stream_and_delete_raw(
         ("GET after", 404),
         ("POST after", 404),
     ]
+
+
+_J = "application/json"
+_INIT = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": LEGACY_VERSION,
+        "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "0"},
+    },
+}
+_META = {
+    "io.modelcontextprotocol/protocolVersion": MODERN_VERSION,
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
+
+
+def _modern(method: str, rid: int, params: dict[str, Any], **headers: str) -> dict[str, Any]:
+    h = {"accept": ACCEPT_BOTH, "content-type": _J, "mcp-protocol-version": MODERN_VERSION}
+    h["mcp-method"] = method
+    h.update({k.replace("_", "-"): v for k, v in headers.items()})
+    return {
+        "method": "POST",
+        "headers": h,
+        "json": {"jsonrpc": "2.0", "id": rid, "method": method, "params": params},
+    }
+
+
+# Requests the server itself refuses or answers with an error; the gateway passes them through.
+UPSTREAM_ERRORS: dict[str, dict[str, Any]] = {
+    "accept-json-only-406": {
+        "method": "POST",
+        "headers": {"accept": _J, "content-type": _J},
+        "json": _INIT,
+    },
+    "content-type-400": {
+        "method": "POST",
+        "headers": {"accept": ACCEPT_BOTH, "content-type": "text/plain"},
+        "content": json.dumps(_INIT),
+    },
+    "unknown-session-404": {
+        "method": "POST",
+        "headers": {"accept": ACCEPT_BOTH, "content-type": _J, "mcp-session-id": "no-such-session"},
+        "json": {"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
+    },
+    "missing-session-400": {
+        "method": "POST",
+        "headers": {"accept": ACCEPT_BOTH, "content-type": _J},
+        "json": {"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
+    },
+    "modern-no-envelope-400": _modern("tools/list", 3, {}),
+    "modern-header-mismatch-400": _modern(
+        "tools/call",
+        4,
+        {"name": "echo", "arguments": {"text": "x"}, "_meta": _META},
+        mcp_name="add",
+    ),
+    "modern-unknown-method-404": _modern("foo/bar", 5, {"_meta": _META}),
+    "modern-unknown-tool": _modern(
+        "tools/call", 6, {"name": "nope", "arguments": {}, "_meta": _META}, mcp_name="nope"
+    ),
+    "modern-unsupported-version-400": _modern(
+        "tools/list",
+        7,
+        {"_meta": {**_META, "io.modelcontextprotocol/protocolVersion": "2099-01-01"}},
+        mcp_protocol_version="2099-01-01",
+    ),
+    "modern-get-405": {
+        "method": "GET",
+        "headers": {"accept": "text/event-stream", "mcp-protocol-version": MODERN_VERSION},
+    },
+}
+
+
+@pytest.mark.parametrize("case", sorted(UPSTREAM_ERRORS))
+def test_upstream_errors_pass_through(url_of: Callable[[str, str], str], case: str) -> None:
+    """The server's own refusals and errors reach the client unchanged: status, type and body."""
+    spec = UPSTREAM_ERRORS[case]
+    answers = []
+    for target in TARGETS:
+        with httpx2.Client(timeout=10.0) as http:
+            r = http.request(url=url_of("sse", target), **spec)
+            answers.append((r.status_code, r.headers.get("content-type"), r.content))
+    assert answers[1] == answers[0]
+    expected = case.rsplit("-", 1)[-1]
+    assert str(answers[0][0]) == (expected if expected.isdigit() else "200")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -405,13 +555,14 @@ def test_audit_one_line_per_request(
     assert others == [200, 200]  # the GET stream and the DELETE
 
     tools = Counter(line["tool"] for line in lines if line["method"] == "tools/call")
-    assert tools == Counter({"echo": 1, "add": 1, "countdown": 1, "whoami": 2})
+    assert tools == Counter(e.tool for e in t.exchanges if e.rpc_method == "tools/call")
+    assert tools["whoami"] == 2 and tools["echo"] == tools["add"] == tools["countdown"] == 1
     assert all(line["tool"] is None for line in lines if line["method"] != "tools/call")
     init = next(line for line in lines if line["method"] == "initialize")
     assert init["status"] == 200 and init["session_id"] == sid
 
 
-def test_direct_and_gateway_headers_raw(url_of: Callable[[str, str], str]) -> None:
+def test_raw_initialize_same_as_direct(url_of: Callable[[str, str], str]) -> None:
     """A raw initialize via the gateway gets the same status, media type and result as direct."""
     answers = []
     for target in TARGETS:
@@ -440,3 +591,44 @@ def test_direct_and_gateway_headers_raw(url_of: Callable[[str, str], str]) -> No
             )
     assert answers[0] == answers[1]
     assert answers[0][0] == 200 and answers[0][2] == "init-1"
+
+
+# ------------------------------------------------------------------------------------------------
+# The `make run` launcher
+
+
+def test_make_run_launcher(workdir: Path) -> None:
+    """
+    python -m mcpgw.demo.run starts the demo server and the gateway from the config, prints the
+    gateway URL with examples once both are up, serves SDK calls, and on SIGINT stops both and
+    exits 0.
+    """
+    upstream, listen = free_port(), free_port()
+    base = workdir / "launcher"
+    config = write_gateway_config(base, listen, f"http://127.0.0.1:{upstream}/mcp")
+    child = spawn(
+        "launcher", [sys.executable, "-m", "mcpgw.demo.run", "--config", str(config)], base
+    )
+    try:
+        banner = f"mcpgw gateway: http://127.0.0.1:{listen}/mcp"
+        assert wait_until(lambda: "Ctrl-C stops both" in child.stdout(), timeout=30), child.output()
+        out = child.stdout()
+        assert banner in out
+        assert "Mcp-Session-Id" in out and "Accept: application/json, text/event-stream" in out
+        assert "mcp.Client(" in out
+        t = run_session(f"http://127.0.0.1:{listen}/mcp", countdown_n=1)
+        assert t.echo["structuredContent"] == {"result": "héllo, gateway"}
+        assert t.whoami[0]["host"] == f"127.0.0.1:{upstream}"
+        child.proc.send_signal(signal.SIGINT)
+        assert child.proc.wait(15) == 0, child.output()
+        assert not port_open(upstream) and not port_open(listen)
+    finally:
+        child.stop()
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False

@@ -11,6 +11,8 @@ Tools:
   - C{add(a, b)}: returns C{a + b}.
   - C{countdown(n, delay=0.05)}: sends C{n} progress notifications and log messages, one every
     C{delay} seconds, then returns C{"liftoff"} (so an SSE response carries several events).
+  - C{broadcast(text)}: sends C{text} as a log message on the session's standalone GET stream
+    (not on the call's own response), to show that stream is relayed.
   - C{whoami()}: the HTTP request headers this server saw for the call (proves header injection
     and what a proxy forwards).
 
@@ -73,6 +75,16 @@ def build_server() -> Any:
             await anyio.sleep(delay)
         return "liftoff"
 
+    @mcp.tool(
+        description="Send text as a log message on the session's standalone stream (the GET "
+        "stream), not on this call's response; on 2026-07-28 it rides the call's response."
+    )
+    async def broadcast(text: str, ctx: Context) -> str:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            await ctx.session.send_log_message("notice", text, logger="broadcast")
+        return "sent"
+
     @mcp.tool(description="The HTTP request headers the server saw for this call.")
     def whoami(ctx: Context) -> dict[str, str]:
         headers = ctx.headers
@@ -80,7 +92,9 @@ def build_server() -> Any:
 
     @mcp.resource("demo://info", name="info", mime_type="application/json")
     def info() -> str:
-        return json.dumps({"server": "mcpgw-demo", "tools": ["echo", "add", "countdown", "whoami"]})
+        return json.dumps(
+            {"server": "mcpgw-demo", "tools": ["echo", "add", "countdown", "broadcast", "whoami"]}
+        )
 
     @mcp.prompt(description="A friendly greeting.")
     def greet(name: str) -> str:
