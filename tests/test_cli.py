@@ -33,7 +33,10 @@ def post(port: int, body: bytes) -> tuple[int, dict[str, object]]:
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/mcp",
         data=body,
-        headers={"Content-Type": "application/json", "Accept": "application/json, text/event-stream"},
+        headers={
+            "Content-Type": "application/json",
+            "Accept": "application/json, text/event-stream",
+        },
     )
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
@@ -54,7 +57,9 @@ class CommandTests(TestCase):
         """The shipped example configs are valid."""
         for name in ("mcpgw.yaml", "mcpgw.example.yaml"):
             path = os.path.join(ROOT, "etc", name)
-            out = subprocess.run(mcpgwCommand("config", "check", path), capture_output=True, text=True)
+            out = subprocess.run(
+                mcpgwCommand("config", "check", path), capture_output=True, text=True
+            )
             self.assertEqual(out.returncode, 0, out.stderr)
             self.assertIn("OK", out.stdout)
 
@@ -79,7 +84,9 @@ class CommandTests(TestCase):
         lines = out.stderr.splitlines()
         self.assertTrue(any("listen.port:" in x and "(line 2)" in x for x in lines), lines)
         self.assertTrue(any("upstreams[0].url:" in x and "(line 5)" in x for x in lines), lines)
-        self.assertTrue(any("policy.rules[0].match.regex:" in x and "(line 8)" in x for x in lines), lines)
+        self.assertTrue(
+            any("policy.rules[0].match.regex:" in x and "(line 8)" in x for x in lines), lines
+        )
         self.assertTrue(any("tls.cert_file:" in x and "missing.crt" in x for x in lines), lines)
         self.assertTrue(any("tls.key_file:" in x for x in lines), lines)
 
@@ -112,9 +119,13 @@ class RunningTests(TestCase):
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                self.fail(f"exited early ({proc.returncode}): {proc.stdout.read() if proc.stdout else ''}")
+                self.fail(
+                    f"exited early ({proc.returncode}): {proc.stdout.read() if proc.stdout else ''}"
+                )
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1) as r:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{self.port}/healthz", timeout=1
+                ) as r:
                     if r.status == 200:
                         return proc
             except OSError:

@@ -190,14 +190,15 @@ class _UpstreamProtocol(Protocol):
         self.exchange = None
         self._inBody = False
         keep = self._parser.should_keep_alive()
-        if ex is not None:
-            ex._conn = None
-            ex._finish()
+        # Back to the pool first, so that whatever the sink does next can reuse the connection.
         if ex is None or ex.cancelled or not keep:
             if self.transport is not None:
                 self.transport.loseConnection()
         else:
             self.pool._release(self)
+        if ex is not None:
+            ex._conn = None
+            ex._finish()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.pool._untrack(self)

@@ -1,0 +1,128 @@
+"""
+The upstream client against a raw HTTP/1.1 server whose misbehaviour is scripted per connection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from mcpgw.interfaces import IResponseSink, IUpstreamPool
+from mcpgw.proxy.upstream import UpstreamPool
+from tests.support import portOf
+
+REQUEST = b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+
+
+class RawServer(Protocol):
+    """Answers each request per the factory's script: a list of actions per connection."""
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1  # type: ignore[attr-defined]
+        self.index = 0
+        self.buf = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buf += data
+        while b"\r\n\r\n" in self.buf and self.buf.endswith(b"{}"):
+            self.buf = b""
+            self.factory.requests += 1  # type: ignore[attr-defined]
+            action = self.factory.script(self.factory.connections, self.index)  # type: ignore[attr-defined]
+            self.index += 1
+            assert self.transport is not None
+            if action == "ok":
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            elif action == "close":
+                self.transport.loseConnection()
+            elif action == "eof-body":
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npart1")
+                reactor.callLater(0.05, self.transport.write, b"part2")
+                reactor.callLater(0.1, self.transport.loseConnection)
+            elif action == "garbage":
+                self.transport.write(b"NOT HTTP AT ALL\r\n\r\n")
+
+
+@implementer(IResponseSink)
+class Collector:
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.body = b""
+        self.error: Any = None
+        self.done: Deferred[Collector] = Deferred()
+
+    def upstreamResponse(self, status: int, reason: bytes, headers: Any, transport: Any) -> None:
+        self.status = status
+
+    def upstreamData(self, data: bytes) -> None:
+        self.body += data
+
+    def upstreamDone(self) -> None:
+        self.done.callback(self)
+
+    def upstreamFailed(self, error: Any, midResponse: bool) -> None:
+        self.error = error
+        self.done.callback(self)
+
+
+class PoolTests(TestCase):
+    def serve(self, script: Any) -> UpstreamPool:
+        f = Factory.forProtocol(RawServer)
+        f.noisy = False
+        f.connections = 0  # type: ignore[attr-defined]
+        f.requests = 0  # type: ignore[attr-defined]
+        f.script = script  # type: ignore[attr-defined]
+        self.factory = f
+        port = reactor.listenTCP(0, f, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        pool = UpstreamPool(reactor, "raw", "http", "127.0.0.1", portOf(port), 2.0, 2.0)
+        self.addCleanup(pool.close)
+        return pool
+
+    def send(self, pool: UpstreamPool) -> Deferred[Collector]:
+        c = Collector()
+        pool.request(REQUEST, c)
+        return c.done
+
+    @inlineCallbacks
+    def test_reuseAndRetryOnStaleConnection(self) -> Any:
+        """A reused connection that closes without answering is retried once on a new one."""
+        # connection 1 answers its first request and drops the second; connection 2 answers
+        pool = self.serve(lambda conn, i: "ok" if i == 0 else "close")
+        verifyObject(IUpstreamPool, pool)
+        first = yield self.send(pool)
+        self.assertEqual((first.status, first.body), (200, b"ok"))
+        self.assertEqual(pool.idleCount, 1)
+        second = yield self.send(pool)
+        self.assertEqual((second.status, second.body, second.error), (200, b"ok", None))
+        self.assertEqual((self.factory.connections, self.factory.requests), (2, 3))  # type: ignore[attr-defined]
+
+    @inlineCallbacks
+    def test_freshConnectionClosedIsNotRetried(self) -> Any:
+        """A new connection that closes before answering is a 502, not retried."""
+        pool = self.serve(lambda conn, i: "close")
+        c = yield self.send(pool)
+        self.assertEqual(c.error.status, 502)
+        self.assertIn("before responding", c.error.detail)
+        self.assertEqual(self.factory.requests, 1)  # type: ignore[attr-defined]
+
+    @inlineCallbacks
+    def test_closeDelimitedBody(self) -> Any:
+        """A body without length or chunking ends with the connection, streamed as it comes."""
+        pool = self.serve(lambda conn, i: "eof-body")
+        c = yield self.send(pool)
+        self.assertEqual((c.status, c.body, c.error), (200, b"part1part2", None))
+        self.assertEqual(pool.idleCount, 0)
+
+    @inlineCallbacks
+    def test_invalidResponseIs502(self) -> Any:
+        """Bytes that are not HTTP end in a 502 and the connection is not reused."""
+        pool = self.serve(lambda conn, i: "garbage")
+        c = yield self.send(pool)
+        self.assertEqual(c.error.status, 502)
+        self.assertEqual(pool.idleCount, 0)
