@@ -24,7 +24,7 @@ class RawServer(Protocol):
     """Answers each request per the factory's script: a list of actions per connection."""
 
     def connectionMade(self) -> None:
-        self.factory.connections += 1  # type: ignore[attr-defined]
+        self.factory.connections += 1
         self.index = 0
         self.buf = b""
 
@@ -32,8 +32,8 @@ class RawServer(Protocol):
         self.buf += data
         while b"\r\n\r\n" in self.buf and self.buf.endswith(b"{}"):
             self.buf = b""
-            self.factory.requests += 1  # type: ignore[attr-defined]
-            action = self.factory.script(self.factory.connections, self.index)  # type: ignore[attr-defined]
+            self.factory.requests += 1
+            action = self.factory.script(self.factory.connections, self.index)
             self.index += 1
             assert self.transport is not None
             if action == "ok":
@@ -74,11 +74,11 @@ class PoolTests(TestCase):
     def serve(self, script: Any) -> UpstreamPool:
         f = Factory.forProtocol(RawServer)
         f.noisy = False
-        f.connections = 0  # type: ignore[attr-defined]
-        f.requests = 0  # type: ignore[attr-defined]
-        f.script = script  # type: ignore[attr-defined]
+        f.connections = 0
+        f.requests = 0
+        f.script = script
         self.factory = f
-        port = reactor.listenTCP(0, f, interface="127.0.0.1")
+        port = reactor.listenTCP(0, f, interface="127.0.0.1")  # type: ignore[arg-type]
         self.addCleanup(port.stopListening)
         pool = UpstreamPool(reactor, "raw", "http", "127.0.0.1", portOf(port), 2.0, 2.0)
         self.addCleanup(pool.close)
@@ -100,7 +100,7 @@ class PoolTests(TestCase):
         self.assertEqual(pool.idleCount, 1)
         second = yield self.send(pool)
         self.assertEqual((second.status, second.body, second.error), (200, b"ok", None))
-        self.assertEqual((self.factory.connections, self.factory.requests), (2, 3))  # type: ignore[attr-defined]
+        self.assertEqual((self.factory.connections, self.factory.requests), (2, 3))
 
     @inlineCallbacks
     def test_freshConnectionClosedIsNotRetried(self) -> Any:
@@ -109,7 +109,7 @@ class PoolTests(TestCase):
         c = yield self.send(pool)
         self.assertEqual(c.error.status, 502)
         self.assertIn("before responding", c.error.detail)
-        self.assertEqual(self.factory.requests, 1)  # type: ignore[attr-defined]
+        self.assertEqual(self.factory.requests, 1)
 
     @inlineCallbacks
     def test_closeDelimitedBody(self) -> Any:
