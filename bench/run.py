@@ -474,7 +474,9 @@ def render(
     rows = summary["systems"]
     for n in meta["systems"]:
         if n in failed:
-            o.append(f"| {n} | FAILED: {failed[n].splitlines()[0][:150]} | | | | | | | |")
+            lines = [x.strip() for x in failed[n].splitlines() if x.strip()]
+            why = lines[0] + (" ... " + lines[-1] if len(lines) > 1 else "")
+            o.append(f"| {n} | FAILED: {why[:200]} | | | | | | | |")
             continue
         r = rows.get(n)
         if r is None:
@@ -603,6 +605,9 @@ def render(
         ]
     if notes:
         o += ["", "Errors:", "", *notes]
+    for n, why in failed.items():
+        o += ["", f"{n} failed to start (end of its output):", ""]
+        o += ["    " + x for x in why.splitlines()]
     return "\n".join(o) + "\n"
 
 
