@@ -17,6 +17,7 @@ from zope.interface.verify import verifyObject
 from mcpgw.audit import writer as writermod
 from mcpgw.audit.writer import AuditWriter, rfc3339ms
 from mcpgw.interfaces import IAuditLog
+from mcpgw.testing import MemoryAuditLog
 
 
 class TimestampTests(SynchronousTestCase):
@@ -48,6 +49,7 @@ class WriterTests(TestCase):
         """Each record is one JSON line; the directory is created; the mode is 0640."""
         w = AuditWriter(reactor, self.path, "none")
         verifyObject(IAuditLog, w)
+        verifyObject(IAuditLog, MemoryAuditLog())
         w.open()
         w.write({"a": 1, "b": None})
         w.write({"a": 2, "s": "x\ny"})

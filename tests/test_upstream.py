@@ -10,11 +10,11 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mcpgw.interfaces import IResponseSink, IUpstreamPool
 from mcpgw.proxy.upstream import UpstreamPool
+from mcpgw.testing import RecordingSink
 from tests.support import portOf
 
 REQUEST = b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
@@ -48,28 +48,6 @@ class RawServer(Protocol):
                 self.transport.write(b"NOT HTTP AT ALL\r\n\r\n")
 
 
-@implementer(IResponseSink)
-class Collector:
-    def __init__(self) -> None:
-        self.status: int | None = None
-        self.body = b""
-        self.error: Any = None
-        self.done: Deferred[Collector] = Deferred()
-
-    def upstreamResponse(self, status: int, reason: bytes, headers: Any, transport: Any) -> None:
-        self.status = status
-
-    def upstreamData(self, data: bytes) -> None:
-        self.body += data
-
-    def upstreamDone(self) -> None:
-        self.done.callback(self)
-
-    def upstreamFailed(self, error: Any, midResponse: bool) -> None:
-        self.error = error
-        self.done.callback(self)
-
-
 class PoolTests(TestCase):
     def serve(self, script: Any) -> UpstreamPool:
         f = Factory.forProtocol(RawServer)
@@ -84,8 +62,8 @@ class PoolTests(TestCase):
         self.addCleanup(pool.close)
         return pool
 
-    def send(self, pool: UpstreamPool) -> Deferred[Collector]:
-        c = Collector()
+    def send(self, pool: UpstreamPool) -> Deferred[RecordingSink]:
+        c = RecordingSink()
         pool.request(REQUEST, c)
         return c.done
 
@@ -95,6 +73,7 @@ class PoolTests(TestCase):
         # connection 1 answers its first request and drops the second; connection 2 answers
         pool = self.serve(lambda conn, i: "ok" if i == 0 else "close")
         verifyObject(IUpstreamPool, pool)
+        verifyObject(IResponseSink, RecordingSink())
         first = yield self.send(pool)
         self.assertEqual((first.status, first.body), (200, b"ok"))
         self.assertEqual(pool.idleCount, 1)
