@@ -562,6 +562,25 @@ def test_audit_one_line_per_request(
     assert init["status"] == 200 and init["session_id"] == sid
 
 
+def test_audit_sessionless_requests(gateways: dict[str, Gateway]) -> None:
+    """
+    A 2026-07-28 (sessionless) SDK session through the gateway is audited one line per request,
+    with its method and tool, a null session id and the protocol version from the headers.
+    """
+    audit = gateways["json"].audit
+    before = len(read_audit(audit))
+    t = run_session(gateways["json"].url, "auto", countdown_n=1)
+    assert t.protocol_version == MODERN_VERSION
+    wait_until(lambda: len(read_audit(audit)) - before >= len(t.exchanges), timeout=5)
+    lines = read_audit(audit)[before:]
+    assert len(lines) == len(t.exchanges), (t.shapes(), lines)
+    assert [(x["method"], x["tool"], x["status"]) for x in lines] == [
+        (e.rpc_method, e.tool, e.status) for e in t.exchanges
+    ]
+    assert all(x["session_id"] is None and x["upstream"] == "demo" for x in lines)
+    assert {x.get("protocol_version", MODERN_VERSION) for x in lines} == {MODERN_VERSION}
+
+
 def test_raw_initialize_same_as_direct(url_of: Callable[[str, str], str]) -> None:
     """A raw initialize via the gateway gets the same status, media type and result as direct."""
     answers = []

@@ -195,7 +195,7 @@ def examples(plan: Plan) -> str:
             f"curl -sN {url} -H {accept} -H {ctype} {session} \\",
             f"  -d {q(call)}",
             "",
-            "# Python, official MCP SDK (tools: echo, add, countdown, whoami):",
+            "# Python, official MCP SDK (tools: echo, add, countdown, broadcast, whoami):",
             f"{sys.executable} -c {q(py)}",
             "",
             "Ctrl-C stops both.",
@@ -212,7 +212,7 @@ def wait_ready(plan: Plan, demo: Child, gateway: Child) -> None:
         for child in (demo, gateway):
             if not child.alive():
                 raise RunError(f"{child.name} exited with status {child.proc.returncode}")
-        demo_up = demo_up or port_open(plan.upstream_host, plan.upstream_port)
+        demo_up = demo_up or port_open("127.0.0.1", plan.upstream_port)
         gateway_up = gateway_up or healthy(plan.connect_host, plan.listen_port)
         if time.monotonic() > deadline:
             waiting = [n for n, up in (("demo", demo_up), ("gateway", gateway_up)) if not up]
@@ -223,7 +223,7 @@ def wait_ready(plan: Plan, demo: Child, gateway: Child) -> None:
 def check_ports_free(plan: Plan) -> None:
     """L{RunError} if something already answers on either port (it would pass for our children)."""
     for what, host, port in (
-        ("the demo server's", plan.upstream_host, plan.upstream_port),
+        ("the demo server's", "127.0.0.1", plan.upstream_port),
         ("the gateway's", plan.connect_host, plan.listen_port),
     ):
         if port_open(host, port):
@@ -253,7 +253,7 @@ def run(plan: Plan) -> int:
                 "-m",
                 "mcpgw.demo.server",
                 "--host",
-                plan.upstream_host,
+                "127.0.0.1",  # the demo server binds loopback only
                 "--port",
                 str(plan.upstream_port),
                 "--path",

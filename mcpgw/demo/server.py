@@ -19,7 +19,7 @@ Tools:
 Also a resource C{demo://info} and a prompt C{greet(name)}.
 
 By default sessions are stateful and answers are SSE streams (the SDK's defaults). It listens
-on loopback only; DNS-rebinding protection accepts C{Host} C{127.0.0.1:*} and C{localhost:*}.
+on 127.0.0.1 only; DNS-rebinding protection accepts C{Host} C{127.0.0.1[:*]} and C{localhost[:*]}.
 C{--port 0} picks a free port; the ready line names the real one:
 
     demo MCP server listening on http://127.0.0.1:9000/mcp
@@ -38,8 +38,6 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-LOOPBACK = ("127.0.0.1", "localhost")
-
 
 def build_server() -> Any:
     """The demo C{MCPServer} with its tools, resource and prompt."""
@@ -48,7 +46,7 @@ def build_server() -> Any:
     mcp = MCPServer(
         name="mcpgw-demo",
         version="1.0.0",
-        instructions="Demo server behind the mcpgw gateway: echo, add, countdown, whoami.",
+        instructions="Demo server behind mcpgw: echo, add, countdown, broadcast, whoami.",
         log_level="WARNING",
     )
 
@@ -107,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mcpgw.demo.server", description="The demo MCP server (official SDK)."
     )
-    p.add_argument("--host", default="127.0.0.1", choices=LOOPBACK, help="loopback only")
+    p.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1"], help="loopback only")
     p.add_argument("--port", type=int, default=9000, help="0 picks a free port")
     p.add_argument("--path", default="/mcp")
     p.add_argument("--json-response", action="store_true", help="answer with JSON, not SSE")
