@@ -105,3 +105,15 @@ class PoolTests(TestCase):
         c = yield self.send(pool)
         self.assertEqual(c.error.status, 502)
         self.assertEqual(pool.idleCount, 0)
+
+
+class EagerWriteTests(TestCase):
+    def test_fallsBackForOtherTransports(self) -> None:
+        """Anything that is not a plain TCP transport gets an ordinary write()."""
+        from twisted.internet.testing import StringTransport
+
+        from mcpgw.proxy.eager import eagerWrite
+
+        t = StringTransport()
+        eagerWrite(t, b"abc")
+        self.assertEqual(t.value(), b"abc")

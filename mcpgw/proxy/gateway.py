@@ -10,6 +10,7 @@ later, the span) is built from, so the two can never disagree.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from mcpgw.errors import (
 from mcpgw.generation import Generation, Route
 from mcpgw.interfaces import IAuditLog, IResponseSink
 from mcpgw.jsonrpc import parseBody
-from mcpgw.proxy.headers import REQUEST_DROP, RESPONSE_DROP, endToEnd
+from mcpgw.proxy.headers import REQUEST_DROP, RESPONSE_DROP, connectionTokens, endToEnd
 
 log = Logger()
 
@@ -42,8 +43,13 @@ _EVENT_STREAM = b"text/event-stream"
 _FORWARDED_METHODS = (b"POST", b"GET", b"DELETE")
 
 
+_ID_PREFIX = secrets.token_hex(4)
+_idCounter = itertools.count(secrets.randbelow(1 << 32))
+
+
 def _newRequestId() -> str:
-    return secrets.token_hex(12)
+    """24 hex characters: a random per-process prefix and a counter (no syscall per request)."""
+    return f"{_ID_PREFIX}{next(_idCounter) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 @implementer(IResponseSink)
@@ -117,32 +123,32 @@ class ProxyExchange:
             return
         request = self.request
         request.setResponseCode(status, reason or None)
-        out = request.responseHeaders
-        length = None
-        pending: dict[bytes, list[bytes]] = {}
+        add = request.responseHeaders.addRawHeader
+        drop = RESPONSE_DROP
+        for name, _ in headers:
+            if name.lower() == b"connection":
+                drop = drop | connectionTokens(headers)
+                break
         for name, value in headers:
-            pending.setdefault(name, []).append(value)
-        for name, value in endToEnd(list(pending.items()), RESPONSE_DROP):
-            out.addRawHeader(name, value)
-        for name, values in pending.items():
             low = name.lower()
-            if low == b"content-length":
-                length = values[0]
-            elif low == b"content-type" and values[0].startswith(_EVENT_STREAM):
+            if low in drop:
+                if low == b"content-length":
+                    add(b"Content-Length", value)  # the body is relayed unchanged
+                continue
+            if low == b"content-type" and value.startswith(_EVENT_STREAM):
                 self.isStream = True
-        if length is not None:
-            out.setRawHeaders(b"Content-Length", [length])
-        if self.isStream:
-            out.setRawHeaders(b"X-Accel-Buffering", [b"no"])
+            elif low == b"mcp-session-id" and self.sessionId is None:
+                self.sessionId = value.decode("latin-1")
+            add(name, value)
         self.status = status
-        if self.sessionId is None:
-            sid = out.getRawHeaders(b"mcp-session-id")
-            if sid:
-                self.sessionId = sid[0].decode("latin-1")
         self.headSent = True
         request.registerProducer(transport, True)
         self._producing = True
-        request.write(b"")  # the head goes out now, not with the first body piece
+        if self.isStream:
+            # Events may be far apart: the head goes out now, not with the first event.
+            add(b"X-Accel-Buffering", b"no")
+            request.write(b"")
+            request.channel.flushHead()
 
     def upstreamData(self, data: bytes) -> None:
         if self.closed:

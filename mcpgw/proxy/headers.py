@@ -38,6 +38,15 @@ REQUEST_DROP: frozenset[bytes] = HOP_BY_HOP | {
 RESPONSE_DROP: frozenset[bytes] = HOP_BY_HOP | {b"content-length"}
 
 
+def connectionTokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """@return: the lower-case header names nominated by the C{Connection} headers in C{headers}."""
+    out: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            out.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(out)
+
+
 def _nominated(headers: Iterable[tuple[bytes, list[bytes]]]) -> frozenset[bytes]:
     out: set[bytes] = set()
     for name, values in headers:

@@ -20,6 +20,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 
+from mcpgw.proxy.eager import eagerWrite
+
 if TYPE_CHECKING:
     from mcpgw.proxy.gateway import Gateway
 
@@ -33,7 +35,41 @@ class GatewayChannel(http.HTTPChannel):
     """
 
     _host: IAddress | None = None
+    _head: bytes | None = None
     site: GatewaySite
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        # Held back and sent with the first body piece: one send() for head and body.
+        parts = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        self._head = b"".join(parts)
+
+    def write(self, data: bytes) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            data = head + data
+        if data:
+            eagerWrite(self.transport, data)
+
+    def writeSequence(self, iovec: list[bytes]) -> None:
+        self.write(b"".join(iovec))
+
+    def flushHead(self) -> None:
+        """Send a held-back response head now (a stream whose first event may take a while)."""
+        if self._head is not None:
+            self.write(b"")
+
+    def requestDone(self, request: Any) -> None:
+        self.flushHead()
+        super().requestDone(request)
+
+    def loseConnection(self) -> None:
+        self.flushHead()
+        super().loseConnection()
 
     def connectionMade(self) -> None:
         super().connectionMade()

@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from mcpgw.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
 from mcpgw.interfaces import IResponseSink, IUpstreamPool
+from mcpgw.proxy.eager import eagerWrite
 
 log = Logger()
 
@@ -90,8 +91,7 @@ class UpstreamExchange:
         self._conn = conn
         conn.exchange = self
         self._timer = self._pool.reactor.callLater(self._pool.responseTimeout, self._timedOut)
-        assert conn.transport is not None
-        conn.transport.write(self.data)
+        eagerWrite(conn.transport, self.data)
 
     def _timedOut(self) -> None:
         self._timer = None
