@@ -210,6 +210,7 @@ class Exchange:
     http_method: str
     rpc_method: str | None
     rpc_params: dict[str, Any] | None
+    rpc_id: Any
     request_headers: dict[str, str]
     status: int
     response_headers: dict[str, str]
@@ -240,6 +241,7 @@ class Recorder:
         request = response.request
         method: str | None = None
         params: dict[str, Any] | None = None
+        rpc_id: Any = None
         try:
             body = json.loads(request.content) if request.content else None
         except (ValueError, httpx2.RequestNotRead):
@@ -247,11 +249,13 @@ class Recorder:
         if isinstance(body, dict):
             method = body.get("method")
             params = body.get("params")
+            rpc_id = body.get("id")
         self.exchanges.append(
             Exchange(
                 http_method=request.method,
                 rpc_method=method,
                 rpc_params=params,
+                rpc_id=rpc_id,
                 request_headers={k.lower(): v for k, v in request.headers.items()},
                 status=response.status_code,
                 response_headers={k.lower(): v for k, v in response.headers.items()},
@@ -430,6 +434,40 @@ def time_countdown(url: str, mode: str = "legacy", n: int = 3, delay: float = 0.
 
     anyio.run(main)
     return times
+
+
+@dataclass
+class Resumed:
+    """A countdown whose SSE stream the server closed midway, as the SDK client saw it."""
+
+    result: Any
+    progress: list[float]
+    logs: list[Any]
+    exchanges: list[Exchange]
+
+
+def run_resumed_countdown(url: str, n: int = 4, close_after: int = 2) -> Resumed:
+    """Call C{countdown(n, close_after=...)}: the client must resume with C{Last-Event-ID}."""
+    out: list[Resumed] = []
+
+    async def main() -> None:
+        recorder = Recorder()
+        progress: list[float] = []
+        logs: list[Any] = []
+
+        async def on_progress(p: float, total: float | None, message: str | None) -> None:
+            progress.append(p)
+
+        async def on_log(params: Any) -> None:
+            logs.append(params.data)
+
+        async with sdk_client(url, recorder, logging_callback=on_log) as c:
+            args = {"n": n, "delay": 0.05, "close_after": close_after}
+            result = await c.call_tool("countdown", args, progress_callback=on_progress)
+        out.append(Resumed(dump(result), progress, logs, recorder.exchanges))
+
+    anyio.run(main)
+    return out[0]
 
 
 @contextmanager

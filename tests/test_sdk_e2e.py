@@ -37,6 +37,7 @@ from tests.sdkutil import (
     free_port,
     raw_session,
     read_audit,
+    run_resumed_countdown,
     run_session,
     spawn,
     spawn_demo,
@@ -52,6 +53,7 @@ SERVER_FLAGS: dict[str, tuple[str, ...]] = {
     "sse": (),
     "json": ("--json-response",),
     "stateless": ("--stateless",),
+    "resumable": ("--resumable",),
 }
 TARGETS = ["direct", "gateway"]
 STATEFUL = ["sse", "json"]
@@ -278,6 +280,24 @@ def test_sse_streamed_not_buffered(url_of: Callable[[str, str], str], target: st
     assert result >= 0.85, times
     assert result - progress[0] >= 0.45, f"first progress event arrived late: {times}"
     assert progress[1] - progress[0] >= 0.1, times
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_sse_resumed_with_last_event_id(url_of: Callable[[str, str], str], target: str) -> None:
+    """
+    When a resumable server closes a call's SSE stream midway, the SDK client resumes it with
+    GET and Last-Event-ID and receives the rest of the events and the result, as direct.
+    """
+    r = run_resumed_countdown(url_of("resumable", target), n=4, close_after=2)
+    assert r.result["structuredContent"] == {"result": "liftoff"}
+    assert r.progress == [1.0, 2.0, 3.0, 4.0]
+    assert r.logs == ["T-minus 4", "T-minus 3", "T-minus 2", "T-minus 1"]
+    resumes = [e for e in r.exchanges if "last-event-id" in e.request_headers]
+    assert [(e.http_method, e.status, e.content_type) for e in resumes] == [
+        ("GET", 200, "text/event-stream")
+    ]
+    call = next(e for e in r.exchanges if e.rpc_method == "tools/call")
+    assert resumes[0].request_headers["last-event-id"].startswith(f"{call.rpc_id}/")
 
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}

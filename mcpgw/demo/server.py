@@ -3,7 +3,7 @@ A small, real MCP server on the official Python SDK (C{mcp} 2.x), for C{make run
 end-to-end tests: the gateway's upstream.
 
     python -m mcpgw.demo.server --host 127.0.0.1 --port 9000 --path /mcp [--json-response]
-        [--stateless]
+        [--stateless] [--resumable]
 
 Tools:
 
@@ -18,7 +18,8 @@ Tools:
 
 Also a resource C{demo://info} and a prompt C{greet(name)}.
 
-By default sessions are stateful and answers are SSE streams (the SDK's defaults). It listens
+By default sessions are stateful and answers are SSE streams (the SDK's defaults);
+C{--resumable} keeps SSE events in memory so that streams resume with C{Last-Event-ID}. It listens
 on 127.0.0.1 only; DNS-rebinding protection accepts C{Host} C{127.0.0.1[:*]} and C{localhost[:*]}.
 C{--port 0} picks a free port; the ready line names the real one:
 
@@ -58,13 +59,21 @@ def build_server() -> Any:
     def add(a: float, b: float) -> float:
         return a + b
 
-    @mcp.tool(description="Count down from n: a progress notification and a log message per step.")
-    async def countdown(n: int, ctx: Context, delay: float = 0.05) -> str:
+    @mcp.tool(
+        description="Count down from n: a progress notification and a log message per step. "
+        "With close_after=k (resumable servers only) the server closes the call's SSE stream "
+        "after k steps; the client resumes it with GET and Last-Event-ID."
+    )
+    async def countdown(
+        n: int, ctx: Context, delay: float = 0.05, close_after: int | None = None
+    ) -> str:
         import anyio
 
         n = max(0, min(n, 1000))
         delay = max(0.0, min(delay, 10.0))
         for i in range(n):
+            if close_after is not None and i == close_after:
+                await ctx.close_sse_stream()
             with warnings.catch_warnings():
                 # The logging capability is deprecated at 2026-07-28; it still works.
                 warnings.simplefilter("ignore")
@@ -101,6 +110,39 @@ def build_server() -> Any:
     return mcp
 
 
+def memory_event_store(limit: int = 10_000) -> Any:
+    """
+    A bounded in-memory C{EventStore}: what makes SSE streams resumable (C{Last-Event-ID}).
+    Event ids are C{"<stream id>/<n>"}; a replay sends the stream's later events, in order.
+    """
+    from collections import deque
+
+    from mcp.server.streamable_http import EventMessage, EventStore
+
+    class MemoryEventStore(EventStore):
+        def __init__(self) -> None:
+            self.events: deque[tuple[str, str, Any]] = deque(maxlen=limit)
+            self.counter = 0
+
+        async def store_event(self, stream_id: str, message: Any) -> str:
+            self.counter += 1
+            event_id = f"{stream_id}/{self.counter}"
+            self.events.append((event_id, stream_id, message))
+            return event_id
+
+        async def replay_events_after(self, last_event_id: str, send_callback: Any) -> str | None:
+            found: str | None = None
+            for event_id, stream_id, message in list(self.events):
+                if found is None:
+                    if event_id == last_event_id:
+                        found = stream_id
+                elif stream_id == found and message is not None:
+                    await send_callback(EventMessage(message, event_id))
+            return found
+
+    return MemoryEventStore()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mcpgw.demo.server", description="The demo MCP server (official SDK)."
@@ -110,6 +152,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--path", default="/mcp")
     p.add_argument("--json-response", action="store_true", help="answer with JSON, not SSE")
     p.add_argument("--stateless", action="store_true", help="no sessions (no Mcp-Session-Id)")
+    p.add_argument(
+        "--resumable",
+        action="store_true",
+        help="keep SSE events in memory so a client can resume a stream with Last-Event-ID",
+    )
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
     return p
 
@@ -131,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         streamable_http_path=path,
         json_response=args.json_response,
         stateless_http=args.stateless,
+        event_store=memory_event_store() if args.resumable else None,
+        retry_interval=100 if args.resumable else None,
         transport_security=security,
         host=args.host,
     )

@@ -3,7 +3,7 @@
 Eager socket writes: send at once when nothing is queued, instead of waiting for the reactor's
 next pass (C{startWriting} -> C{epoll_ctl} -> loop -> C{doWrite} -> C{stopWriting}).
 
-Measured at about 10 µs of CPU and 0.02–0.04 ms of latency per request on each side of the proxy
+Measured at about 10 µs of CPU and 0.02-0.04 ms of latency per request on each side of the proxy
 (C{docs/performance.md}). It touches private attributes of Twisted's TCP transports, so it is
 guarded: anything that is not a plain TCP transport (TLS, UNIX, test transports), or a transport
 with bytes already queued, or a socket error, falls back to C{transport.write}, which keeps
