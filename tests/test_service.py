@@ -105,3 +105,33 @@ class ReloadTests(GatewayTestCase):
         self.assertEqual(self.service.generation.number, 1)
         reply = yield self.call(body=rpc("ping"))
         self.assertEqual(reply.status, 200)
+
+
+class ReusePortTests(GatewayTestCase):
+    """listen.reuse_port lets several gateway processes share one port."""
+
+    def configText(self) -> str:
+        return (
+            super().configText().replace("port: 0}", f"port: {self.fixedPort}, reuse_port: true}}")
+        )
+
+    def setUp(self) -> Any:
+        from tests.support import freePort
+
+        self.fixedPort = freePort()
+        return super().setUp()
+
+    @inlineCallbacks
+    def test_twoServicesShareThePort(self) -> Any:
+        """A second service binds the same port with SO_REUSEPORT, and both serve."""
+        from mcpgw.config import config_from_string
+        from mcpgw.service import GatewayService
+
+        second = GatewayService(
+            reactor, None, config_from_string(self.configText(), base_dir=self.tmp)
+        )
+        second.startService()
+        self.addCleanup(second.stopService)
+        self.assertEqual(second.port.getHost().port, self.fixedPort)
+        reply = yield self.call(body=rpc("ping"))
+        self.assertEqual(reply.status, 200)
