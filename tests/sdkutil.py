@@ -216,6 +216,8 @@ class Exchange:
     request_headers: dict[str, str]
     status: int
     response_headers: dict[str, str]
+    response_header_names: list[str] = field(default_factory=list)
+    """Every response header line's name, lower case, repeats included."""
 
     @property
     def tool(self) -> str | None:
@@ -261,6 +263,7 @@ class Recorder:
                 request_headers={k.lower(): v for k, v in request.headers.items()},
                 status=response.status_code,
                 response_headers={k.lower(): v for k, v in response.headers.items()},
+                response_header_names=[k.lower() for k, _ in response.headers.multi_items()],
             )
         )
 

@@ -317,8 +317,14 @@ def test_headers_pass_through(session: Callable[..., Transcript], kind: str, mod
     def end_to_end(headers: dict[str, str]) -> dict[str, str]:
         return {k: v for k, v in headers.items() if k not in HOP_BY_HOP | VARYING}
 
+    def lines(names: list[str]) -> Counter[str]:
+        return Counter(n for n in names if n not in HOP_BY_HOP | {"date", "content-length"})
+
     for d, g in zip(direct.exchanges, via.exchanges, strict=True):
         assert d.shape() == g.shape()
+        assert lines(g.response_header_names) == lines(d.response_header_names), (
+            f"{d.shape()}: response header lines differ (gateway vs direct)"
+        )
         assert end_to_end(g.response_headers) == end_to_end(d.response_headers), d.shape()
         assert ("mcp-session-id" in g.response_headers) == ("mcp-session-id" in d.response_headers)
     for seen_direct, seen_via in zip(direct.whoami, via.whoami, strict=True):
