@@ -5,8 +5,9 @@ and the SDK's own client talks either to the server directly or through the gate
 behaviour is checked against both targets, and the gateway's answers must be the same as the
 direct ones: the gateway is transparent.
 
-Three demo servers run for the whole module (SSE stateful, JSON stateful, SSE stateless), each
-with its own gateway. Clients run on asyncio via anyio; no Twisted reactor in this file.
+Four demo servers run for the whole module (SSE stateful, JSON stateful, SSE stateless, and SSE
+stateful with resumable streams), each with its own gateway; the whole file takes about 10 s.
+Clients run on asyncio via anyio (every SDK session has a deadline); no Twisted reactor here.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def servers(workdir: Path) -> Iterator[dict[str, DemoServer]]:
-    """The three demo servers, started in parallel."""
+    """A demo server of each kind, started in parallel."""
     children = {
         kind: spawn_demo(workdir / kind, f"demo-{kind}", *flags)
         for kind, flags in SERVER_FLAGS.items()
@@ -117,14 +118,10 @@ def url_of(
     return url
 
 
-_TRANSCRIPTS: dict[tuple[str, str, str], Transcript] = {}
-
-
 @pytest.fixture(scope="module")
-def transcripts() -> Iterator[dict[tuple[str, str, str], Transcript]]:
-    _TRANSCRIPTS.clear()
-    yield _TRANSCRIPTS
-    _TRANSCRIPTS.clear()
+def transcripts() -> dict[tuple[str, str, str], Transcript]:
+    """SDK session transcripts by (server kind, target, client mode), for the whole module."""
+    return {}
 
 
 @pytest.fixture
