@@ -114,6 +114,8 @@ class ScriptedUpstream(resource.Resource):
         if mode in ("sse", "reset"):
             request.setHeader(b"content-type", b"text/event-stream")
             request.setHeader(b"cache-control", b"no-cache")
+            if "accel" in args:
+                request.setHeader(b"x-accel-buffering", args["accel"].encode())
             request.setHeader(b"mcp-session-id", b"up-session")
             n = int(args.get("n", "3"))
             gap = float(args.get("gap", "0.05"))

@@ -160,6 +160,12 @@ class StreamingTests(GatewayTestCase):
         self.assertLess(data[0][0] + reply.started, end - 0.5)
 
     @inlineCallbacks
+    def test_upstreamAccelBufferingIsNotDuplicated(self) -> Any:
+        """An upstream that sends X-Accel-Buffering itself keeps its single header."""
+        reply = yield self.call(path="/mcp?mode=sse&n=1&accel=yes", body=rpc("ping"))
+        self.assertEqual(reply.header("x-accel-buffering"), ["yes"])
+
+    @inlineCallbacks
     def test_clientGoneCancelsUpstream(self) -> Any:
         """A client that disconnects mid-stream makes the gateway drop the upstream stream at once."""
 

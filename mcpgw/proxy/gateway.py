@@ -129,6 +129,7 @@ class ProxyExchange:
             if name.lower() == b"connection":
                 drop = drop | connectionTokens(headers)
                 break
+        hasAccel = False
         for name, value in headers:
             low = name.lower()
             if low in drop:
@@ -137,6 +138,8 @@ class ProxyExchange:
                 continue
             if low == b"content-type" and value.startswith(_EVENT_STREAM):
                 self.isStream = True
+            elif low == b"x-accel-buffering":
+                hasAccel = True
             elif low == b"mcp-session-id" and self.sessionId is None:
                 self.sessionId = value.decode("latin-1")
             add(name, value)
@@ -146,7 +149,8 @@ class ProxyExchange:
         self._producing = True
         if self.isStream:
             # Events may be far apart: the head goes out now, not with the first event.
-            add(b"X-Accel-Buffering", b"no")
+            if not hasAccel:
+                add(b"X-Accel-Buffering", b"no")
             request.write(b"")
             request.channel.flushHead()
 
