@@ -74,6 +74,33 @@ class InvalidRequest(GatewayError):
     message = "invalid_request"
 
 
+class PolicyDenied(GatewayError):
+    """Policy denies the tool call (C{data.rule_id}; C{null} when C{default_action} decided)."""
+
+    status = 403
+    code = -32001
+    message = "policy_denied"
+
+
+class RateLimited(GatewayError):
+    """
+    A token bucket is empty: C{data.rule_id} for a policy rule, C{data.scope} for the input limit.
+
+    @ivar retryAfter: whole seconds until a token is available (the C{Retry-After} header).
+    """
+
+    status = 429
+    code = -32002
+    message = "rate_limited"
+
+    def __init__(self, detail: str | None = None, *, retryAfter: int = 1, **kw: Any) -> None:
+        super().__init__(detail, **kw)
+        self.retryAfter = retryAfter
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"Retry-After", b"%d" % self.retryAfter)]
+
+
 class NotFound(GatewayError):
     """No upstream is configured at the requested path."""
 
@@ -171,23 +198,30 @@ def reasonPhrase(status: int) -> bytes:
     return _PHRASES.get(status, b"Error")
 
 
-def errorBody(error: GatewayError, requestId: Any = None) -> bytes:
+def errorBody(
+    error: GatewayError, requestId: Any = None, batchIds: list[Any] | None = None
+) -> bytes:
     """
     @param requestId: the JSON-RPC id of the request, or C{None} when unknown.
+    @param batchIds: for a refused batch, the ids of its requests: the body is then an array with
+        one error response per request (a batch of notifications only gets one error, id null).
     @return: the serialised JSON-RPC error response for C{error}.
     """
-    return orjson.dumps({"jsonrpc": "2.0", "id": requestId, "error": error.errorObject()})
+    err = error.errorObject()
+    if batchIds:
+        return orjson.dumps([{"jsonrpc": "2.0", "id": i, "error": err} for i in batchIds])
+    return orjson.dumps({"jsonrpc": "2.0", "id": requestId, "error": err})
 
 
 def errorResponse(
-    error: GatewayError, requestId: Any = None
+    error: GatewayError, requestId: Any = None, batchIds: list[Any] | None = None
 ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """
     The single mapping from a gateway error to what goes on the wire.
 
     @return: C{(status, headers, body)}; headers include C{Content-Type} and C{Content-Length}.
     """
-    body = errorBody(error, error.requestId if requestId is None else requestId)
+    body = errorBody(error, error.requestId if requestId is None else requestId, batchIds)
     headers = [
         (b"Content-Type", b"application/json"),
         (b"Content-Length", b"%d" % len(body)),

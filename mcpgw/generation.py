@@ -18,6 +18,7 @@ from twisted.internet.ssl import optionsForClientTLS
 
 from mcpgw.config import Config, ListenConfig, UpstreamConfig
 from mcpgw.errors import HostNotAllowed, OriginNotAllowed
+from mcpgw.policy import Policy
 from mcpgw.proxy.upstream import UpstreamPool
 
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
@@ -161,6 +162,8 @@ class Generation:
 
     @ivar number: 1 for the config the process started with, then +1 per successful reload.
     @ivar routes: gateway path (bytes) -> L{Route}.
+    @ivar policy: the compiled policy (rate-limit buckets of unchanged rules carried over).
+    @ivar filterTools: C{tools/list} answers must be filtered (filtering is on and policy can deny).
     """
 
     number: int
@@ -168,6 +171,8 @@ class Generation:
     routes: dict[bytes, Route]
     hostGuard: HostGuard
     maxBodyBytes: int
+    policy: Policy
+    filterTools: bool
 
     @property
     def pools(self) -> list[UpstreamPool]:
@@ -189,10 +194,14 @@ def buildGeneration(
     for u in config.upstreams:
         pool = oldPools.get(_poolKey(u)) or makePool(reactor, u)
         routes[u.path.encode()] = makeRoute(u, pool)
+    pc = config.policy
     return Generation(
         number=number,
         config=config,
         routes=routes,
         hostGuard=HostGuard.fromConfig(config.listen),
         maxBodyBytes=config.limits.max_body_bytes,
+        policy=Policy.fromConfig(pc, previous.policy if previous is not None else None),
+        filterTools=pc.filter_tools_list
+        and (pc.default_action == "deny" or any(r.action == "deny" for r in pc.rules)),
     )

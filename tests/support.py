@@ -51,6 +51,8 @@ class ScriptedUpstream(resource.Resource):
       - C{mode=reset}: headers and one SSE event, then the connection is aborted.
       - C{mode=status&code=C}: an empty answer with status C.
       - C{mode=big&size=N}: N bytes of body (Content-Length).
+      - C{mode=tools} / C{mode=toolsse}: a tools/list answer listing L{TOOL_NAMES}, as JSON or as
+        SSE (a notification event, then the answer).
       - C{mode=produce&size=N}: N bytes written 64 KiB at a time as the socket drains (a pull
         producer), counting what was produced in C{produced}.
     """
@@ -105,6 +107,20 @@ class ScriptedUpstream(resource.Resource):
         if mode == "big":
             request.setHeader(b"content-type", b"application/octet-stream")
             return b"x" * int(args["size"])
+        if mode in ("tools", "toolsse"):
+            rid = json.loads(body).get("id") if body else None
+            tools = [{"name": n, "inputSchema": {"type": "object"}} for n in TOOL_NAMES]
+            payload = json.dumps({"jsonrpc": "2.0", "id": rid, "result": {"tools": tools}}).encode()
+            if mode == "tools":
+                request.setHeader(b"content-type", b"application/json")
+                return payload
+            request.setHeader(b"content-type", b"text/event-stream")
+            request.write(
+                b'event: message\ndata: {"jsonrpc":"2.0","method":"notifications/message"}\n\n'
+            )
+            request.write(b"event: message\nid: 1\ndata: " + payload + b"\n\n")
+            request.finish()
+            return server.NOT_DONE_YET
         if mode == "produce":
             total = int(args["size"])
             request.setHeader(b"content-type", b"application/octet-stream")
@@ -147,9 +163,7 @@ class ScriptedUpstream(resource.Resource):
             return
         request.write(b'id: %d\nevent: message\ndata: {"n": %d}\n\n' % (i, i))
         if reset:
-            request.pending.append(
-                reactor.callLater(0.2, request.transport.abortConnection)
-            )
+            request.pending.append(reactor.callLater(0.2, request.transport.abortConnection))
             return
         if i + 1 < n:
             request.pending.append(
@@ -181,6 +195,10 @@ class _Producer:
 
     def stopProducing(self) -> None:
         self.left = 0
+
+
+#: The tools the scripted upstream lists (C{mode=tools} / C{mode=toolsse}).
+TOOL_NAMES = ("echo", "shell_exec", "admin_reset", "http_get", "search_web", "read_file")
 
 
 def portOf(listeningPort: Any) -> int:

@@ -63,6 +63,8 @@ FIELDS = (
     "jsonrpc_id",
     "batch_size",
     "protocol_version",
+    "redacted",
+    "filtered_tools",
 )
 
 _tsCache: list[Any] = [-1, b""]

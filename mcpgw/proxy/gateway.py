@@ -11,11 +11,13 @@ later, the span) is built from, so the two can never disagree.
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
 import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,14 +30,17 @@ from mcpgw.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    PolicyDenied,
+    RateLimited,
     ShuttingDown,
     errorResponse,
     reasonPhrase,
 )
 from mcpgw.generation import Generation, Route
 from mcpgw.interfaces import IAuditLog, IResponseSink
-from mcpgw.jsonrpc import parseBody
+from mcpgw.jsonrpc import RpcSummary, parseBody
 from mcpgw.proxy.headers import REQUEST_DROP, RESPONSE_DROP, connectionTokens, endToEnd
+from mcpgw.proxy.toolsfilter import SSEFilter, filterJSONBody
 
 log = Logger()
 
@@ -59,13 +64,19 @@ class ProxyExchange:
     """
 
     __slots__ = (
+        "_collected",
         "_producing",
+        "_sseFilter",
+        "batchIds",
         "batchSize",
         "bytesIn",
         "bytesOut",
         "clientIp",
         "closed",
+        "decision",
         "error",
+        "filterTools",
+        "filteredTools",
         "gateway",
         "generation",
         "headSent",
@@ -75,9 +86,11 @@ class ProxyExchange:
         "method",
         "path",
         "protocolVersion",
+        "redacted",
         "request",
         "requestId",
         "route",
+        "ruleId",
         "sessionId",
         "started",
         "status",
@@ -105,6 +118,14 @@ class ProxyExchange:
         self.tool: str | None = None
         self.jsonrpcId: Any = None
         self.batchSize: int | None = None
+        self.batchIds: list[Any] | None = None
+        self.decision = "allow"
+        self.ruleId: str | None = None
+        self.redacted: int | None = None
+        self.filterTools = False
+        self.filteredTools: int | None = None
+        self._sseFilter: SSEFilter | None = None
+        self._collected: list[bytes] | None = None
         self.bytesIn = 0
         self.bytesOut = 0
         self.status: int | None = None
@@ -130,10 +151,11 @@ class ProxyExchange:
                 drop = drop | connectionTokens(headers)
                 break
         hasAccel = False
+        filtering = self.filterTools and status == 200
         for name, value in headers:
             low = name.lower()
             if low in drop:
-                if low == b"content-length":
+                if low == b"content-length" and not filtering:
                     add(b"Content-Length", value)  # the body is relayed unchanged
                 continue
             if low == b"content-type" and value.startswith(_EVENT_STREAM):
@@ -145,6 +167,12 @@ class ProxyExchange:
             add(name, value)
         self.status = status
         self.headSent = True
+        if filtering:
+            allows = self.generation.policy.allows
+            if self.isStream:
+                self._sseFilter = SSEFilter(allows)
+            else:
+                self._collected = []
         request.registerProducer(transport, True)
         self._producing = True
         if self.isStream:
@@ -157,6 +185,13 @@ class ProxyExchange:
     def upstreamData(self, data: bytes) -> None:
         if self.closed:
             return
+        if self._collected is not None:
+            self._collected.append(data)
+            return
+        if self._sseFilter is not None:
+            data = self._sseFilter.feed(data)
+            if not data:
+                return
         self.bytesOut += len(data)
         self.request.write(data)
 
@@ -167,6 +202,17 @@ class ProxyExchange:
         if self._producing:
             self._producing = False
             request.unregisterProducer()
+        tail = b""
+        if self._collected is not None:
+            tail, removed = filterJSONBody(b"".join(self._collected), self.generation.policy.allows)
+            self.filteredTools = removed
+            request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(tail)])
+        elif self._sseFilter is not None:
+            tail = self._sseFilter.flush()
+            self.filteredTools = self._sseFilter.removed
+        if tail:
+            self.bytesOut += len(tail)
+            request.write(tail)
         request.finish()
         self._end()
 
@@ -203,7 +249,7 @@ class ProxyExchange:
 
     def respondError(self, error: GatewayError) -> None:
         """Answer the client with C{error}'s JSON-RPC error response and end the exchange."""
-        status, headers, body = errorResponse(error, self.jsonrpcId)
+        status, headers, body = errorResponse(error, self.jsonrpcId, self.batchIds)
         self.status = status
         self.error = error.message
         request = self.request
@@ -232,8 +278,8 @@ class ProxyExchange:
             "method": self.method,
             "tool": self.tool,
             "upstream": self.route.name if self.route is not None else None,
-            "decision": "allow",
-            "rule_id": None,
+            "decision": self.decision,
+            "rule_id": self.ruleId,
             "error": self.error,
             "auth_key_id": None,
             "auth_result": "external",
@@ -247,6 +293,8 @@ class ProxyExchange:
             "jsonrpc_id": self.jsonrpcId,
             "batch_size": self.batchSize,
             "protocol_version": self.protocolVersion,
+            "redacted": self.redacted,
+            "filtered_tools": self.filteredTools,
         }
 
 
@@ -329,6 +377,8 @@ class Gateway:
                 x.jsonrpcId = summary.requestId
                 if summary.isBatch:
                     x.batchSize = len(summary.messages)
+                    x.batchIds = [m["id"] for m in summary.messages if "method" in m and "id" in m]
+                body = self._applyPolicy(x, gen, summary, body)
             if self.draining:
                 raise ShuttingDown("the gateway is shutting down")
             self._forward(x, route, request, body)
@@ -336,6 +386,65 @@ class Gateway:
             if x.jsonrpcId is None and e.requestId is not None:
                 x.jsonrpcId = e.requestId
             x.respondError(e)
+
+    def _applyPolicy(
+        self, x: ProxyExchange, gen: Generation, summary: RpcSummary, body: bytes
+    ) -> bytes:
+        """
+        Decide every C{tools/call} of the body (each call of a batch). A denied or rate-limited
+        call refuses the whole request: a denied call is never forwarded, not even with the rest
+        of its batch. Redaction rewrites the arguments and re-serialises the body.
+
+        @return: the body to forward.
+        @raise PolicyDenied: a call is denied.
+        @raise RateLimited: a call's token bucket is empty.
+        """
+        policy = gen.policy
+        changed = False
+        decided = False
+        for msg in summary.messages:
+            method = msg.get("method")
+            if method == "tools/list" and gen.filterTools:
+                x.filterTools = True
+            if method != "tools/call":
+                continue
+            params = msg.get("params")
+            name = params.get("name") if isinstance(params, dict) else None
+            d = policy.decide(name if isinstance(name, str) else "")
+            action = d.action
+            if action == "deny":
+                x.decision, x.ruleId = "deny", d.rule_id
+                raise PolicyDenied(rule_id=d.rule_id)
+            if action == "rate_limit":
+                assert d.rule_id is not None
+                wait = policy.rateLimit(d.rule_id, self._sessionKey(x), self.reactor.seconds())
+                if wait is not None:
+                    x.decision, x.ruleId = "rate_limit", d.rule_id
+                    raise RateLimited(retryAfter=max(1, math.ceil(wait)), rule_id=d.rule_id)
+                action = "allow"  # a token was available: forwarded as is
+            elif action == "redact" and isinstance(params, dict):
+                assert d.rule_id is not None
+                new, n = policy.redact(d.rule_id, params.get("arguments"))
+                if n:
+                    params["arguments"] = new
+                    changed = True
+                x.redacted = (x.redacted or 0) + n
+            if not decided or (action == "redact" and x.decision != "redact"):
+                x.decision, x.ruleId = action, d.rule_id
+                decided = True
+        if changed:
+            return orjson.dumps(summary.messages if summary.isBatch else summary.messages[0])
+        return body
+
+    @staticmethod
+    def _sessionKey(x: ProxyExchange) -> str:
+        """
+        Whose bucket a rate limit takes from: the MCP session, else (with auth) the key id, else
+        the client address.
+        """
+        if x.sessionId is not None:
+            return "session:" + x.sessionId
+        return "addr:" + (x.clientIp or "")
 
     def _forward(self, x: ProxyExchange, route: Route, request: Any, body: bytes) -> None:
         target = route.target

@@ -18,10 +18,6 @@ from typing import Any
 
 import orjson
 
-#: Upper bound of a JSON tools/list body the filter will collect before giving up (and passing
-#: the rest unfiltered would be wrong, so the answer becomes an error instead).
-MAX_COLLECT = 16 * 1024 * 1024
-
 
 def filterMessage(value: Any, allows: Callable[[str], bool]) -> tuple[Any, int]:
     """
