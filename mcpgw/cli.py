@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_cli -*-
 """
-The C{mcpgw} command: C{run}, C{config check}, C{--version}.
+The C{mcpgw} command: C{run}, C{config check}, C{policy explain}, C{--version}.
 """
 
 from __future__ import annotations
@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from mcpgw import __version__
-from mcpgw.config import ConfigError, load_config
+from mcpgw.config import Config, ConfigError, load_config
+from mcpgw.policy import Policy, shadowedRules
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,7 +25,48 @@ def _parser() -> argparse.ArgumentParser:
     csub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
     check = csub.add_parser("check", help="validate a config file")
     check.add_argument("file")
+    policy = sub.add_parser("policy", help="policy tools")
+    psub = policy.add_subparsers(dest="policy_command", metavar="SUBCOMMAND")
+    explain = psub.add_parser("explain", help="which rule decides a call, and why")
+    explain.add_argument("--config", "-c", default="/etc/mcpgw/mcpgw.yaml", help="YAML config file")
+    explain.add_argument("tool", help="the tool name (params.name of tools/call)")
+    explain.add_argument("--method", "-m", default="tools/call", help="JSON-RPC method")
+    explain.add_argument("--key-id", "-k", default=None, help="authenticated API key id")
     return p
+
+
+def _ruleLines(path: str) -> list[int | None]:
+    """The 1-based line of each C{policy.rules} entry in the YAML file (for warnings)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            root = yaml.compose(f, Loader=yaml.SafeLoader)
+    except (OSError, yaml.YAMLError):
+        return []
+    node: Any = root
+    for key in ("policy", "rules"):
+        if not isinstance(node, yaml.MappingNode):
+            return []
+        node = next((v for k, v in node.value if getattr(k, "value", None) == key), None)
+    if not isinstance(node, yaml.SequenceNode):
+        return []
+    return [item.start_mark.line + 1 for item in node.value]
+
+
+def policyWarnings(path: str, config: Config) -> list[str]:
+    """
+    Warnings that do not make a config invalid: rules that can never match.
+
+    @return: lines in the C{path.in.yaml: what is wrong (line N)} shape.
+    """
+    lines = _ruleLines(path)
+    out = []
+    for index, message in shadowedRules(config.policy):
+        line = lines[index] if index < len(lines) else None
+        where = f" (line {line})" if line is not None else ""
+        out.append(f"policy.rules[{index}]: {message}{where}")
+    return out
 
 
 def configCheck(path: str) -> int:
@@ -35,8 +78,41 @@ def configCheck(path: str) -> int:
             print(f"{path}: {problem}", file=sys.stderr)
         print(f"{path}: {len(e.problems)} problem(s)", file=sys.stderr)
         return 1
+    for warning in policyWarnings(path, config):
+        print(f"{path}: warning: {warning}", file=sys.stderr)
     ups = ", ".join(f"{u.name} ({u.path} -> {u.url})" for u in config.upstreams)
     print(f"{path}: OK ({len(config.upstreams)} upstream(s): {ups})")
+    return 0
+
+
+def policyExplain(path: str, tool: str, method: str, keyId: str | None) -> int:
+    """Print which rule decides a call of C{tool} and why; 1 if the config is invalid."""
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+        return 1
+    policy = Policy.fromConfig(config.policy)
+    if method != "tools/call":
+        print(f"method: {method}")
+        print("decision: allow (policy applies to tools/call only; other methods pass, audited)")
+        return 0
+    print(policy.explain(tool).render())
+    decision = policy.decide(tool)
+    if decision.action == "rate_limit":
+        key = f"key id {keyId}" if keyId else "the authenticated key id"
+        print(
+            f"rate limit bucket: per rule {decision.rule_id} and session: the Mcp-Session-Id, "
+            f"else {key}, else the client address"
+        )
+    elif decision.action == "deny":
+        print(
+            "answer: HTTP 403, JSON-RPC error -32001 policy_denied; the upstream is not contacted"
+        )
+    if config.policy.filter_tools_list:
+        shown = "shown" if policy.allows(tool) else "hidden"
+        print(f"tools/list: {shown}")
     return 0
 
 
@@ -73,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args.config)
     if args.command == "config" and args.config_command == "check":
         return configCheck(args.file)
+    if args.command == "policy" and args.policy_command == "explain":
+        return policyExplain(args.config, args.tool, args.method, args.key_id)
     _parser().print_help(sys.stderr)
     return 2
 

@@ -197,3 +197,66 @@ class RunningTests(TestCase):
             # twistd prints usage errors on stdout, mcpgw on stderr
             self.assertIn("limits.max_body_bytes:", out.stdout + out.stderr)
             self.assertIn("(line 5)", out.stdout + out.stderr)
+
+
+POLICY_YAML = """\
+upstreams:
+  - {name: a, url: "http://127.0.0.1:9/mcp"}
+policy:
+  rules:
+    - {id: no-shell, action: deny, match: {exact: shell_exec}}
+    - {id: no-admin, action: deny, match: {prefix: admin_}}
+    - {id: read-admin, action: allow, match: {exact: admin_read}}
+    - {id: slow, action: rate_limit, match: {regex: '^search'}, rate_limit: {rate: 0.5}}
+"""
+
+
+class PolicyCommandTests(TestCase):
+    """C{mcpgw policy explain} and the policy warnings of C{mcpgw config check}."""
+
+    def setUp(self) -> None:
+        self.path = os.path.join(tempfile.mkdtemp(), "p.yaml")
+        with open(self.path, "w") as f:
+            f.write(POLICY_YAML)
+
+    def explain(self, *args: str) -> str:
+        out = subprocess.run(
+            mcpgwCommand("policy", "explain", "--config", self.path, *args),
+            capture_output=True,
+            text=True,
+        )
+        self.assertEqual(out.returncode, 0, out.stderr)
+        return out.stdout
+
+    def test_explainRule(self) -> None:
+        """The deciding rule, its action, the matcher and the rules checked before are printed."""
+        out = self.explain("admin_read")
+        self.assertIn("decision: deny (rule no-admin, action deny)", out)
+        self.assertIn("matched: prefix 'admin_'", out)
+        self.assertIn("checked before: no-shell (exact 'shell_exec')", out)
+        self.assertIn("tools/list: hidden", out)
+
+    def test_explainDefault(self) -> None:
+        """With no matching rule the default decides, and every rule was checked."""
+        out = self.explain("echo")
+        self.assertIn("decision: allow (default_action; no rule matched)", out)
+        self.assertIn("slow (regex '^search')", out)
+
+    def test_explainOtherMethodAndKey(self) -> None:
+        """Other methods are not subject to policy; --key-id shows in the bucket description."""
+        self.assertIn(
+            "policy applies to tools/call only", self.explain("x", "--method", "tools/list")
+        )
+        self.assertIn("else key id ci-bot", self.explain("search_web", "--key-id", "ci-bot"))
+
+    def test_configCheckWarnsAboutShadowedRule(self) -> None:
+        """A rule an earlier rule always catches is a warning with its line; the config stays valid."""
+        out = subprocess.run(
+            mcpgwCommand("config", "check", self.path), capture_output=True, text=True
+        )
+        self.assertEqual(out.returncode, 0)
+        self.assertIn(
+            "warning: policy.rules[2]: rule 'read-admin' can never match: 'admin_read' is already "
+            "matched by rule 'no-admin' (prefix 'admin_') (line 7)",
+            out.stderr,
+        )
