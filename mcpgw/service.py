@@ -61,6 +61,7 @@ class GatewayService(MultiService):
         self._previousHup: Any = None
         self._reloading = False
         self._reloadAgain = False
+        self._hupScheduled = False
 
     @property
     def generation(self) -> Generation:
@@ -95,7 +96,14 @@ class GatewayService(MultiService):
 
     def _onSIGHUP(self, signum: int, frame: Any) -> None:
         # A signal handler only schedules; the work runs at a clean point in the reactor thread.
-        self.reactor.callFromThread(self.reload)
+        # HUPs that arrive before the scheduled reload ran coalesce into it.
+        if not self._hupScheduled:
+            self._hupScheduled = True
+            self.reactor.callFromThread(self._hupReload)
+
+    def _hupReload(self) -> None:
+        self._hupScheduled = False
+        self.reload()
 
     def reload(self) -> None:
         """
@@ -119,9 +127,18 @@ class GatewayService(MultiService):
                     problems="; ".join(str(p) for p in e.problems),
                 )
                 return
-            new = buildGeneration(self.reactor, config, old.number + 1, previous=old)
+            try:
+                new = buildGeneration(self.reactor, config, old.number + 1, previous=old)
+            except Exception:
+                log.failure("reload rejected, keeping generation {gen}", gen=old.number)
+                return
             self.gateway.generation = new
-            log.info("reloaded {path}: generation {gen}", path=self.configPath, gen=new.number)
+            log.info(
+                "reloaded {path}: generation {old} -> {gen}",
+                path=self.configPath,
+                old=old.number,
+                gen=new.number,
+            )
         finally:
             self._reloading = False
             if self._reloadAgain:
