@@ -26,7 +26,7 @@ from tests.support import freePort
 class _Echo(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server naming)
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         rid = json.loads(body).get("id")
         out = json.dumps({"jsonrpc": "2.0", "id": rid, "result": {"ok": True}}).encode()
