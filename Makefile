@@ -1,7 +1,7 @@
 # mcpgw developer commands. Everything installs itself on first use into .venv/.
 #   make run     start the demo MCP server and the gateway in front of it (Ctrl-C stops both)
 #   make test    lint (ruff), types (mypy) and the whole test suite (pytest)
-#   make bench   added latency and throughput vs direct and the reference proxy
+#   make bench   added latency and throughput vs direct and the reference proxy; policy cost
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -32,6 +32,8 @@ test: lint typecheck unit
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+	$(PY) bench/run.py --systems direct,mcpgw --rounds 2 --policy-rules 1000
+	$(PY) bench/policy_bench.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info run _trial_temp twisted/plugins/dropin.cache

@@ -60,6 +60,25 @@ audit: {{path: {tmp}/audit.jsonl, fsync: interval, state_dir: {tmp}/state}}
 """
 
 
+def policy_yaml(n: int) -> str:
+    """A policy of C{n} rules with every matcher kind, none of which matches the bench's C{echo}
+    (so every call goes through the whole rule list to the default, the most expensive path)."""
+    if n <= 0:
+        return ""
+    kinds = [
+        "{{exact: tool_{i}}}",
+        "{{prefix: pre_{i}_}}",
+        "{{glob: 'glob_{i}_*'}}",
+        "{{regex: '^re_{i}(_.*)?$'}}",
+        "{{list: [list_{i}_a, list_{i}_b]}}",
+    ]
+    lines = ["policy:", "  default_action: allow", "  rules:"]
+    for i in range(n):
+        action = "deny" if i % 2 == 0 else "allow"
+        lines.append(f"    - {{id: r{i}, action: {action}, match: {kinds[i % 5].format(i=i)}}}")
+    return "\n".join(lines) + "\n"
+
+
 def log(msg: str) -> None:
     sys.stderr.write("[{}] {}\n".format(time.strftime("%H:%M:%S"), msg))
     sys.stderr.flush()
@@ -463,7 +482,8 @@ def render(
     )
     o.append(
         f"mcpgw {meta['mcpgw_git']}; Twisted {meta['twisted']}; Python {meta['python']}; "
-        f"upstream loop: {meta['upstream_loop']}; {meta['wrk']}"
+        f"upstream loop: {meta['upstream_loop']}; {meta['wrk']}; "
+        f"mcpgw policy rules: {meta['args'].get('policy_rules', 0)}"
     )
     o.append("")
     o.append(
@@ -640,6 +660,12 @@ def main() -> int:
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="subset of " + ",".join(SYSTEMS))
     ap.add_argument("--settle-start", type=float, default=2.0, help="idle seconds after start-up")
     ap.add_argument(
+        "--policy-rules",
+        type=int,
+        default=0,
+        help="give mcpgw a policy of N rules (all matcher kinds, none matching the bench's tool)",
+    )
+    ap.add_argument(
         "--no-install", action="store_true", help="never apt-get wrk or pip-install uvloop"
     )
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, audit file)")
@@ -708,7 +734,10 @@ def main() -> int:
         if "mcpgw" in names:
             port = free_port()
             cfg = tmp / "mcpgw.yaml"
-            cfg.write_text(MCPGW_CONFIG.format(port=port, upstream=up_url, tmp=tmp))
+            cfg.write_text(
+                MCPGW_CONFIG.format(port=port, upstream=up_url, tmp=tmp)
+                + policy_yaml(a.policy_rules)
+            )
             p = procs.spawn(
                 "mcpgw", [sys.executable, "-m", "mcpgw", "run", "--config", str(cfg)], cwd=ROOT
             )
