@@ -244,12 +244,10 @@ class Policy:
         """
         self.defaultAction = config.default_action
         self.filterToolsList = config.filter_tools_list
-        self._config = config
         self._cacheSize = cacheSize
         self._cache: dict[str, Decision] = {}
         rules = config.rules
         self._rules = rules
-        self._position = {rule.id: i for i, rule in enumerate(rules)}
         self._decisions = [Decision(r.action, r.id, matcherText(r)) for r in rules]
         self._decisions.append(Decision(config.default_action, None, None))
         self._exact: dict[str, int] = {}
@@ -408,10 +406,11 @@ def shadowedRules(config: PolicyConfig) -> list[tuple[int, str]]:
     """
     Find rules that can never decide because earlier rules catch the names they match.
 
-    Detected: an C{exact} name or C{list} names matched by any earlier rule; a C{prefix} or
-    C{glob} whose literal start begins with an earlier prefix (or C{literal*} glob); a C{glob} or
-    C{regex} identical to an earlier one. A C{list} with only some names caught gets a warning
-    naming them.
+    Detected: an C{exact} name (or a glob without wildcards) or C{list} names matched by an earlier
+    rule of any kind; a C{prefix} or C{glob} whose literal start begins with an earlier prefix (or
+    C{literal*} glob); a C{glob} or C{regex} identical to an earlier one. A C{list} with only some
+    names caught gets a warning naming those names. Not detected: other overlaps of patterns (a
+    regex, or a glob, covered by a different earlier pattern).
 
     @return: C{(rule index, message)} warnings, in rule order.
     """
@@ -421,22 +420,27 @@ def shadowedRules(config: PolicyConfig) -> list[tuple[int, str]]:
     for i, rule in enumerate(rules):
         earlier = rules[:i]
         kind, value = rule.match.kind, rule.match.value
-        if kind in ("exact", "list"):
+        indexed = _indexedAs(rule)
+        if kind == "list" or (indexed and indexed[0] == "exact"):
+            names = _names(rule)
             caught = []
-            for name in _names(rule):
+            for name in names:
                 j = next((j for j in range(i) if predicates[j](name)), None)
                 if j is not None:
-                    caught.append(f"'{name}' is already matched by {_describe(rules[j])}")
-            if caught and len(caught) == len(_names(rule)):
-                warnings.append((i, f"rule '{rule.id}' can never match: {'; '.join(caught)}"))
+                    caught.append((name, _describe(rules[j])))
+            if caught and len(caught) == len(names):
+                reasons = "; ".join(f"'{n}' is already matched by {d}" for n, d in caught)
+                warnings.append((i, f"rule '{rule.id}' can never match: {reasons}"))
             elif caught:
-                warnings.append((i, f"rule '{rule.id}' never decides for {'; '.join(caught)}"))
+                reasons = "; ".join(f"'{n}': already matched by {d}" for n, d in caught)
+                warnings.append((i, f"rule '{rule.id}' never decides for {reasons}"))
             continue
         assert isinstance(value, str)
         same = next((r for r in earlier if r.match == rule.match), None)
         if same is not None and kind != "prefix":
+            text = matcherText(rule)
             warnings.append(
-                (i, f"rule '{rule.id}' can never match: {_describe(same)} is the same matcher")
+                (i, f"rule '{rule.id}' can never match: rule '{same.id}' has the same {text}")
             )
             continue
         if kind == "regex":

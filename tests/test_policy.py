@@ -684,6 +684,19 @@ class ShadowedRulesTests(SynchronousTestCase):
             ],
         )
 
+    def test_literalGlob(self) -> None:
+        """A glob without wildcards is checked like an exact name."""
+        self.assertEqual(
+            self.shadowed(rule("a", "deny", "exact", "plain"), rule("b", "allow", "glob", "plain")),
+            [
+                (
+                    1,
+                    "rule 'b' can never match: 'plain' is already matched by rule 'a' "
+                    "(exact 'plain')",
+                )
+            ],
+        )
+
     def test_duplicates(self) -> None:
         """A glob or regex identical to an earlier one can never match."""
         self.assertEqual(

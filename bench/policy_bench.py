@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Micro-benchmark of the policy engine (mcpgw.policy), in-process, no network.
+
+    .venv/bin/python bench/policy_bench.py [--repeat N]
+
+Prints a markdown table of the cost per call (microseconds, median of N timeit repeats) of:
+  - Policy.decide() for policies of 10 and 1,000 rules of mixed matchers (exact, list, prefix,
+    glob, regex; 2 in 5 are globs or regexes that are scanned) and of 1,000 indexed rules (exact,
+    list, prefix), where the deciding rule is the last one (a regex, so every earlier glob and
+    regex is scanned) or no rule matches (the default decides);
+    warm: the same tool name every call (the decision cache answers);
+    cold: a new tool name every call, decision cache off (every call computes the decision);
+  - Policy.redact() of a ~1 KB arguments object with the four built-ins and a custom regex;
+  - Policy.rateLimit() for one session, and for a new session every call (expiry at work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import timeit
+from collections.abc import Callable, Iterator
+from functools import partial
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mcpgw.config import MatchSpec, PolicyConfig, PolicyRule, RateLimitSpec
+from mcpgw.policy import Policy
+
+MAKERS: dict[str, Callable[[int], tuple[str, str | tuple[str, ...]]]] = {
+    "exact": lambda i: ("exact", f"tool_{i}"),
+    "list": lambda i: ("list", (f"read_{i}", f"write_{i}", f"list_{i}")),
+    "prefix": lambda i: ("prefix", f"ns{i}_"),
+    "glob": lambda i: ("glob", f"svc_{i}_[ab]?_*"),
+    "regex": lambda i: ("regex", f"^api_{i}_v[0-9]+$"),
+}
+
+
+def mixedRules(count: int, kinds: str = "exact list prefix glob regex") -> tuple[PolicyRule, ...]:
+    """C{count} rules cycling through C{kinds} of matchers; the last is C{regex '^last_'}."""
+    makers = [MAKERS[kind] for kind in kinds.split()]
+    rules = []
+    for i in range(count - 1):
+        kind, value = makers[i % len(makers)](i)
+        action = "deny" if i % 2 else "allow"
+        rules.append(PolicyRule(f"r{i}", action, MatchSpec(kind, value)))
+    rules.append(PolicyRule("last", "deny", MatchSpec("regex", "^last_")))
+    return tuple(rules)
+
+
+def callNext(f: Callable[[str], object], names: Iterator[str]) -> object:
+    """Call C{f} with the next name."""
+    return f(next(names))
+
+
+def perCall(stmt: Callable[[], object], number: int, repeat: int) -> float:
+    """Median microseconds per call of C{stmt}."""
+    times = timeit.repeat(stmt, number=number, repeat=repeat)
+    return statistics.median(times) / number * 1e6
+
+
+def arguments1k() -> dict[str, object]:
+    """A realistic ~1 KB C{tools/call} arguments object with a few secrets in it."""
+    return {
+        "url": "https://api.example.com/v2/orders?customer=8812&expand=items,shipping",
+        "method": "POST",
+        "headers": {
+            "Authorization": "Bearer ghp_16C7e42F292c6912E7710c838347Ae178B4a",
+            "Content-Type": "application/json",
+            "X-Request-Id": "4b1d6c7e-2f0a-4c1b-9a77-3f5e2d8c9b10",
+        },
+        "body": {
+            "items": [
+                {"sku": f"SKU-{i:05d}", "qty": i, "note": "fragile, keep upright, ring twice"}
+                for i in range(6)
+            ],
+            "comment": "aws key AKIAIOSFODNN7EXAMPLE was rotated; openai "
+            "sk-proj-4fQ9xT2mLr8VbN0cZk7WyHs3_Jd6PuEaGt1iOqRn-5vXbC2lMy9",
+            "login": "user=alice password=correct-horse-battery-staple",
+        },
+        "timeout": 30,
+        "retries": [1, 2, 4],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=7, help="timeit repeats (median taken)")
+    repeat = parser.parse_args().repeat
+    rows: list[tuple[str, str, float]] = []
+    policies = [
+        ("10, mixed", mixedRules(10)),
+        ("1,000, mixed", mixedRules(1000)),
+        ("1,000, exact/list/prefix", mixedRules(1000, "exact list prefix")),
+    ]
+    for described, rules in policies:
+        config = PolicyConfig("allow", True, rules)
+        warm = Policy.fromConfig(config)
+        cold = Policy(config, cacheSize=0)
+        assert warm.decide("last_x").rule_id == "last"
+        assert warm.decide("nomatch").rule_id is None
+        for label, stem in (("deciding rule last", "last_"), ("no match, default", "nomatch_")):
+            name = stem + "x"
+            us = perCall(partial(warm.decide, name), 200_000, repeat)
+            rows.append((f"decide, warm, {label}", described, us))
+            number = 100_000 if len(rules) == 10 else 10_000
+            names = iter([f"{stem}{i}" for i in range(number * repeat)])
+            us = perCall(partial(callNext, cold.decide, names), number, repeat)
+            rows.append((f"decide, cold, {label}", described, us))
+
+    redactRule = PolicyRule(
+        "scrub",
+        "redact",
+        MatchSpec("glob", "http_*"),
+        redact=("bearer", "openai_key", "aws_access_key", "jwt", r"(?i)password=\S+"),
+    )
+    limitRule = PolicyRule(
+        "slow", "rate_limit", MatchSpec("prefix", "search"), rate_limit=RateLimitSpec(100, 100)
+    )
+    policy = Policy.fromConfig(PolicyConfig("allow", True, (redactRule, limitRule)))
+    args = arguments1k()
+    size = len(json.dumps(args))
+    redacted, changed = policy.redact("scrub", args)
+    assert changed == 3, (changed, redacted)
+    us = perCall(lambda: policy.redact("scrub", args), 5_000, repeat)
+    rows.append((f"redact, {size} B arguments, {changed} values changed", "-", us))
+
+    clock = itertools.count(0, 0.01)
+    us = perCall(lambda: policy.rateLimit("slow", "s", next(clock)), 100_000, repeat)
+    rows.append(("rateLimit, one session", "-", us))
+    sessions = iter([f"session-{i}" for i in range(100_000 * repeat)])
+    us = perCall(lambda: policy.rateLimit("slow", next(sessions), next(clock)), 100_000, repeat)
+    rows.append((f"rateLimit, new session each call ({policy.bucketCount('slow')} live)", "-", us))
+
+    print(f"policy micro-benchmark, Python {sys.version.split()[0]}, median of {repeat} repeats\n")
+    print("| case | rules | µs/call |")
+    print("|---|---:|---:|")
+    for case, described, us in rows:
+        print(f"| {case} | {described} | {us:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
