@@ -74,7 +74,7 @@ class ReloadUnderLoadTests(TestCase):
             stderr=subprocess.STDOUT,
             text=True,
         )
-        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        self.addCleanup(lambda: None if proc.poll() is not None else proc.kill())
         deadline = time.monotonic() + 20
         while True:
             try:
