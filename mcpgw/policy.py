@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections import OrderedDict
 from collections.abc import Callable
 
 import attr
 from zope.interface import Attribute, Interface, implementer
 
+from mcpgw.buckets import TokenBuckets
 from mcpgw.config import PolicyConfig, PolicyRule
 
 __all__ = [
@@ -182,44 +182,6 @@ def _predicate(rule: PolicyRule) -> Callable[[str], bool]:
     return lambda tool: match(tool) is not None
 
 
-class _Buckets:
-    """
-    The token buckets of one C{rate_limit} rule, one per session, least recently used first.
-
-    A bucket untouched for C{burst / rate} seconds is full again, the same as a new one, so it is
-    dropped; at most C{maxBuckets} are kept (the least recently used go first).
-    """
-
-    def __init__(self, rate: float, burst: float, maxBuckets: int) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.idle = burst / rate
-        self.maxBuckets = maxBuckets
-        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-
-    def take(self, session: str, now: float) -> float | None:
-        buckets = self.buckets
-        while buckets:
-            oldest = next(iter(buckets))
-            if now - buckets[oldest][1] < self.idle:
-                break
-            del buckets[oldest]
-        state = buckets.pop(session, None)
-        if state is None:
-            tokens = self.burst
-        else:
-            tokens = min(self.burst, state[0] + max(0.0, now - state[1]) * self.rate)
-        wait = None
-        if tokens >= 1.0 - 1e-9:
-            tokens = max(0.0, tokens - 1.0)
-        else:
-            wait = (1.0 - tokens) / self.rate
-        buckets[session] = (tokens, now)
-        if len(buckets) > self.maxBuckets:
-            buckets.popitem(last=False)
-        return wait
-
-
 @implementer(IPolicy)
 class Policy:
     """
@@ -254,7 +216,7 @@ class Policy:
         self._prefixes: dict[str, int] = {}
         self._scan: list[tuple[int, Callable[[str], bool]]] = []
         self._redactions: dict[str, Callable[[str], str]] = {}
-        self._limits: dict[str, _Buckets] = {}
+        self._limits: dict[str, TokenBuckets] = {}
         old = previous._limitsBySettings() if previous is not None else {}
         for i, rule in enumerate(rules):
             indexed = _indexedAs(rule)
@@ -272,7 +234,7 @@ class Policy:
                 spec = rule.rate_limit
                 buckets = old.get(_settings(rule))
                 if buckets is None:
-                    buckets = _Buckets(spec.rate, spec.burst, maxBuckets)
+                    buckets = TokenBuckets(spec.rate, spec.burst, maxBuckets)
                 self._limits[rule.id] = buckets
         self._prefixLengths = sorted({len(p) for p in self._prefixes})
 
@@ -291,7 +253,7 @@ class Policy:
         """The rule ids, in order."""
         return tuple(rule.id for rule in self._rules)
 
-    def _limitsBySettings(self) -> dict[tuple[object, ...], _Buckets]:
+    def _limitsBySettings(self) -> dict[tuple[object, ...], TokenBuckets]:
         return {_settings(r): self._limits[r.id] for r in self._rules if r.id in self._limits}
 
     def _index(self, tool: str) -> int:
