@@ -522,3 +522,28 @@ def raw_session(url: str) -> Iterator[tuple[httpx2.Client, dict[str, str]]]:
         )
         assert n.status_code == 202, (n.status_code, n.text)
         yield http, headers
+
+
+# ------------------------------------------------------------------------------------------------
+# Gateways with a policy section
+
+
+def write_policy_gateway_config(
+    workdir: Path, port: int, upstream_url: str, policy: dict[str, Any], name: str = "demo"
+) -> Path:
+    """L{write_gateway_config} plus a C{policy} section (rewrites the same C{mcpgw.yaml})."""
+    path = write_gateway_config(workdir, port, upstream_url, name)
+    config = yaml.safe_load(path.read_text())
+    config["policy"] = policy
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def spawn_policy_gateway(
+    workdir: Path, upstream_url: str, policy: dict[str, Any], name: str = "gateway"
+) -> Gateway:
+    """L{spawn_gateway} with a C{policy} section in its config; wait for it with L{wait_gateway}."""
+    port = free_port()
+    config = write_policy_gateway_config(workdir, port, upstream_url, policy)
+    child = spawn(name, [sys.executable, "-m", "mcpgw", "run", "--config", str(config)], workdir)
+    return Gateway(child, port, f"http://{HOST}:{port}/mcp", config, workdir / "audit.jsonl")
