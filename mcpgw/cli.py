@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_cli -*-
 """
-The C{mcpgw} command: C{run}, C{config check}, C{policy explain}, C{--version}.
+The C{mcpgw} command: C{run}, C{config check}, C{policy explain}, C{key generate}, C{--version}.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     csub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
     check = csub.add_parser("check", help="validate a config file")
     check.add_argument("file")
+    key = sub.add_parser("key", help="API keys")
+    ksub = key.add_subparsers(dest="key_command", metavar="SUBCOMMAND")
+    generate = ksub.add_parser("generate", help="print a new API key and its auth.keys entry")
+    generate.add_argument("--id", default=None, help="the key id (default: a random one)")
     policy = sub.add_parser("policy", help="policy tools")
     psub = policy.add_subparsers(dest="policy_command", metavar="SUBCOMMAND")
     explain = psub.add_parser("explain", help="which rule decides a call, and why")
@@ -82,6 +86,22 @@ def configCheck(path: str) -> int:
         print(f"{path}: warning: {warning}", file=sys.stderr)
     ups = ", ".join(f"{u.name} ({u.path} -> {u.url})" for u in config.upstreams)
     print(f"{path}: OK ({len(config.upstreams)} upstream(s): {ups})")
+    return 0
+
+
+def keyGenerate(keyId: str | None) -> int:
+    """Print a new API key once, and the YAML entry with its Argon2id hash."""
+    import secrets
+
+    from mcpgw.auth import generateKey, hashKey
+
+    keyId = keyId or f"key-{secrets.token_hex(3)}"
+    key = generateKey()
+    print(f"# New API key {keyId!r}. It is shown only this once: store it in a secret manager.")
+    print(f"key: {key}")
+    print("# Paste under auth.keys in the config, then reload (systemctl reload mcpgw):")
+    print(f"    - id: {keyId}")
+    print(f"      hash: '{hashKey(key)}'")
     return 0
 
 
@@ -149,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args.config)
     if args.command == "config" and args.config_command == "check":
         return configCheck(args.file)
+    if args.command == "key" and args.key_command == "generate":
+        return keyGenerate(args.id)
     if args.command == "policy" and args.policy_command == "explain":
         return policyExplain(args.config, args.tool, args.method, args.key_id)
     _parser().print_help(sys.stderr)

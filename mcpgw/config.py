@@ -376,6 +376,9 @@ class LimitsConfig:
 
     max_body_bytes: int = 4194304
     input_rate_limit: InputRateLimit | None = None
+    max_header_bytes: int = 16384
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
 
 
 @attr.frozen
@@ -1376,6 +1379,9 @@ def _parse_limits(w: _Walker, m: _Map | None) -> LimitsConfig:
     return LimitsConfig(
         max_body_bytes=m.int_or("max_body_bytes", 4194304, 1),
         input_rate_limit=InputRateLimit(*bucket) if bucket else None,
+        max_header_bytes=m.int_or("max_header_bytes", 16384, 1024),
+        header_timeout=m.number("header_timeout", 10.0, above=0),
+        body_timeout=m.number("body_timeout", 60.0, above=0),
     )
 
 

@@ -101,6 +101,41 @@ class RateLimited(GatewayError):
         return [(b"Retry-After", b"%d" % self.retryAfter)]
 
 
+class Unauthenticated(GatewayError):
+    """No valid credential (C{data.auth_result}: C{missing} or C{invalid})."""
+
+    status = 401
+    code = -32003
+    message = "unauthenticated"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"WWW-Authenticate", b'Bearer realm="mcpgw"')]
+
+
+class RequestTimeout(GatewayError):
+    """The client sent its headers or body too slowly (C{limits.header_timeout}/C{body_timeout})."""
+
+    status = 408
+    code = -32013
+    message = "request_timeout"
+
+
+class HeadersTooLarge(GatewayError):
+    """The request line and headers exceed C{limits.max_header_bytes} (or a line is too long)."""
+
+    status = 431
+    code = -32014
+    message = "headers_too_large"
+
+
+class BadRequest(GatewayError):
+    """The request is not valid HTTP (bad request line, header or chunked encoding)."""
+
+    status = 400
+    code = -32600
+    message = "bad_request"
+
+
 class NotFound(GatewayError):
     """No upstream is configured at the requested path."""
 
@@ -182,8 +217,10 @@ _PHRASES = {
     403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
+    408: b"Request Timeout",
     413: b"Content Too Large",
     429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     502: b"Bad Gateway",
     503: b"Service Unavailable",

@@ -16,10 +16,15 @@ from urllib.parse import urlsplit
 import attr
 from twisted.internet.ssl import optionsForClientTLS
 
+from mcpgw.auth import Authenticator
+from mcpgw.buckets import TokenBuckets
 from mcpgw.config import Config, ListenConfig, UpstreamConfig
 from mcpgw.errors import HostNotAllowed, OriginNotAllowed
 from mcpgw.policy import Policy
 from mcpgw.proxy.upstream import UpstreamPool
+
+#: At most this many client addresses are tracked by the input rate limit (oldest dropped).
+MAX_ADDRESSES = 1_000_000
 
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 
@@ -164,6 +169,8 @@ class Generation:
     @ivar routes: gateway path (bytes) -> L{Route}.
     @ivar policy: the compiled policy (rate-limit buckets of unchanged rules carried over).
     @ivar filterTools: C{tools/list} answers must be filtered (filtering is on and policy can deny).
+    @ivar auth: the authenticator, with caches of its own (a reload starts them empty).
+    @ivar inputLimit: the per-address buckets of C{limits.input_rate_limit}, or C{None}.
     """
 
     number: int
@@ -173,6 +180,8 @@ class Generation:
     maxBodyBytes: int
     policy: Policy
     filterTools: bool
+    auth: Authenticator
+    inputLimit: TokenBuckets | None
 
     @property
     def pools(self) -> list[UpstreamPool]:
@@ -180,8 +189,23 @@ class Generation:
         return [r.pool for r in self.routes.values()]
 
 
+def _inputLimit(config: Config, previous: Generation | None) -> TokenBuckets | None:
+    """The per-address input buckets; unchanged settings keep the previous generation's."""
+    spec = config.limits.input_rate_limit
+    if spec is None:
+        return None
+    old = previous.inputLimit if previous is not None else None
+    if old is not None and (old.rate, old.burst) == (spec.rate, spec.burst):
+        return old
+    return TokenBuckets(spec.rate, spec.burst, MAX_ADDRESSES)
+
+
 def buildGeneration(
-    reactor: Any, config: Config, number: int = 1, previous: Generation | None = None
+    reactor: Any,
+    config: Config,
+    number: int = 1,
+    previous: Generation | None = None,
+    authPool: Any = None,
 ) -> Generation:
     """
     Build a complete generation from a validated config, reusing the previous generation's pools
@@ -204,4 +228,6 @@ def buildGeneration(
         policy=Policy.fromConfig(pc, previous.policy if previous is not None else None),
         filterTools=pc.filter_tools_list
         and (pc.default_action == "deny" or any(r.action == "deny" for r in pc.rules)),
+        auth=Authenticator(reactor, config.auth, config.tls, authPool),
+        inputLimit=_inputLimit(config, previous),
     )

@@ -18,7 +18,9 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.internet import defer, tcp
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from mcpgw import __version__
 from mcpgw.audit.writer import AuditWriter
@@ -36,6 +38,8 @@ SHUTDOWN_GRACE = 25.0
 CLOSE_GRACE = 5.0
 #: Idle client connections are closed after this many seconds without a byte.
 CLIENT_IDLE_TIMEOUT = 60.0
+#: Threads verifying API keys with Argon2.
+AUTH_THREADS = 1
 #: Listen backlog.
 BACKLOG = 1024
 
@@ -52,9 +56,15 @@ class GatewayService(MultiService):
         self.reactor = reactor
         self.configPath = configPath
         self.audit = AuditWriter(reactor, config.audit.path, config.audit.fsync)
+        # Argon2 verifications: a dedicated pool of one thread (one verify already uses the
+        # cores), never the reactor's shared pool, which also resolves host names.
+        self.authPool = ThreadPool(0, AUTH_THREADS, "mcpgw-argon2")
         self.readiness = Readiness(reactor)
         self.gateway = Gateway(
-            reactor, buildGeneration(reactor, config), self.audit, self.readiness
+            reactor,
+            buildGeneration(reactor, config, authPool=self.authPool),
+            self.audit,
+            self.readiness,
         )
         self.site = GatewaySite(self.gateway, reactor, CLIENT_IDLE_TIMEOUT)
         self.port: Any = None
@@ -62,6 +72,7 @@ class GatewayService(MultiService):
         self._reloading = False
         self._reloadAgain = False
         self._hupScheduled = False
+        self._sweeper: LoopingCall | None = None
 
     @property
     def generation(self) -> Generation:
@@ -71,6 +82,10 @@ class GatewayService(MultiService):
     def startService(self) -> None:
         config = self.generation.config
         self.audit.open()
+        self.authPool.start()
+        self._sweeper = LoopingCall(self.gateway.sweepSlowClients)
+        self._sweeper.clock = self.reactor
+        self._sweeper.start(1.0, now=False)
         listen = config.listen
         if listen.reuse_port:
             binding = tcp.makeBinding(listen.host, listen.port, reuseAddress=True, reusePort=True)
@@ -128,7 +143,9 @@ class GatewayService(MultiService):
                 )
                 return
             try:
-                new = buildGeneration(self.reactor, config, old.number + 1, previous=old)
+                new = buildGeneration(
+                    self.reactor, config, old.number + 1, previous=old, authPool=self.authPool
+                )
             except Exception:
                 log.failure("reload rejected, keeping generation {gen}", gen=old.number)
                 return
@@ -155,6 +172,8 @@ class GatewayService(MultiService):
             n=len(self.gateway.inflight),
             c=len(self.gateway.connections),
         )
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
         if self.port is not None:
             yield defer.maybeDeferred(self.port.stopListening)
         self.readiness.draining = True
@@ -176,4 +195,5 @@ class GatewayService(MultiService):
         yield defer.gatherResults([p.close() for p in self.generation.pools])
         yield super().stopService()
         yield self.audit.close()
+        self.authPool.stop()
         log.info("stopped; {n} audit lines written", n=self.audit.linesWritten)

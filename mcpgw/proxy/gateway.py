@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mcpgw.audit.writer import rfc3339ms
+from mcpgw.auth import AuthResult
 from mcpgw.errors import (
     GatewayError,
     InternalError,
@@ -32,7 +33,9 @@ from mcpgw.errors import (
     PayloadTooLarge,
     PolicyDenied,
     RateLimited,
+    RequestTimeout,
     ShuttingDown,
+    Unauthenticated,
     errorResponse,
     reasonPhrase,
 )
@@ -52,6 +55,13 @@ _ID_PREFIX = secrets.token_hex(4)
 _idCounter = itertools.count(secrets.randbelow(1 << 32))
 
 
+def _certIdentity(request: Any) -> str | None:
+    """The verified client certificate identity of a TLS request (cached per connection)."""
+    from mcpgw.tls import peerIdentity  # type: ignore[import-not-found, unused-ignore]
+
+    return peerIdentity(request.channel.transport)
+
+
 def _newRequestId() -> str:
     """24 hex characters: a random per-process prefix and a counter (no syscall per request)."""
     return f"{_ID_PREFIX}{next(_idCounter) & 0xFFFFFFFFFFFFFFFF:016x}"
@@ -67,10 +77,13 @@ class ProxyExchange:
         "_collected",
         "_producing",
         "_sseFilter",
+        "authKeyId",
+        "authResult",
         "batchIds",
         "batchSize",
         "bytesIn",
         "bytesOut",
+        "clientCert",
         "clientIp",
         "closed",
         "decision",
@@ -91,6 +104,7 @@ class ProxyExchange:
         "requestId",
         "route",
         "ruleId",
+        "secure",
         "sessionId",
         "started",
         "status",
@@ -114,6 +128,10 @@ class ProxyExchange:
         pv = headers.getRawHeaders(b"mcp-protocol-version")
         self.protocolVersion = pv[0].decode("latin-1") if pv else None
         self.clientIp: str | None = getattr(request.client, "host", None)
+        self.secure: bool = request.isSecure()
+        self.authResult: str | None = None
+        self.authKeyId: str | None = None
+        self.clientCert: str | None = None
         self.method: str | None = None
         self.tool: str | None = None
         self.jsonrpcId: Any = None
@@ -247,6 +265,14 @@ class ProxyExchange:
         self._producing = False
         self._end()
 
+    def fail(self, error: GatewayError) -> None:
+        """Answer with C{error}, recording what it says about the request first."""
+        if self.jsonrpcId is None and error.requestId is not None:
+            self.jsonrpcId = error.requestId
+        if isinstance(error, Unauthenticated):
+            self.authResult = error.data.get("auth_result")
+        self.respondError(error)
+
     def respondError(self, error: GatewayError) -> None:
         """Answer the client with C{error}'s JSON-RPC error response and end the exchange."""
         status, headers, body = errorResponse(error, self.jsonrpcId, self.batchIds)
@@ -281,13 +307,13 @@ class ProxyExchange:
             "decision": self.decision,
             "rule_id": self.ruleId,
             "error": self.error,
-            "auth_key_id": None,
-            "auth_result": "external",
+            "auth_key_id": self.authKeyId,
+            "auth_result": self.authResult,
             "bytes_in": self.bytesIn,
             "bytes_out": self.bytesOut,
             "status": self.status,
             "duration_ms": round((now - self.started) * 1000.0, 3),
-            "transport": "https" if self.request.isSecure() else "http",
+            "transport": "https" if self.secure else "http",
             "http_method": self.httpMethod.decode("latin-1"),
             "path": self.path.decode("latin-1"),
             "jsonrpc_id": self.jsonrpcId,
@@ -295,6 +321,7 @@ class ProxyExchange:
             "protocol_version": self.protocolVersion,
             "redacted": self.redacted,
             "filtered_tools": self.filteredTools,
+            "client_cert": self.clientCert,
         }
 
 
@@ -370,6 +397,7 @@ class Gateway:
                 raise MethodNotAllowed(f"{method.decode('latin-1')} is not an MCP method")
             body = b"".join(request.body) if request.body else b""
             x.bytesIn = len(body)
+            summary = None
             if method == b"POST":
                 summary = parseBody(body)
                 x.method = summary.method
@@ -378,14 +406,54 @@ class Gateway:
                 if summary.isBatch:
                     x.batchSize = len(summary.messages)
                     x.batchIds = [m["id"] for m in summary.messages if "method" in m and "id" in m]
-                body = self._applyPolicy(x, gen, summary, body)
+            auths = headers.getRawHeaders(b"authorization")
+            result = gen.auth.authenticate(
+                auths[0] if auths else None,
+                x.clientIp or "",
+                _certIdentity(request) if x.secure else None,
+            )
+            if isinstance(result, Deferred):
+                result.addCallbacks(
+                    self._authenticated,
+                    self._authFailed,
+                    callbackArgs=(x, route, summary, body),
+                    errbackArgs=(x,),
+                )
+                return
+            self._authenticated(result, x, route, summary, body)
+        except GatewayError as e:
+            x.fail(e)
+
+    def _authenticated(
+        self,
+        auth: AuthResult,
+        x: ProxyExchange,
+        route: Route,
+        summary: RpcSummary | None,
+        body: bytes,
+    ) -> None:
+        """The caller is known: policy, then forward."""
+        if x.closed:
+            return  # the client left while its key was being verified
+        x.authResult, x.authKeyId, x.clientCert = auth.result, auth.keyId, auth.clientCert
+        try:
+            if summary is not None:
+                body = self._applyPolicy(x, x.generation, summary, body)
             if self.draining:
                 raise ShuttingDown("the gateway is shutting down")
-            self._forward(x, route, request, body)
+            self._forward(x, route, x.request, body)
         except GatewayError as e:
-            if x.jsonrpcId is None and e.requestId is not None:
-                x.jsonrpcId = e.requestId
-            x.respondError(e)
+            x.fail(e)
+        except Exception:
+            self.internalError(x.request, Failure())
+
+    def _authFailed(self, failure: Failure, x: ProxyExchange) -> None:
+        if x.closed:
+            return
+        if failure.check(GatewayError):
+            x.fail(failure.value)  # type: ignore[arg-type]
+        else:
+            self.internalError(x.request, failure)
 
     def _applyPolicy(
         self, x: ProxyExchange, gen: Generation, summary: RpcSummary, body: bytes
@@ -444,6 +512,8 @@ class Gateway:
         """
         if x.sessionId is not None:
             return "session:" + x.sessionId
+        if x.authKeyId is not None:
+            return "key:" + x.authKeyId
         return "addr:" + (x.clientIp or "")
 
     def _forward(self, x: ProxyExchange, route: Route, request: Any, body: bytes) -> None:
@@ -474,16 +544,37 @@ class Gateway:
             b"X-Forwarded-For: ",
             client if forwardedFor is None else forwardedFor + b", " + client,
             b"\r\nX-Forwarded-Proto: ",
-            b"https" if request.isSecure() else b"http",
+            b"https" if x.secure else b"http",
             b"\r\nContent-Length: %d\r\n\r\n" % len(body),
             body,
         )
         x.upstream = route.pool.request(b"".join(parts), x)
 
-    def rejectTooLarge(self, request: Any) -> None:
+    def admit(self, request: Any, length: int | None) -> GatewayError | None:
         """
-        Answer 413 as soon as the body is known to exceed the limit (from C{Content-Length}
-        before reading, or while reading a chunked body), then close the connection.
+        Checks made when the headers are in, before the body is read, parsed or authenticated:
+        the per-address input rate limit, then the declared body size.
+
+        @return: the error to answer with, or C{None}.
+        """
+        limit = self.generation.inputLimit
+        if limit is not None:
+            wait = limit.take(getattr(request.client, "host", ""), self.reactor.seconds())
+            if wait is not None:
+                return RateLimited(retryAfter=max(1, math.ceil(wait)), scope="input")
+        if length is not None and length > self.generation.maxBodyBytes:
+            return self.tooLarge()
+        return None
+
+    def tooLarge(self) -> PayloadTooLarge:
+        """The 413 for a body over C{limits.max_body_bytes}."""
+        return PayloadTooLarge(f"the request body exceeds {self.maxBodyBytes} bytes")
+
+    def rejectEarly(self, request: Any, error: GatewayError) -> None:
+        """
+        Answer C{error} before the request is complete (body too large from C{Content-Length}
+        or while reading a chunked body, input rate limit, client too slow), audit it, then close
+        the connection.
         """
         x = ProxyExchange(self, request, self.generation)
         x.route = self.generation.routes.get(request.path)
@@ -491,7 +582,23 @@ class Gateway:
         self.inflight.add(x)
         request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
         request.channel.persistent = False  # requestDone() closes the connection
-        x.respondError(PayloadTooLarge(f"the request body exceeds {self.maxBodyBytes} bytes"))
+        x.respondError(error)
+
+    def sweepSlowClients(self) -> None:
+        """
+        Called about once a second: answer 408 and close connections whose request headers or
+        body are arriving too slowly (C{limits.header_timeout}, C{limits.body_timeout}).
+        """
+        limits = self.generation.config.limits
+        now = self.reactor.seconds()
+        for channel in list(self.connections):
+            head, body = channel.headStarted, channel.bodyStarted
+            if head is not None and now - head > limits.header_timeout:
+                channel.reject(
+                    RequestTimeout(f"headers not received within {limits.header_timeout:g}s")
+                )
+            elif body is not None and now - body > limits.body_timeout:
+                channel.reject(RequestTimeout(f"body not received within {limits.body_timeout:g}s"))
 
     def internalError(self, request: Any, failure: Failure) -> None:
         """An unexpected exception escaped the request path: log it, answer 500 if possible."""

@@ -25,8 +25,10 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
     }
 )
 
-#: Request headers the gateway sets itself on the upstream request.
+#: Request headers the gateway sets itself on the upstream request, and the client's credential
+#: (never forwarded: upstream credentials come from C{upstreams[].headers}).
 REQUEST_DROP: frozenset[bytes] = HOP_BY_HOP | {
+    b"authorization",
     b"host",
     b"content-length",
     b"expect",

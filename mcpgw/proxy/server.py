@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 
+from mcpgw.errors import BadRequest, GatewayError, HeadersTooLarge, errorResponse, reasonPhrase
 from mcpgw.proxy.eager import eagerWrite
 
 if TYPE_CHECKING:
@@ -71,9 +72,64 @@ class GatewayChannel(http.HTTPChannel):
         self.flushHead()
         super().loseConnection()
 
+    #: When the current request's first byte arrived (headers incomplete), else None.
+    headStarted: float | None = None
+    #: When the current request's body started (body incomplete), else None.
+    bodyStarted: float | None = None
+
     def connectionMade(self) -> None:
+        limits = self.site.gateway.generation.config.limits
+        self.MAX_LENGTH = self.totalHeadersSize = limits.max_header_bytes
         super().connectionMade()
         self.site.gateway.connectionOpened(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.headStarted is None and not self._handlingRequest and self.bodyStarted is None:
+            self.headStarted = self.site.gateway.reactor.seconds()
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self.headStarted = None
+        if self.length != 0:
+            self.bodyStarted = self.site.gateway.reactor.seconds()
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        self.bodyStarted = None
+        super().allContentReceived()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        if self._receivedHeaderSize > self.totalHeadersSize:
+            self.reject(HeadersTooLarge(f"headers exceed {self.totalHeadersSize} bytes"))
+        else:
+            self.reject(BadRequest("malformed HTTP request"))
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.reject(HeadersTooLarge(f"a header line exceeds {self.MAX_LENGTH} bytes"))
+
+    def reject(self, error: GatewayError) -> None:
+        """
+        Answer C{error} and close: through the current request when there is one (so it is
+        audited), else as a bare response.
+        """
+        self.headStarted = self.bodyStarted = None
+        self.persistent = False
+        request = self.requests[-1] if self.requests else None
+        if (
+            isinstance(request, GatewayRequest)
+            and request.exchange is None
+            and not request.finished
+            and hasattr(self, "_command")
+        ):
+            request.rejectEarly(error)
+            return
+        status, headers, body = errorResponse(error)
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, reasonPhrase(status))]
+        head += [name + b": " + value + b"\r\n" for name, value in headers]
+        head.append(b"Connection: close\r\n\r\n")
+        if self.transport is not None:
+            self.transport.write(b"".join(head) + body)
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
@@ -100,34 +156,45 @@ class GatewayRequest(server.Request):
     _rejected = False
     query = b""
 
+    body: list[bytes] = []
+    bodySize = 0
+
     def gotLength(self, length: int | None) -> None:
         # The first call on a new request: the headers are in, the body is next.
         self.gateway: Gateway = cast(GatewayChannel, self.channel).site.gateway
-        self.body: list[bytes] = []
-        self.bodySize = 0
-        if length is not None and length > self.gateway.maxBodyBytes:
-            self._rejectTooLarge(self.gateway)
+        self.body = []
+        error = self.gateway.admit(self, length)
+        if error is not None:
+            self.rejectEarly(error)
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._rejected:
             return
         self.bodySize += len(data)
         if self.bodySize > self.gateway.maxBodyBytes:
-            self._rejectTooLarge(self.gateway)
+            self.rejectEarly(self.gateway.tooLarge())
             return
         self.body.append(data)
 
-    def _rejectTooLarge(self, gateway: Gateway) -> None:
+    def rejectEarly(self, error: GatewayError) -> None:
+        """
+        Answer C{error} before the request is complete (too large, input limit, too slow), audit
+        it, and close the connection once the answer is out.
+        """
+        if self._rejected:
+            return
         self._rejected = True
         self.body = []
-        # Do not send 100 Continue after the answer; close once the answer is out.
+        # Do not send 100 Continue after the answer.
         self.requestHeaders.removeHeader(b"expect")
         channel = self.channel
-        self.method = getattr(channel, "_command", b"POST")
+        if not hasattr(self, "gateway"):
+            self.gateway = cast(GatewayChannel, channel).site.gateway
+        self.method = getattr(channel, "_command", b"GET")
         self.uri = getattr(channel, "_path", b"/")
         self.path = self.uri.split(b"?", 1)[0]
         self.clientproto = getattr(channel, "_version", b"HTTP/1.1")
-        gateway.rejectTooLarge(self)
+        self.gateway.rejectEarly(self, error)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._rejected:

@@ -1,0 +1,203 @@
+# -*- test-case-name: tests.test_auth -*-
+"""
+Inbound authentication: external (an auth proxy in front), mTLS identity, or Argon2id API keys.
+
+Which applies, per generation:
+  - C{auth.enabled: true} with keys: C{Authorization: Bearer <key>} is required and checked
+    against the configured Argon2id hashes (C{auth_result} C{ok}, C{missing} or C{invalid}); with
+    C{tls.client_ca} as well, the certificate gates the connection and its identity is recorded in
+    the audit field C{client_cert}.
+  - C{tls.client_ca} without API keys: the verified client certificate is the caller
+    (C{auth_result: mtls}, C{auth_key_id} = SPIFFE URI SAN, else subject CN).
+  - otherwise: C{auth_result: external}.
+
+Argon2 never runs on the reactor thread: verifications go to a dedicated, bounded thread pool.
+Results (good and bad) are cached under an HMAC of the presented secret (keyed with a per-process
+random key, so neither the secret nor an offline-attackable hash of it is kept), for
+L{CACHE_TTL} seconds and at most L{CACHE_SIZE} entries, so steady traffic pays a dict lookup.
+Cache misses are throttled per client address and globally, so a brute-force loop cannot keep
+the pool busy: excess attempts get 429 (C{data.scope: auth}) without any Argon2 work. A new
+generation (SIGHUP) starts with empty caches: a removed key fails at once, a new one works.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import math
+import os
+import secrets
+from collections import OrderedDict
+from typing import Any
+
+import attr
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from mcpgw.buckets import TokenBuckets
+from mcpgw.config import AuthConfig, TLSConfig
+from mcpgw.errors import RateLimited, Unauthenticated
+
+#: Seconds a verification result stays cached.
+CACHE_TTL = 300.0
+#: Cached verification results per generation (least recently used dropped first).
+CACHE_SIZE = 10_000
+#: Argon2 verifications of uncached keys allowed per client address: rate per second and burst.
+MISS_RATE, MISS_BURST = 1.0, 10.0
+#: Argon2 verifications queued or running at once, all clients together.
+MAX_PENDING = 16
+#: Prefix of keys made by C{mcpgw key generate}.
+KEY_PREFIX = "mcpgw_"
+
+_hasher = PasswordHasher()  # argon2id, t=3, m=64 MiB, p=4 (argon2-cffi's RFC 9106 defaults)
+
+
+@attr.frozen
+class AuthResult:
+    """
+    Who the caller is.
+
+    @ivar result: C{ok}, C{mtls} or C{external} (failures are raised as L{Unauthenticated}).
+    @ivar keyId: the API key id or the certificate identity.
+    @ivar clientCert: the verified client certificate identity, if any.
+    """
+
+    result: str
+    keyId: str | None = None
+    clientCert: str | None = None
+
+
+EXTERNAL = AuthResult("external")
+
+
+def generateKey() -> str:
+    """A new API key: C{mcpgw_} and 256 random bits, base64url."""
+    return KEY_PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
+
+
+def hashKey(key: str) -> str:
+    """The Argon2id hash of C{key} to put under C{auth.keys[].hash}."""
+    return _hasher.hash(key)
+
+
+def _verifyAll(hashes: tuple[tuple[str, str], ...], presented: bytes) -> str | None:
+    """Runs in the Argon2 pool: the id of the first key whose hash matches, or None."""
+    for keyId, h in hashes:
+        try:
+            if _hasher.verify(h, presented):
+                return keyId
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            continue
+    return None
+
+
+class Authenticator:
+    """
+    The authentication of one generation.
+
+    @ivar mode: C{keys}, C{mtls} or C{external}.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        auth: AuthConfig,
+        tls: TLSConfig | None,
+        pool: ThreadPool | None,
+        throttle: TokenBuckets | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._hashes = tuple((k.id, k.hash) for k in auth.keys)
+        if auth.enabled and self._hashes:
+            self.mode = "keys"
+        elif tls is not None and tls.client_ca is not None:
+            self.mode = "mtls"
+        else:
+            self.mode = "external"
+        self._pool = pool
+        self._secret = os.urandom(32)
+        self._cache: OrderedDict[bytes, tuple[str | None, float]] = OrderedDict()
+        self._pending: dict[bytes, Deferred[str | None]] = {}
+        self._throttle = throttle or TokenBuckets(MISS_RATE, MISS_BURST, 1_000_000)
+
+    def authenticate(
+        self, authorization: bytes | None, clientAddress: str, certIdentity: str | None
+    ) -> AuthResult | Deferred[AuthResult]:
+        """
+        @param authorization: the request's C{Authorization} header value.
+        @param certIdentity: the verified client certificate identity (mTLS), if any.
+        @return: the result now (cached or no keys) or a Deferred of it (Argon2 on the pool).
+        @raise Unauthenticated: missing or malformed credentials (or, via the Deferred, invalid).
+        @raise RateLimited: too many uncached verifications from this address, or overall.
+        """
+        mode = self.mode
+        if mode == "external":
+            return EXTERNAL if certIdentity is None else AuthResult("external", None, certIdentity)
+        if mode == "mtls":
+            return AuthResult("mtls", certIdentity, certIdentity)
+        presented = _bearer(authorization)
+        if presented is None:
+            raise Unauthenticated(auth_result="missing")
+        digest = hmac.new(self._secret, presented, hashlib.sha256).digest()
+        now = self._reactor.seconds()
+        entry = self._cache.get(digest)
+        if entry is not None and entry[1] > now:
+            self._cache.move_to_end(digest)
+            return self._result(entry[0], certIdentity)
+        pending = self._pending.get(digest)
+        if pending is None:
+            wait = self._throttle.take(clientAddress, now)
+            if wait is not None or len(self._pending) >= MAX_PENDING:
+                raise RateLimited(
+                    "too many API key verifications; retry later",
+                    retryAfter=1 if wait is None else max(1, math.ceil(wait)),
+                    scope="auth",
+                )
+            pending = self._verify(digest, presented)
+        d: Deferred[str | None] = Deferred()
+        pending.addCallback(_fanOut, d)
+        return d.addCallback(self._result, certIdentity)
+
+    def _verify(self, digest: bytes, presented: bytes) -> Deferred[str | None]:
+        assert self._pool is not None
+        d = deferToThreadPool(self._reactor, self._pool, _verifyAll, self._hashes, presented)
+        self._pending[digest] = d
+
+        def done(keyId: str | None) -> str | None:
+            del self._pending[digest]
+            self._cache[digest] = (keyId, self._reactor.seconds() + CACHE_TTL)
+            if len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+            return keyId
+
+        return d.addCallback(done)
+
+    @staticmethod
+    def _result(keyId: str | None, certIdentity: str | None) -> AuthResult:
+        if keyId is None:
+            raise Unauthenticated(auth_result="invalid")
+        return AuthResult("ok", keyId, certIdentity)
+
+    @property
+    def cacheSize(self) -> int:
+        """Cached verification results."""
+        return len(self._cache)
+
+
+def _fanOut(keyId: str | None, d: Deferred[str | None]) -> str | None:
+    d.callback(keyId)
+    return keyId
+
+
+def _bearer(value: bytes | None) -> bytes | None:
+    if not value:
+        return None
+    scheme, _, token = value.strip().partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token:
+        return None
+    return token
