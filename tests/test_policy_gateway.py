@@ -261,3 +261,31 @@ class PolicyReloadTests(GatewayTestCase):
         self.assertEqual(self.service.generation.number, 1)
         reply = yield self.call(body=call("shell_exec"))
         self.assertEqual(reply.status, 403)
+
+
+class ParamHeaderRedactionTests(GatewayTestCase):
+    """MCP 2026-07-28 mirrors arguments into Mcp-Param-* headers: they are redacted the same way."""
+
+    extraConfig = POLICY
+
+    @inlineCallbacks
+    def test_paramHeadersRedactedLikeTheBody(self) -> Any:
+        """Plain and base64-encoded Mcp-Param-* values lose the secret; other headers are untouched."""
+        import base64
+
+        secret = "Bearer abc.def-123"
+        encoded = "=?base64?" + base64.b64encode(f"x {secret}".encode()).decode() + "?="
+        yield self.call(
+            body=call("http_get", {"token": secret, "note": f"x {secret}"}),
+            headers={"Mcp-Param-Token": secret, "Mcp-Param-Note": encoded, "Mcp-Name": "http_get"},
+        )
+        seen = self.upstream.seen[-1]
+        self.assertEqual(seen.header("mcp-param-token"), ["[REDACTED]"])
+        (note,) = seen.header("mcp-param-note")
+        self.assertTrue(note.startswith("=?base64?"))
+        self.assertEqual(base64.b64decode(note[9:-2]).decode(), "x [REDACTED]")
+        self.assertEqual(seen.header("mcp-name"), ["http_get"])
+        self.assertEqual(
+            json.loads(seen.body)["params"]["arguments"],
+            {"token": "[REDACTED]", "note": "x [REDACTED]"},
+        )

@@ -10,6 +10,7 @@ later, the span) is built from, so the two can never disagree.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import math
 import secrets
@@ -55,6 +56,43 @@ _ID_PREFIX = secrets.token_hex(4)
 _idCounter = itertools.count(secrets.randbelow(1 << 32))
 
 
+_PARAM_HEADER = b"mcp-param-"
+_B64_START, _B64_END = b"=?base64?", b"?="
+
+
+def _redactParamHeaders(headers: Any, policy: Any, ruleId: str) -> dict[bytes, bytes] | None:
+    """
+    MCP 2026-07-28 clients mirror some arguments into C{Mcp-Param-*} headers, which the server
+    checks against the body: redact them with the same rule, in the same encoding (plain or
+    C{=?base64?...?=}), so the secret does not travel in a header and the two still agree.
+
+    @return: lower-case header name -> new value, for the headers that changed; or None.
+    """
+    out: dict[bytes, bytes] = {}
+    for name, values in headers.getAllRawHeaders():
+        low = name.lower()
+        if not low.startswith(_PARAM_HEADER):
+            continue
+        value = values[0]
+        encoded = value.startswith(_B64_START) and value.endswith(_B64_END)
+        try:
+            text = (
+                base64.b64decode(value[len(_B64_START) : -len(_B64_END)]).decode()
+                if encoded
+                else value.decode("latin-1")
+            )
+        except (ValueError, UnicodeDecodeError):
+            continue
+        scrubbed, n = policy.redact(ruleId, text)
+        if n:
+            out[low] = (
+                _B64_START + base64.b64encode(scrubbed.encode()) + _B64_END
+                if encoded
+                else scrubbed.encode("latin-1", "replace")
+            )
+    return out or None
+
+
 def _certIdentity(request: Any) -> str | None:
     """The verified client certificate identity of a TLS request (cached per connection)."""
     from mcpgw.tls import peerIdentity  # type: ignore[import-not-found, unused-ignore]
@@ -93,6 +131,7 @@ class ProxyExchange:
         "gateway",
         "generation",
         "headSent",
+        "headerRewrite",
         "httpMethod",
         "isStream",
         "jsonrpcId",
@@ -142,6 +181,7 @@ class ProxyExchange:
         self.redacted: int | None = None
         self.filterTools = False
         self.filteredTools: int | None = None
+        self.headerRewrite: dict[bytes, bytes] | None = None
         self._sseFilter: SSEFilter | None = None
         self._collected: list[bytes] | None = None
         self.bytesIn = 0
@@ -289,6 +329,8 @@ class ProxyExchange:
         self._end()
 
     def _end(self) -> None:
+        if self._sseFilter is not None and self.filteredTools is None:
+            self.filteredTools = self._sseFilter.removed
         self.closed = True
         self.request.exchange = None
         self.gateway.exchangeEnded(self)
@@ -496,6 +538,10 @@ class Gateway:
                 if n:
                     params["arguments"] = new
                     changed = True
+                    if not summary.isBatch:
+                        x.headerRewrite = _redactParamHeaders(
+                            x.request.requestHeaders, policy, d.rule_id
+                        )
                 x.redacted = (x.redacted or 0) + n
             if not decided or (action == "redact" and x.decision != "redact"):
                 x.decision, x.ruleId = action, d.rule_id
@@ -525,6 +571,7 @@ class Gateway:
         injectedNames = route.injectedNames
         forwardedFor = None
         originalHost = None
+        rewrite = x.headerRewrite
         for name, value in endToEnd(list(rh.getAllRawHeaders()), REQUEST_DROP):
             low = name.lower()
             if low in injectedNames:
@@ -532,6 +579,8 @@ class Gateway:
             if low == b"x-forwarded-for":
                 forwardedFor = value if forwardedFor is None else forwardedFor + b", " + value
                 continue
+            if rewrite is not None and low in rewrite:
+                value = rewrite[low]
             parts += (name, b": ", value, b"\r\n")
         for name, value in route.injected:
             parts += (name, b": ", value, b"\r\n")
