@@ -40,6 +40,11 @@ def keysYaml(*pairs: tuple[str, str]) -> str:
 class AuthenticatorTests(TestCase):
     """The authenticator alone, with a real thread pool and real Argon2id hashes."""
 
+    def pending(self, header: bytes, address: str = "10.0.0.1") -> Deferred[AuthResult]:
+        d = self.auth.authenticate(header, address, None)
+        assert isinstance(d, Deferred), d
+        return d
+
     def setUp(self) -> None:
         self.pool = ThreadPool(0, 1, "test-argon2")
         self.pool.start()
@@ -105,7 +110,7 @@ class AuthenticatorTests(TestCase):
         throttled = 0
         for i in range(40):
             try:
-                pending.append(self.auth.authenticate(b"Bearer guess-%d" % i, "10.6.6.6", None))
+                pending.append(self.pending(b"Bearer guess-%d" % i, "10.6.6.6"))
             except RateLimited as e:
                 throttled += 1
                 self.assertEqual(e.data, {"scope": "auth"})
