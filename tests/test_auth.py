@@ -80,9 +80,7 @@ class AuthenticatorTests(TestCase):
     @inlineCallbacks
     def test_badKeyCachedToo(self) -> Any:
         """A wrong key is 'invalid', and repeating it does not run Argon2 again."""
-        f = yield self.assertFailure(
-            self.auth.authenticate(b"Bearer nope", "10.0.0.1", None), Unauthenticated
-        )
+        f = yield self.assertFailure(self.pending(b"Bearer nope"), Unauthenticated)
         self.assertEqual(f.data, {"auth_result": "invalid"})
         self.assertRaises(Unauthenticated, self.auth.authenticate, b"Bearer nope", "10.0.0.1", None)
         self.assertEqual(self.calls, 1)
@@ -90,9 +88,7 @@ class AuthenticatorTests(TestCase):
     @inlineCallbacks
     def test_concurrentSameKeyVerifiedOnce(self) -> Any:
         """Requests with the same uncached key wait for one verification."""
-        ds = [
-            self.auth.authenticate(b"Bearer " + KEY_A.encode(), "10.0.0.1", None) for _ in range(5)
-        ]
+        ds = [self.pending(b"Bearer " + KEY_A.encode()) for _ in range(5)]
         results = yield _all(ds)
         self.assertEqual({r.keyId for r in results}, {"a"})
         self.assertEqual(self.calls, 1)
