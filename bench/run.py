@@ -46,7 +46,7 @@ import loadgen  # noqa: E402  (vendored beside this file)
 #: venv for the upstream when the running interpreter has no uvloop (override: MCPGW_BENCH_VENV).
 UPSTREAM_VENV = Path(os.environ.get("MCPGW_BENCH_VENV", "/tmp/mcpgw-bench-venv"))
 UPSTREAM_SPEC = ["uvloop==0.23.0", "httptools==0.9.0", "orjson==3.13.0"]
-SYSTEMS = ("direct", "twisted-proxy", "mcpgw")
+SYSTEMS = ("direct", "twisted-proxy", "mcpgw", "mcpgw-auth")
 STANDIN = "twisted-proxy"
 #: The issue's bar: mcpgw added p50 / stand-in added p50 <= 0.5; mcpgw / stand-in req/s at C=32 >= 2.
 BAR_P50 = 0.5
@@ -280,10 +280,17 @@ def wait_ready(
 
 
 class System:
-    def __init__(self, name: str, url: str, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        proc: subprocess.Popen[bytes],
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self.name = name
         self.url = url
         self.proc = proc
+        self.headers = headers  # sent with every request (e.g. the API key)
         self.error: str | None = None
         self.sent = 0  # HTTP requests sent to it (counted ones; see audit_check)
         self.in_flight_slack = 0  # requests wrk may have had in flight when it stopped
@@ -311,9 +318,14 @@ def settle(w: dict[str, Any]) -> None:
 
 
 def measure(s: System, rnd: int, a: argparse.Namespace, up_port: int) -> dict[str, Any]:
-    info = loadgen.handshake(s.url)
+    info = loadgen.handshake(s.url, extra_headers=s.headers)
     s.sent += 4  # initialize, notifications/initialized, tools/list, tools/call
-    kw = {"session": info["session"], "tool": info["tool"], "proto": info["proto"]}
+    kw = {
+        "session": info["session"],
+        "tool": info["tool"],
+        "proto": info["proto"],
+        "extra_headers": s.headers,
+    }
     res: dict[str, Any] = {"system": s.name, "round": rnd, "wrk": {}}
     upstream_stats(up_port, reset=True)
     calls = 1
@@ -742,14 +754,39 @@ def main() -> int:
                 "mcpgw", [sys.executable, "-m", "mcpgw", "run", "--config", str(cfg)], cwd=ROOT
             )
             systems["mcpgw"] = System("mcpgw", f"http://127.0.0.1:{port}/mcp", p)
+        if "mcpgw-auth" in names:
+            # the same gateway with API keys on: one Argon2id verification, then the cache
+            from mcpgw.auth import generateKey, hashKey
+
+            key = generateKey()
+            port = free_port()
+            cfg = tmp / "mcpgw-auth.yaml"
+            cfg.write_text(
+                MCPGW_CONFIG.format(port=port, upstream=up_url, tmp=tmp).replace(
+                    "audit.jsonl", "audit-auth.jsonl"
+                )
+                + policy_yaml(a.policy_rules)
+                + f"auth:\n  enabled: true\n  keys: [{{id: bench, hash: '{hashKey(key)}'}}]\n"
+            )
+            p = procs.spawn(
+                "mcpgw-auth",
+                [sys.executable, "-m", "mcpgw", "run", "--config", str(cfg)],
+                cwd=ROOT,
+            )
+            systems["mcpgw-auth"] = System(
+                "mcpgw-auth",
+                f"http://127.0.0.1:{port}/mcp",
+                p,
+                (("Authorization", f"Bearer {key}"),),
+            )
         for n, s in systems.items():
             if n == "direct":
                 continue
             port = int(s.url.split(":")[2].split("/")[0])
-            health = f"http://127.0.0.1:{port}/healthz" if n == "mcpgw" else None
+            health = f"http://127.0.0.1:{port}/healthz" if n.startswith("mcpgw") else None
             try:
                 wait_ready(procs, s.proc, port, 60, health)
-                loadgen.handshake(s.url)
+                loadgen.handshake(s.url, extra_headers=s.headers)
                 if n == "mcpgw":
                     s.sent += 4
                 log(f"{n} ready at {s.url}")
