@@ -1,12 +1,14 @@
 # -*- test-case-name: tests.test_cli -*-
 """
-The C{mcpgw} command: C{run}, C{config check}, C{policy explain}, C{key generate}, C{--version}.
+The C{mcpgw} command: C{run}, C{config check}, C{policy explain}, C{key generate},
+C{license show}, C{--version}.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("tool", help="the tool name (params.name of tools/call)")
     explain.add_argument("--method", "-m", default="tools/call", help="JSON-RPC method")
     explain.add_argument("--key-id", "-k", default=None, help="authenticated API key id")
+    lic = sub.add_parser("license", help="license tools")
+    lsub = lic.add_subparsers(dest="license_command", metavar="SUBCOMMAND")
+    show = lsub.add_parser("show", help="verify a license offline and print its claims")
+    show.add_argument("file")
     return p
 
 
@@ -75,8 +81,11 @@ def policyWarnings(path: str, config: Config) -> list[str]:
 
 def configCheck(path: str) -> int:
     """Print every problem of the config at C{path}; 0 if valid, 1 if not."""
+    from mcpgw.license import licenseState
+
     try:
         config = load_config(path)
+        state = licenseState(config)
     except ConfigError as e:
         for problem in e.problems:
             print(f"{path}: {problem}", file=sys.stderr)
@@ -84,6 +93,9 @@ def configCheck(path: str) -> int:
         return 1
     for warning in policyWarnings(path, config):
         print(f"{path}: warning: {warning}", file=sys.stderr)
+    for level, text in state.messages(time.time()):
+        if level == "warn":
+            print(f"{path}: warning: {text}", file=sys.stderr)
     ups = ", ".join(f"{u.name} ({u.path} -> {u.url})" for u in config.upstreams)
     print(f"{path}: OK ({len(config.upstreams)} upstream(s): {ups})")
     return 0
@@ -136,10 +148,36 @@ def policyExplain(path: str, tool: str, method: str, keyId: str | None) -> int:
     return 0
 
 
+def licenseShow(path: str) -> int:
+    """
+    Verify the license file at C{path} offline and print its claims.
+
+    @return: 0 valid; 1 unreadable or invalid (bad signature, unknown key, wrong product,
+        malformed); 3 genuine but expired or not yet valid.
+    """
+    from mcpgw.license import LicenseError, loadLicense
+
+    try:
+        lic = loadLicense(path)
+    except LicenseError as e:
+        print(f"mcpgw: license {path}: {e}", file=sys.stderr)
+        return 1
+    now = time.time()
+    print(f"license: {path}")
+    print(lic.render(now))
+    if lic.status(now) != "valid":
+        print(f"mcpgw: license {path}: {lic.describeStatus(now)}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def run(path: str) -> int:
     """Run the gateway in the foreground until SIGTERM/SIGINT; the service of C{twistd mcpgw}."""
+    from mcpgw.license import licenseState
+
     try:
         config = load_config(path)
+        state = licenseState(config)
     except ConfigError as e:
         for problem in e.problems:
             print(f"{path}: {problem}", file=sys.stderr)
@@ -152,7 +190,7 @@ def run(path: str) -> int:
     from mcpgw.tap import makeService
 
     globalLogBeginner.beginLoggingTo([jsonObserver()], redirectStandardIO=False)
-    service = makeService({"config": path, "loaded": config}, reactor)
+    service = makeService({"config": path, "loaded": config, "license": state}, reactor)
     try:
         service.startService()
     except Exception as e:
@@ -173,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return keyGenerate(args.id)
     if args.command == "policy" and args.policy_command == "explain":
         return policyExplain(args.config, args.tool, args.method, args.key_id)
+    if args.command == "license" and args.license_command == "show":
+        return licenseShow(args.file)
     _parser().print_help(sys.stderr)
     return 2
 

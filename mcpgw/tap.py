@@ -12,6 +12,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from mcpgw.config import ConfigError, load_config
+from mcpgw.license import LicenseService, licenseState
 
 
 class Options(usage.Options):
@@ -25,6 +26,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         try:
             self["loaded"] = load_config(self["config"])
+            self["license"] = licenseState(self["loaded"])
         except ConfigError as e:
             raise usage.UsageError(f"invalid configuration {self['config']}:\n{e}") from None
 
@@ -34,7 +36,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
     Build the gateway service from parsed options.
 
     @param options: L{Options} (or a dict with C{config} and optionally C{loaded}, the parsed
-        L{mcpgw.config.Config}).
+        L{mcpgw.config.Config}, and C{license}, its verified L{mcpgw.license.LicenseState}).
     @param reactor: the reactor; the global one when C{None}.
     """
     if reactor is None:
@@ -44,4 +46,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
     from mcpgw.service import GatewayService
 
     config = options.get("loaded") or load_config(options["config"])
-    return GatewayService(reactor, options["config"], config)
+    state = options.get("license") or licenseState(config)
+    service = GatewayService(reactor, options["config"], config)
+    LicenseService(reactor, state, lambda: service.generation.config).setServiceParent(service)
+    return service
