@@ -219,6 +219,8 @@ class GatewayTestCase(TestCase):
 
     extraConfig = ""
     upstreamPath = "/mcp"
+    #: Write the config to C{self.configPath} so that C{self.service.reload()} re-reads it.
+    reloadable = False
 
     def setUp(self) -> Any:
         self.upstream = ScriptedUpstream()
@@ -228,7 +230,13 @@ class GatewayTestCase(TestCase):
         self.addCleanup(self.upstreamPort.stopListening)
         self.tmp = tempfile.mkdtemp(prefix="mcpgw-test-")
         self.auditPath = os.path.join(self.tmp, "audit.jsonl")
-        return self.startGateway(self.configText())
+        self.configPath = os.path.join(self.tmp, "mcpgw.yaml")
+        d = self.startGateway(self.configText())
+        if self.reloadable:
+            with open(self.configPath, "w") as f:
+                f.write(self.configText())
+            self.service.configPath = self.configPath
+        return d
 
     def configText(self) -> str:
         up = portOf(self.upstreamPort)

@@ -144,13 +144,7 @@ class GatewayAuthTests(GatewayTestCase):
     def configText(self) -> str:
         return super().configText() + keysYaml(("ci-bot", KEY_A))
 
-    def setUp(self) -> Any:
-        d = super().setUp()
-        self.configPath = os.path.join(self.tmp, "mcpgw.yaml")
-        with open(self.configPath, "w") as f:
-            f.write(self.configText())
-        self.service.configPath = self.configPath
-        return d
+    reloadable = True
 
     @inlineCallbacks
     def test_outcomesAndAudit(self) -> Any:

@@ -6,7 +6,6 @@ rate_limit, default deny, batches, tools/list filtering, audit fields, and reloa
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
@@ -226,13 +225,7 @@ class FilterOffTests(GatewayTestCase):
 class PolicyReloadTests(GatewayTestCase):
     extraConfig = POLICY
 
-    def setUp(self) -> Any:
-        d = super().setUp()
-        self.configPath = os.path.join(self.tmp, "mcpgw.yaml")
-        with open(self.configPath, "w") as f:
-            f.write(self.configText())
-        self.service.configPath = self.configPath
-        return d
+    reloadable = True
 
     @inlineCallbacks
     def test_reloadChangesDecisionsAndKeepsBuckets(self) -> Any:

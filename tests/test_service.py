@@ -62,13 +62,7 @@ class DrainTests(GatewayTestCase):
 class ReloadTests(GatewayTestCase):
     """SIGHUP: reopen the audit file and swap in a new generation."""
 
-    def setUp(self) -> Any:
-        d = super().setUp()
-        self.configPath = os.path.join(self.tmp, "mcpgw.yaml")
-        with open(self.configPath, "w") as f:
-            f.write(self.configText())
-        self.service.configPath = self.configPath
-        return d
+    reloadable = True
 
     @inlineCallbacks
     def test_auditFileIsReopenedOnReload(self) -> Any:
