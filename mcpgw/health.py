@@ -7,6 +7,7 @@ request: concurrent C{/readyz} calls share one probe, later ones get the cached 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -38,6 +39,7 @@ class Readiness:
         self._cached: tuple[float, int, dict[str, Any]] | None = None
         self._probing: Deferred[dict[str, Any]] | None = None
         self.draining = False
+        self.extraChecks: list[Callable[[], tuple[str, bool, Any]]] = []
 
     def render(self, request: Any, path: bytes, generation: Generation) -> None:
         """Answer C{/healthz} or C{/readyz} on C{request}."""
@@ -81,6 +83,13 @@ class Readiness:
         return d
 
     def _withState(self, result: dict[str, Any]) -> dict[str, Any]:
+        if self.extraChecks:  # fresh on every call, not cached
+            result = dict(result)
+            for check in self.extraChecks:
+                name, ok, detail = check()
+                result[name] = detail
+                if not ok and result["ready"]:
+                    result.update(ready=False, status="not_ready")
         if self.draining:
             return {**result, "ready": False, "status": "draining"}
         return result

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from mcpgw import __version__
+from mcpgw.audit.shipper import ShippingService, WriterSource
 from mcpgw.audit.writer import AuditWriter
 from mcpgw.config import Config, ConfigError, load_config
 from mcpgw.generation import Generation, buildGeneration
@@ -60,6 +61,10 @@ class GatewayService(MultiService):
         # cores), never the reactor's shared pool, which also resolves host names.
         self.authPool = ThreadPool(0, AUTH_THREADS, "mcpgw-argon2")
         self.readiness = Readiness(reactor)
+        # Audit sinks: owned here but started after the audit file is open and stopped
+        # after its final flush (see stopService), so not a MultiService child.
+        self.shipping = ShippingService(reactor, config.audit, WriterSource(self.audit))
+        self.readiness.extraChecks.append(self.shipping.readinessCheck)
         self.gateway = Gateway(
             reactor,
             buildGeneration(reactor, config, authPool=self.authPool),
@@ -82,6 +87,7 @@ class GatewayService(MultiService):
     def startService(self) -> None:
         config = self.generation.config
         self.audit.open()
+        self.shipping.startService()
         self.authPool.start()
         self._sweeper = LoopingCall(self.gateway.sweepSlowClients)
         self._sweeper.clock = self.reactor
@@ -132,6 +138,7 @@ class GatewayService(MultiService):
         self._reloading = True
         try:
             self.audit.reopen()
+            self.shipping.auditReopened()
             old = self.generation
             try:
                 config = load_config(self.configPath)  # type: ignore[arg-type]
@@ -150,6 +157,7 @@ class GatewayService(MultiService):
                 log.failure("reload rejected, keeping generation {gen}", gen=old.number)
                 return
             self.gateway.generation = new
+            self.shipping.reconfigure(config.audit)
             log.info(
                 "reloaded {path}: generation {old} -> {gen}",
                 path=self.configPath,
@@ -195,5 +203,6 @@ class GatewayService(MultiService):
         yield defer.gatherResults([p.close() for p in self.generation.pools])
         yield super().stopService()
         yield self.audit.close()
+        yield self.shipping.stopService()  # ships what is left, saves the cursors
         self.authPool.stop()
         log.info("stopped; {n} audit lines written", n=self.audit.linesWritten)
