@@ -22,6 +22,7 @@ from mcpgw.config import Config, ListenConfig, UpstreamConfig
 from mcpgw.errors import HostNotAllowed, OriginNotAllowed
 from mcpgw.policy import Policy
 from mcpgw.proxy.upstream import UpstreamPool
+from mcpgw.tls import ServerTLS, loadServerTLS
 
 #: At most this many client addresses are tracked by the input rate limit (oldest dropped).
 MAX_ADDRESSES = 1_000_000
@@ -171,6 +172,8 @@ class Generation:
     @ivar filterTools: C{tools/list} answers must be filtered (filtering is on and policy can deny).
     @ivar auth: the authenticator, with caches of its own (a reload starts them empty).
     @ivar inputLimit: the per-address buckets of C{limits.input_rate_limit}, or C{None}.
+    @ivar tls: the listener's TLS options (context built, so the files are known good), or
+        C{None} without C{tls}.
     """
 
     number: int
@@ -182,6 +185,7 @@ class Generation:
     filterTools: bool
     auth: Authenticator
     inputLimit: TokenBuckets | None
+    tls: ServerTLS | None = None
 
     @property
     def pools(self) -> list[UpstreamPool]:
@@ -210,7 +214,12 @@ def buildGeneration(
     """
     Build a complete generation from a validated config, reusing the previous generation's pools
     where an upstream's address and timeouts are unchanged.
+
+    @raise mcpgw.tls.TLSError: the TLS files are unusable (the reload is rejected).
     """
+    tls = None
+    if config.tls is not None:
+        tls = loadServerTLS(config.tls, previous.tls if previous is not None else None)
     oldPools = {}
     if previous is not None:
         oldPools = {_poolKey(r.config): r.pool for r in previous.routes.values()}
@@ -230,4 +239,5 @@ def buildGeneration(
         and (pc.default_action == "deny" or any(r.action == "deny" for r in pc.rules)),
         auth=Authenticator(reactor, config.auth, config.tls, authPool),
         inputLimit=_inputLimit(config, previous),
+        tls=tls,
     )

@@ -20,6 +20,7 @@ from twisted.internet import defer, tcp
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from mcpgw import __version__
@@ -30,6 +31,8 @@ from mcpgw.generation import Generation, buildGeneration
 from mcpgw.health import Readiness
 from mcpgw.proxy.gateway import Gateway
 from mcpgw.proxy.server import GatewaySite
+from mcpgw.telemetry import Telemetry
+from mcpgw.tls import SwappableServerTLS, TLSError
 
 log = Logger()
 
@@ -72,6 +75,11 @@ class GatewayService(MultiService):
             self.readiness,
         )
         self.site = GatewaySite(self.gateway, reactor, CLIENT_IDLE_TIMEOUT)
+        # Spans: an exporter thread of its own when telemetry.otlp_endpoint is set.
+        self.telemetry = Telemetry(reactor, self.gateway, config.telemetry)
+        # With tls: the listener's connection creator; a reload swaps its certificate.
+        tls = self.generation.tls
+        self.tlsCreator = SwappableServerTLS(tls) if tls is not None else None
         self.port: Any = None
         self._previousHup: Any = None
         self._reloading = False
@@ -89,31 +97,36 @@ class GatewayService(MultiService):
         self.audit.open()
         self.shipping.startService()
         self.authPool.start()
+        self.telemetry.start()
         self._sweeper = LoopingCall(self.gateway.sweepSlowClients)
         self._sweeper.clock = self.reactor
         self._sweeper.start(1.0, now=False)
         listen = config.listen
+        factory: Any = self.site
+        if self.tlsCreator is not None:
+            factory = TLSMemoryBIOFactory(self.tlsCreator, False, self.site)
         if listen.reuse_port:
             binding = tcp.makeBinding(listen.host, listen.port, reuseAddress=True, reusePort=True)
-            self.port = self.reactor.listenTCP(binding, self.site, BACKLOG)
+            self.port = self.reactor.listenTCP(binding, factory, BACKLOG)
         else:
-            self.port = self.reactor.listenTCP(
-                listen.port, self.site, BACKLOG, interface=listen.host
-            )
+            self.port = self.reactor.listenTCP(listen.port, factory, BACKLOG, interface=listen.host)
         super().startService()
         if self.configPath is not None:
             self._previousHup = signal.signal(signal.SIGHUP, self._onSIGHUP)
         addr = self.port.getHost()
         host = f"[{addr.host}]" if ":" in addr.host else addr.host
         log.info(
-            "mcpgw {version} listening on http://{host}:{port} "
+            "mcpgw {version} listening on {scheme}://{host}:{port} "
             "(generation {gen}; upstreams: {ups})",
             version=__version__,
+            scheme="http" if self.tlsCreator is None else "https",
             host=host,
             port=addr.port,
             gen=self.generation.number,
             ups=", ".join(f"{r.name} at {p.decode()}" for p, r in self.generation.routes.items()),
         )
+        if self.tlsCreator is not None:
+            log.info("tls: {tls}", tls=self.tlsCreator.current.describe())
 
     def _onSIGHUP(self, signum: int, frame: Any) -> None:
         # A signal handler only schedules; the work runs at a clean point in the reactor thread.
@@ -149,15 +162,33 @@ class GatewayService(MultiService):
                     problems="; ".join(str(p) for p in e.problems),
                 )
                 return
+            if (config.tls is None) != (self.tlsCreator is None):
+                log.error(
+                    "reload rejected, keeping generation {gen}: tls cannot be turned {onoff} by "
+                    "a reload; restart mcpgw to change the listener between http and https",
+                    gen=old.number,
+                    onoff="off" if config.tls is None else "on",
+                )
+                return
             try:
                 new = buildGeneration(
                     self.reactor, config, old.number + 1, previous=old, authPool=self.authPool
                 )
+                if self.tlsCreator is not None and new.tls is not None:
+                    # Same reactor turn as the generation swap: new connections get the new
+                    # certificate and CA from here on; open ones keep theirs.
+                    self.tlsCreator.swap(new.tls)
+            except TLSError as e:
+                log.error("reload rejected, keeping generation {gen}: {e}", gen=old.number, e=e)
+                return
             except Exception:
                 log.failure("reload rejected, keeping generation {gen}", gen=old.number)
                 return
             self.gateway.generation = new
             self.shipping.reconfigure(config.audit)
+            self.telemetry.reconfigure(config.telemetry)
+            if new.tls is not None and new.tls is not old.tls:
+                log.info("tls: {tls}", tls=new.tls.describe())
             log.info(
                 "reloaded {path}: generation {old} -> {gen}",
                 path=self.configPath,
@@ -204,5 +235,6 @@ class GatewayService(MultiService):
         yield super().stopService()
         yield self.audit.close()
         yield self.shipping.stopService()  # ships what is left, saves the cursors
+        yield self.telemetry.stop()  # exports the last spans on the exporter's thread
         self.authPool.stop()
         log.info("stopped; {n} audit lines written", n=self.audit.linesWritten)
