@@ -141,7 +141,7 @@ class ShipperTests(ShipperHarness, TestCase):
         self.assertEqual((cursor["file"]["dev"], cursor["file"]["ino"]), (st.st_dev, st.st_ino))
         self.assertEqual(cursor["file"]["id"], fileIdOf(self.written[0]))
         self.assertIsNone(cursor["inflight"])
-        self.assertFalse(os.path.exists(path + ".tmp"))
+        self.assertEqual([f for f in os.listdir(os.path.dirname(path)) if f.endswith(".tmp")], [])
 
     @inlineCallbacks
     def test_rotationFinishesOldFileThenFollowsNew(self) -> Any:

@@ -48,6 +48,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from mcpgw.audit.sinks import (
@@ -288,7 +289,7 @@ def loadCursor(stateDir: str, name: str) -> dict[str, Any] | None:
 def saveCursor(stateDir: str, name: str, state: dict[str, Any]) -> None:
     """Write a cursor atomically and durably: temporary file, fsync, rename, fsync dir."""
     path = cursorPath(stateDir, name)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{threading.get_ident()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
     try:
         data = orjson.dumps(state)
@@ -453,6 +454,8 @@ class SinkShipper(Service):
         self._flushing = False
         self._idle: Deferred[None] | None = None
         self._deferred: Callable[[], Any] | None = None
+        self._restored = False
+        self._seen: list[TrackedFile] = []
         self._closed = False
         self.attempts = 0
         self.lastSuccess: float | None = None
@@ -467,6 +470,7 @@ class SinkShipper(Service):
     def startService(self) -> None:
         super().startService()
         self.pool.start()
+        self.noteFile()  # the file being written now, held until the cursor is resolved
         self._run(self._restore)
 
     def _run(self, f: Callable[[], Deferred[Any]]) -> None:
@@ -491,14 +495,15 @@ class SinkShipper(Service):
     @inlineCallbacks
     def _restore(self) -> Generator[Deferred[Any], Any, None]:
         saved = yield self._inThread(loadCursor, self.stateDir, self.name)
-        current = self.tracker.current()
+        self.noteFile()
+        current = self._seen[0] if self._seen else None
         if saved is None:
-            if current is not None:
-                self._push(current)
+            self._takeSeen()
             log.info("sink {name}: no cursor yet, starting at the beginning of the current audit "
                      "file", name=self.name)
         else:
             yield self._resolve(saved, current)
+            self._takeSeen()
         self._startScan()
         yield self._startSink()
 
@@ -535,8 +540,6 @@ class SinkShipper(Service):
             (wanted[0]["dev"], wanted[0]["ino"]) if wanted else None
         ):
             offset, inflight = 0, None
-        if current is not None and current not in self.chain:
-            self._push(current)
         if self.chain:
             size = self.chain[0].size()
             if offset > size:
@@ -554,6 +557,16 @@ class SinkShipper(Service):
             name=self.name, o=offset, path=self.chain[0].path if self.chain else "?",
             more=f" (+{len(self.chain) - 1} newer files)" if len(self.chain) > 1 else "",
         )
+
+    def _takeSeen(self) -> None:
+        """Append the files seen during the restore (in order) to the chain."""
+        self._restored = True
+        for tf in self._seen:
+            if tf in self.chain:
+                self.tracker.release(tf)
+            else:
+                self.chain.append(tf)  # keeps the reference taken in noteFile
+        self._seen = []
 
     def _push(self, tf: TrackedFile) -> None:
         if tf in self.chain:
@@ -616,7 +629,13 @@ class SinkShipper(Service):
     def noteFile(self) -> None:
         """Follow the writer to a new file if it moved."""
         current = self.tracker.current()
-        if current is not None and current not in self.chain:
+        if current is None:
+            return
+        if not self._restored:  # files seen while the saved cursor is being resolved
+            if current not in self._seen:
+                current.refs += 1
+                self._seen.append(current)
+        elif current not in self.chain:
             self._push(current)
 
     # -- the loop
@@ -723,7 +742,11 @@ class SinkShipper(Service):
     def _save(self) -> Deferred[None]:
         if self._closed:  # a successor may own the cursor file now
             return defer.succeed(None)
-        return self._inThread(saveCursor, self.stateDir, self.name, self._cursorState())
+        return self._inThread(self._saveIfOpen, self._cursorState())
+
+    def _saveIfOpen(self, state: dict[str, Any]) -> None:
+        if not self._closed:  # checked again in the thread: a queued save may run late
+            saveCursor(self.stateDir, self.name, state)
 
     def _saveSoon(self) -> None:
         d = self._save()
@@ -868,12 +891,13 @@ class SinkShipper(Service):
                 yield self.sink.stop().addTimeout(STOP_GRACE, self.reactor)
             except Exception as e:
                 log.warn("sink {name}: stop: {e}", name=self.name, e=e)
-        if self.chain and self.state not in ("unavailable",):
-            try:
-                yield self._save()
+        state = self._cursorState() if self.chain else None
+        self._closed = True  # from here on only this final save writes the cursor
+        if state is not None:
+            try:  # not on the pool: its thread may be stuck in a network call
+                yield _inDaemonThread(self.reactor, saveCursor, self.stateDir, self.name, state)
             except Exception as e:
                 log.error("sink {name}: cannot save cursor: {e}", name=self.name, e=e)
-        self._closed = True
         for tf in self.chain:
             self.tracker.release(tf)
         self.chain = []
@@ -923,6 +947,23 @@ class SinkShipper(Service):
             "file": self.chain[0].path if self.chain else None,
             "offset": self.pos,
         }
+
+
+def _inDaemonThread(reactor: Any, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    """Run C{f} in a new daemon thread; the Deferred fires on the reactor with its result."""
+    d: Deferred[Any] = Deferred()
+
+    def run() -> None:
+        try:
+            result = f(*args)
+        except BaseException:
+            failure = Failure()
+            reactor.callFromThread(d.errback, failure)
+        else:
+            reactor.callFromThread(d.callback, result)
+
+    threading.Thread(target=run, name="mcpgw-sink-save", daemon=True).start()
+    return d
 
 
 def _stopPool(reactor: Any, pool: ThreadPool) -> Deferred[None]:

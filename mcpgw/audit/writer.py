@@ -65,6 +65,8 @@ FIELDS = (
     "protocol_version",
     "redacted",
     "filtered_tools",
+    "trace_id",
+    "span_id",
 )
 
 _tsCache: list[Any] = [-1, b""]

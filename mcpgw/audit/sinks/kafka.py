@@ -13,12 +13,15 @@ The C{kafka} sink: one record per audit line, produced with confluent-kafka (lib
   - Backpressure: C{produce()} raising C{BufferError} (librdkafka's queue is full) makes the
     producing thread wait for the queue to drain and try that line again; nothing is dropped,
     and the backlog stays in the canonical file.
-  - A fatal producer error (e.g. an idempotence state the broker no longer knows) fails the
-    batch and replaces the producer.
+  - A fatal producer error (e.g. an idempotence state the broker no longer knows, after a broker
+    lost its data) fails the batch and replaces the producer.
+  - librdkafka's own log lines are not printed; its last error report is kept and quoted in the
+    batch failures the shipper logs.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -91,12 +94,26 @@ class KafkaSink:
         }
         #: How many times produce() met a full queue (BufferError), for tests and the log.
         self.bufferWaits = 0
+        #: The client's last error report (connection refused, authentication, ...).
+        self.lastClientError: str | None = None
+        self._fatal = False
+        self._clientLog = logging.getLogger(f"mcpgw.sinks.kafka.{config.name}")
+        self._clientLog.addHandler(logging.NullHandler())
+        self._clientLog.propagate = False
 
     def start(self) -> Deferred[None]:
         return deferToThreadPool(self._reactor, self._pool, self._newProducer)
 
+    def _onError(self, err: Any) -> None:
+        self.lastClientError = str(err)
+        if err.fatal():
+            self._fatal = True
+
     def _newProducer(self) -> None:
-        self._producer = confluent_kafka.Producer(self.settings)
+        self._fatal = False
+        self._producer = confluent_kafka.Producer(
+            {**self.settings, "error_cb": self._onError, "logger": self._clientLog}
+        )
         if self._poller is None:
             self._poller = threading.Thread(
                 target=self._poll, name=f"mcpgw-sink-{self.name}-poll", daemon=True
@@ -109,12 +126,20 @@ class KafkaSink:
             if producer is None:
                 time.sleep(0.1)
                 continue
-            producer.poll(0.1)
+            try:
+                producer.poll(0.1)
+            except Exception as e:  # a fatal error is also raised here
+                self.lastClientError = str(e)
+                self._fatal = True
+                time.sleep(0.1)
 
     def ship(self, batch: Batch) -> Deferred[None]:
         return deferToThreadPool(self._reactor, self._pool, self._produce, batch)
 
     def _produce(self, batch: Batch) -> None:
+        if self._fatal or self._producer is None:
+            # e.g. the broker forgot the idempotent producer's id: start a new producer
+            self._newProducer()
         producer = self._producer
         lines = batch.lines()
         delivery = _Delivery(len(lines))
@@ -145,13 +170,18 @@ class KafkaSink:
         while not delivery.done.wait(0.1):
             if self._closing.is_set():
                 raise RuntimeError("sink stopping")
+            if self._fatal:
+                raise RuntimeError(f"fatal producer error: {self.lastClientError}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{delivery.left} deliveries not reported after {timeout:.0f}s")
+                raise RuntimeError(
+                    f"{delivery.left} deliveries not reported after {timeout:.0f}s "
+                    f"(last client error: {self.lastClientError})"
+                )
         if delivery.errors:
-            if delivery.fatal:
-                self._producer = confluent_kafka.Producer(self.settings)
+            self._fatal = self._fatal or delivery.fatal
             raise RuntimeError(
                 f"{len(delivery.errors)} of {len(lines)} lines not delivered: {delivery.errors[0]}"
+                f" (last client error: {self.lastClientError})"
             )
 
     def stop(self) -> Deferred[None]:
