@@ -494,7 +494,7 @@ class SinkShipper(Service):
 
     @inlineCallbacks
     def _restore(self) -> Generator[Deferred[Any], Any, None]:
-        saved = yield self._inThread(loadCursor, self.stateDir, self.name)
+        saved = yield self._inThread(loadCursor, self.stateDir, self.config.name)
         self.noteFile()
         current = self._seen[0] if self._seen else None
         if saved is None:
@@ -746,7 +746,7 @@ class SinkShipper(Service):
 
     def _saveIfOpen(self, state: dict[str, Any]) -> None:
         if not self._closed:  # checked again in the thread: a queued save may run late
-            saveCursor(self.stateDir, self.name, state)
+            saveCursor(self.stateDir, self.config.name, state)
 
     def _saveSoon(self) -> None:
         d = self._save()
@@ -895,7 +895,7 @@ class SinkShipper(Service):
         self._closed = True  # from here on only this final save writes the cursor
         if state is not None:
             try:  # not on the pool: its thread may be stuck in a network call
-                yield _inDaemonThread(self.reactor, saveCursor, self.stateDir, self.name, state)
+                yield _inDaemonThread(self.reactor, saveCursor, self.stateDir, self.config.name, state)
             except Exception as e:
                 log.error("sink {name}: cannot save cursor: {e}", name=self.name, e=e)
         for tf in self.chain:
