@@ -2,12 +2,14 @@
 #   make run     start the demo MCP server and the gateway in front of it (Ctrl-C stops both)
 #   make test    lint (ruff), types (mypy) and the whole test suite (pytest)
 #   make bench   added latency and throughput vs direct and the reference proxy; policy cost
+#   make wheelhouse  dist/wheelhouse: every wheel, for pip install --no-index --find-links
+#   make rpm     dist/mcpgw-VERSION-1.ARCH.rpm (rpmbuild; Debian: apt-get install rpm)
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench clean
+.PHONY: run test lint typecheck unit bench clean wheelhouse rpm
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +36,12 @@ bench: $(STAMP)
 	$(PY) bench/run.py
 	$(PY) bench/run.py --systems direct,mcpgw --rounds 2 --policy-rules 1000
 	$(PY) bench/policy_bench.py
+
+wheelhouse: $(STAMP)
+	PYTHON=$(PY) packaging/build-wheelhouse dist/wheelhouse
+
+rpm: wheelhouse
+	packaging/build-rpm dist/wheelhouse dist build/rpmbuild
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info run _trial_temp twisted/plugins/dropin.cache
