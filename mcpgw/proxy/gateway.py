@@ -4,8 +4,8 @@ The request path: route by path, DNS-rebinding check, one JSON-RPC parse, forwar
 upstream's keep-alive pool, relay the response (SSE event by event with backpressure), and write
 one audit line per request.
 
-Every request gets a L{ProxyExchange}, the small per-request record that the audit line (and,
-later, the span) is built from, so the two can never disagree.
+Every request gets a L{ProxyExchange}, the small per-request record that the audit line and the
+span (L{mcpgw.telemetry}) are built from, so the two can never disagree.
 """
 
 from __future__ import annotations
@@ -45,6 +45,17 @@ from mcpgw.interfaces import IAuditLog, IResponseSink
 from mcpgw.jsonrpc import RpcSummary, parseBody
 from mcpgw.proxy.headers import REQUEST_DROP, RESPONSE_DROP, connectionTokens, endToEnd
 from mcpgw.proxy.toolsfilter import SSEFilter, filterJSONBody
+from mcpgw.telemetry import (
+    TRACE_HEADERS,
+    TraceParent,
+    Tracer,
+    headerContext,
+    injectMeta,
+    metaContext,
+    randomBits,
+    traceparentOf,
+    useMetaContext,
+)
 
 log = Logger()
 
@@ -135,7 +146,10 @@ class ProxyExchange:
         "httpMethod",
         "isStream",
         "jsonrpcId",
+        "link",
+        "metaTrace",
         "method",
+        "parent",
         "path",
         "protocolVersion",
         "redacted",
@@ -145,9 +159,11 @@ class ProxyExchange:
         "ruleId",
         "secure",
         "sessionId",
+        "spanId",
         "started",
         "status",
         "tool",
+        "traceId",
         "upstream",
     )
 
@@ -166,6 +182,16 @@ class ProxyExchange:
         self.sessionId = sid[0].decode("latin-1") if sid else None
         pv = headers.getRawHeaders(b"mcp-protocol-version")
         self.protocolVersion = pv[0].decode("latin-1") if pv else None
+        # Trace context: the header's for now; a body's params._meta one replaces it (handle).
+        tp = headers.getRawHeaders(b"traceparent")
+        parent: TraceParent | None = (
+            headerContext(tp, headers.getRawHeaders(b"tracestate")) if tp else None
+        )
+        self.parent = parent
+        self.link: TraceParent | None = None
+        self.metaTrace = False
+        self.traceId: int = parent.traceId if parent is not None else randomBits(128) or 1
+        self.spanId: int = randomBits(64) or 1
         self.clientIp: str | None = getattr(request.client, "host", None)
         self.secure: bool = request.isSecure()
         self.authResult: str | None = None
@@ -364,6 +390,8 @@ class ProxyExchange:
             "redacted": self.redacted,
             "filtered_tools": self.filteredTools,
             "client_cert": self.clientCert,
+            "trace_id": f"{self.traceId:032x}",
+            "span_id": f"{self.spanId:016x}",
         }
 
 
@@ -390,6 +418,8 @@ class Gateway:
         self.readiness = readiness
         self.inflight: set[ProxyExchange] = set()
         self.connections: set[Any] = set()
+        #: Set by L{mcpgw.telemetry.Telemetry} when spans are exported; C{None}: tracing off.
+        self.tracer: Tracer | None = None
         self.draining = False
         self._idleWaiters: list[Deferred[None]] = []
         self._connWaiters: list[Deferred[None]] = []
@@ -448,6 +478,9 @@ class Gateway:
                 if summary.isBatch:
                     x.batchSize = len(summary.messages)
                     x.batchIds = [m["id"] for m in summary.messages if "method" in m and "id" in m]
+                meta = metaContext(summary.messages)
+                if meta is not None:
+                    useMetaContext(x, *meta)
             auths = headers.getRawHeaders(b"authorization")
             result = gen.auth.authenticate(
                 auths[0] if auths else None,
@@ -481,6 +514,11 @@ class Gateway:
         try:
             if summary is not None:
                 body = self._applyPolicy(x, x.generation, summary, body)
+                if x.metaTrace and self.tracer is not None:
+                    # SEP-414: the upstream's parent is the gateway's span, in _meta too.
+                    injectMeta(summary.messages, x)
+                    msgs = summary.messages
+                    body = orjson.dumps(msgs if summary.isBatch else msgs[0])
             if self.draining:
                 raise ShuttingDown("the gateway is shutting down")
             self._forward(x, route, x.request, body)
@@ -572,9 +610,10 @@ class Gateway:
         forwardedFor = None
         originalHost = None
         rewrite = x.headerRewrite
+        tracing = self.tracer is not None
         for name, value in endToEnd(list(rh.getAllRawHeaders()), REQUEST_DROP):
             low = name.lower()
-            if low in injectedNames:
+            if low in injectedNames or (tracing and low in TRACE_HEADERS):
                 continue
             if low == b"x-forwarded-for":
                 forwardedFor = value if forwardedFor is None else forwardedFor + b", " + value
@@ -584,6 +623,11 @@ class Gateway:
             parts += (name, b": ", value, b"\r\n")
         for name, value in route.injected:
             parts += (name, b": ", value, b"\r\n")
+        if tracing:
+            parts += (b"traceparent: ", traceparentOf(x), b"\r\n")
+            state = x.parent.traceState if x.parent is not None else None
+            if state is not None:
+                parts += (b"tracestate: ", state.encode("ascii"), b"\r\n")
         hosts = rh.getRawHeaders(b"host")
         if hosts:
             originalHost = hosts[0]
@@ -673,6 +717,12 @@ class Gateway:
             self.audit.write(x.auditRecord())
         except Exception:
             log.failure("could not write the audit line of request {id}", id=x.requestId)
+        tracer = self.tracer
+        if tracer is not None:
+            try:
+                tracer.ended(x)
+            except Exception:
+                log.failure("could not record the span of request {id}", id=x.requestId)
         if not self.inflight and self._idleWaiters:
             waiters, self._idleWaiters = self._idleWaiters, []
             for d in waiters:
