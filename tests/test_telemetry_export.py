@@ -7,13 +7,14 @@ gateway's spans over OTLP/HTTP and forwards them (OTLP/HTTP) to the in-test rece
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import reactor, threads
 from twisted.internet.defer import inlineCallbacks
@@ -197,11 +198,12 @@ class ExporterTests(TestCase):
     @inlineCallbacks
     def test_dropsAreLogged(self) -> Any:
         """Undelivered spans are reported in the log (rate-limited)."""
-        from twisted.logger import globalLogPublisher
+        from twisted.logger import ILogObserver, globalLogPublisher
 
         events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         self.receiver.script = [(400, {}, 0)] * 2
         exporter = self.exporter()
         exporter.submit(record())
@@ -217,11 +219,10 @@ class ExporterTests(TestCase):
 
 def rotelAgent() -> str | None:
     """The rotel-agent binary shipped in the rotel wheel, if installed."""
-    try:
-        import rotel
-    except ImportError:
+    spec = importlib.util.find_spec("rotel")
+    if spec is None or spec.origin is None:
         return None
-    path = os.path.join(os.path.dirname(rotel.__file__), "rotel-agent")
+    path = os.path.join(os.path.dirname(spec.origin), "rotel-agent")
     return path if os.access(path, os.X_OK) else None
 
 

@@ -237,7 +237,7 @@ class SpanMappingTests(SynchronousTestCase):
 
     def test_errorStatus(self) -> None:
         """5xx and mid-response failures are ERROR with error.type; refusals are UNSET."""
-        cases = [
+        cases: list[tuple[dict[str, Any], int, str | None]] = [
             ({"R_STATUS": 502, "R_ERROR": "upstream_unavailable"}, 2, "-32010"),
             ({"R_STATUS": 504, "R_ERROR": "upstream_timeout"}, 2, "-32011"),
             ({"R_STATUS": 503, "R_ERROR": "shutting_down"}, 2, "-32012"),
