@@ -40,8 +40,11 @@ class GCSSinkTests(SinkContract, TestCase):
     def setUp(self) -> None:
         self.gcs = server()
         self.prefix = f"mcpgw/{self._testMethodName}/"
-        self.patch(os, "environ", {k: v for k, v in os.environ.items()
-                                   if k != "GOOGLE_APPLICATION_CREDENTIALS"})
+        self.patch(
+            os,
+            "environ",
+            {k: v for k, v in os.environ.items() if k != "GOOGLE_APPLICATION_CREDENTIALS"},
+        )
         self.patch(gcsmod, "RETRY_DEADLINE", 1.0)  # the shipper's backoff takes over sooner
         self.setUpContract(lines=500, seconds=0.1)
 
@@ -95,7 +98,7 @@ class GCSSinkTests(SinkContract, TestCase):
         batch = self.shipper(self.name)
         from mcpgw.audit.sinks import Batch
 
-        (key, data), = self.items()
+        ((key, data),) = self.items()
         first = self.written[0]
         from mcpgw.audit.sinks import fileIdOf
 

@@ -79,9 +79,7 @@ class S3SinkTests(SinkContract, TestCase):
 
     def items(self) -> list[tuple[str, bytes]]:
         client = self.s3.client()
-        return [
-            (k, client.get_object(Bucket=LOCKED, Key=k)["Body"].read()) for k in self.keys()
-        ]
+        return [(k, client.get_object(Bucket=LOCKED, Key=k)["Body"].read()) for k in self.keys()]
 
     def serverStop(self) -> None:
         self.s3.stop()
@@ -141,6 +139,7 @@ class S3SinkTests(SinkContract, TestCase):
         _, ok, detail = self.shipping.readinessCheck()
         self.assertFalse(ok)
         self.assertIn("does not have Object Lock", detail[self.name]["last_error"])
+        yield self.waitFor(lambda: self.shipper(self.name).status()["lag_lines"] == 10)
         objects = self.s3.client().list_objects_v2(Bucket=PLAIN).get("Contents", [])
         self.assertEqual(objects, [])
 
@@ -154,11 +153,15 @@ class GatewayReadyzS3Tests(GatewayTestCase):
         return super().setUp()
 
     def configText(self) -> str:
-        return super().configText().replace(
-            "state_dir: " + self.tmp + "/state}",
-            "state_dir: " + self.tmp + "/state, sinks: [{type: s3, name: s3-archive, "
-            f"bucket: {PLAIN}, region: us-east-1, endpoint_url: '{self.s3.url}', "
-            "object_lock: {mode: GOVERNANCE, retain_days: 1}}]}",
+        return (
+            super()
+            .configText()
+            .replace(
+                "state_dir: " + self.tmp + "/state}",
+                "state_dir: " + self.tmp + "/state, sinks: [{type: s3, name: s3-archive, "
+                f"bucket: {PLAIN}, region: us-east-1, endpoint_url: '{self.s3.url}', "
+                "object_lock: {mode: GOVERNANCE, retain_days: 1}}]}",
+            )
         )
 
     @inlineCallbacks

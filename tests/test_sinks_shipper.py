@@ -75,7 +75,9 @@ class MemorySink:
 
 
 def sinkConfig(name: str = "mem", lines: int = 100, seconds: float = 0.2) -> WebhookSinkConfig:
-    return WebhookSinkConfig(name=name, url="https://unused.example/", batch=BatchConfig(lines, seconds))
+    return WebhookSinkConfig(
+        name=name, url="https://unused.example/", batch=BatchConfig(lines, seconds)
+    )
 
 
 class ShipperTests(ShipperHarness, TestCase):
@@ -155,7 +157,9 @@ class ShipperTests(ShipperHarness, TestCase):
         self.writer.reopen()
         self.shipping.auditReopened()
         self.write(40)
-        yield self.waitFor(lambda: self.shippedAll("mem") and self.shipper("mem").shippedLines == 90)
+        yield self.waitFor(
+            lambda: self.shippedAll("mem") and self.shipper("mem").shippedLines == 90
+        )
         sink = self.memory["mem"]
         self.assertEqual(sink.data(), self.allShipped())
         self.assertEqual(len({b.fileId for b in sink.batches}), 2)
@@ -173,7 +177,9 @@ class ShipperTests(ShipperHarness, TestCase):
         self.rotate()
         self.write(5)
         self.start()
-        yield self.waitFor(lambda: self.shippedAll("mem") and self.shipper("mem").shippedLines == 20)
+        yield self.waitFor(
+            lambda: self.shippedAll("mem") and self.shipper("mem").shippedLines == 20
+        )
         self.assertEqual(old.data() + self.memory["mem"].data(), self.allShipped())
         self.assertEqual(len(self.shipper("mem").chain), 1)
 

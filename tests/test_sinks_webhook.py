@@ -13,8 +13,8 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from mcpgw.config import BatchConfig, WebhookSinkConfig
-from tests.sinkservers import SinkContract, TestCA, WebhookReceiver
-from tests.support import GatewayTestCase
+from tests.sinkservers import ShipperHarness, SinkContract, TestCA, WebhookReceiver, freePort
+from tests.support import GatewayTestCase, rpc
 
 _ca: TestCA | None = None
 _caDir = tempfile.mkdtemp(prefix="mcpgw-webhook-ca-")
@@ -139,9 +139,11 @@ class WebhookSinkTests(SinkContract, TestCase):
     @inlineCallbacks
     def test_certificateOutsideTrustRootIsRefused(self) -> Any:
         """Without ca_file the test CA is not trusted: nothing is sent, the error says why."""
-        self.sinks = (self.sinkConfig(self.name, 500, 0.1, **{}).__class__(
-            name=self.name, url=self.receiver.url, batch=BatchConfig(500, 0.1)
-        ),)
+        self.sinks = (
+            self.sinkConfig(self.name, 500, 0.1, **{}).__class__(
+                name=self.name, url=self.receiver.url, batch=BatchConfig(500, 0.1)
+            ),
+        )
         self.startShipping()
         self.write(5)
         yield self.waitFor(lambda: self.shipper(self.name).attempts >= 1)
@@ -153,26 +155,26 @@ class GatewayWithDeadWebhookTests(GatewayTestCase):
     """A gateway whose webhook sink is down keeps answering; /readyz shows the sink's state."""
 
     def configText(self) -> str:
-        from tests.sinkservers import freePort
-
-        return super().configText().replace(
-            "state_dir: " + self.tmp + "/state}",
-            "state_dir: " + self.tmp + "/state, sinks: [{type: webhook, name: siem, "
-            f"url: 'http://127.0.0.1:{freePort()}/dead', batch: {{max_lines: 10, max_seconds: 0.1}}}}]}}",
+        return (
+            super()
+            .configText()
+            .replace(
+                "state_dir: " + self.tmp + "/state}",
+                "state_dir: " + self.tmp + "/state, sinks: [{type: webhook, name: siem, "
+                f"url: 'http://127.0.0.1:{freePort()}/dead', batch: {{max_lines: 10, max_seconds: 0.1}}}}]}}",
+            )
         )
 
     @inlineCallbacks
     def test_requestsUnaffectedAndReadyzShowsLag(self) -> Any:
         """Requests succeed while the sink fails; /readyz stays ready and reports lag and error."""
-        from tests.support import rpc
-
-        for i in range(20):
+        shipper = self.service.shipping.shippers["siem"]
+        reply = yield self.call(body=rpc("ping", id=0))
+        yield ShipperHarness.waitFor(self, lambda: shipper.attempts >= 1)  # type: ignore[arg-type]
+        for i in range(1, 20):
             reply = yield self.call(body=rpc("ping", id=i))
             self.assertEqual(reply.status, 200)
-        shipper = self.service.shipping.shippers["siem"]
-        from tests.sinkservers import ShipperHarness
-
-        yield ShipperHarness.waitFor(self, lambda: shipper.attempts >= 1)  # type: ignore[arg-type]
+        yield ShipperHarness.waitFor(self, lambda: shipper.attempts >= 2)  # type: ignore[arg-type]
         reply = yield self.call("GET", "/readyz")
         self.assertEqual(reply.status, 200)
         sink = reply.json()["sinks"]["siem"]

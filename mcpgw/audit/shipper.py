@@ -398,9 +398,7 @@ def readStep(plan: _ReadPlan) -> _ReadResult:
             elif taken == 0 and len(raw) >= plan.wantBytes == MAX_BATCH_BYTES:
                 taken, lines = len(raw), 1  # a "line" longer than a batch: ship it in parts
             data = raw[:taken]
-    return _ReadResult(
-        data, lines, plan.bufEnd + len(data), headSize, idx, off, counted, ids
-    )
+    return _ReadResult(data, lines, plan.bufEnd + len(data), headSize, idx, off, counted, ids)
 
 
 # -- One sink ---------------------------------------------------------------------------------
@@ -499,8 +497,10 @@ class SinkShipper(Service):
         current = self._seen[0] if self._seen else None
         if saved is None:
             self._takeSeen()
-            log.info("sink {name}: no cursor yet, starting at the beginning of the current audit "
-                     "file", name=self.name)
+            log.info(
+                "sink {name}: no cursor yet, starting at the beginning of the current audit file",
+                name=self.name,
+            )
         else:
             yield self._resolve(saved, current)
             self._takeSeen()
@@ -527,7 +527,10 @@ class SinkShipper(Service):
                 log.error(
                     "sink {name}: audit file {path} (inode {ino}) of its cursor is gone{skipped}; "
                     "keep rotated files uncompressed until shipped (delaycompress)",
-                    name=self.name, path=entry.get("path"), ino=entry["ino"], skipped=skipped,
+                    name=self.name,
+                    path=entry.get("path"),
+                    ino=entry["ino"],
+                    skipped=skipped,
                 )
                 if i == 0:
                     offset, inflight = 0, None
@@ -545,7 +548,9 @@ class SinkShipper(Service):
             if offset > size:
                 log.error(
                     "sink {name}: cursor at byte {o} but the file has {s}; resuming at its end",
-                    name=self.name, o=offset, s=size,
+                    name=self.name,
+                    o=offset,
+                    s=size,
                 )
                 offset, inflight = size, None
         self.pos = self._bufEnd = offset
@@ -554,7 +559,9 @@ class SinkShipper(Service):
             self._exactEnd = end if end > offset else None
         log.info(
             "sink {name}: resuming at byte {o} of {path}{more}",
-            name=self.name, o=offset, path=self.chain[0].path if self.chain else "?",
+            name=self.name,
+            o=offset,
+            path=self.chain[0].path if self.chain else "?",
             more=f" (+{len(self.chain) - 1} newer files)" if len(self.chain) > 1 else "",
         )
 
@@ -592,10 +599,15 @@ class SinkShipper(Service):
             yield self.sink.start()
         except SinkRefused as e:
             self._fail("refused", str(e))
-            log.error("sink {name}: {e}. It does not ship until this is fixed and the config "
-                      "reloaded (or the check passes in {s:.0f}s)",
-                      name=self.name, e=e, s=REFUSED_RECHECK)
+            log.error(
+                "sink {name}: {e}. It does not ship until this is fixed and the config "
+                "reloaded (or the check passes in {s:.0f}s)",
+                name=self.name,
+                e=e,
+                s=REFUSED_RECHECK,
+            )
             self._schedule(REFUSED_RECHECK, self._startSink)
+            yield self.scanLag()
             return
         except Exception as e:
             delay = self._failed(e, "startup check")
@@ -664,6 +676,8 @@ class SinkShipper(Service):
             return
         while True:
             if self._due():
+                if self.attempts:  # retrying: keep the lag in lines current
+                    yield self.scanLag()
                 yield self._ship()
                 return
             head = self.chain[0]
@@ -713,6 +727,32 @@ class SinkShipper(Service):
             delay = max(0.0, min(delay, left))
         self._schedule(delay, self._step)
 
+    @inlineCallbacks
+    def scanLag(self) -> Generator[Deferred[Any], Any, None]:
+        """Count lines written since the last look (for the lag) without reading a batch."""
+        if not self.chain:
+            return
+        plan = _ReadPlan(
+            fds=tuple(tf.fd for tf in self.chain),
+            bufEnd=self._bufEnd,
+            wantLines=0,
+            wantBytes=0,
+            exactEnd=None,
+            scanIdx=self._scanIdx,
+            scanOff=self._scanOff,
+            needIds=(),
+        )
+        chain = list(self.chain)
+        result: _ReadResult = yield self._inThread(readStep, plan)
+        if chain == self.chain:
+            self._scanIdx, self._scanOff = result.scanIdx, result.scanOff
+            self._aheadLines += result.scanLines
+
+    def refreshLag(self) -> None:
+        """Update the lag in lines of a sink that is not shipping (refused, halted)."""
+        if not self._busy and not self._stopping and self.state in ("refused", "halted"):
+            self._run(self.scanLag)
+
     def _finishHead(self) -> None:
         """The first file is finished and fully shipped: move on to the next one."""
         done = self.chain.pop(0)
@@ -751,8 +791,9 @@ class SinkShipper(Service):
     def _saveSoon(self) -> None:
         d = self._save()
         d.addErrback(
-            lambda f: log.error("sink {name}: cannot save cursor: {e}", name=self.name,
-                                e=f.getErrorMessage())
+            lambda f: log.error(
+                "sink {name}: cannot save cursor: {e}", name=self.name, e=f.getErrorMessage()
+            )
         )
 
     @inlineCallbacks
@@ -781,7 +822,9 @@ class SinkShipper(Service):
         if self.attempts:
             log.info(
                 "sink {name}: shipping again after {n} failed attempts; lag {lag} lines",
-                name=self.name, n=self.attempts, lag=self._aheadLines,
+                name=self.name,
+                n=self.attempts,
+                lag=self._aheadLines,
             )
         self.attempts, self.failingSince = 0, None
         self.state = "running"
@@ -797,7 +840,10 @@ class SinkShipper(Service):
             keep = self._splitBuffer(batch, self._maxLinesNow)
             log.warn(
                 "sink {name}: batch of {n} lines too large ({e}); retrying with {k}",
-                name=self.name, n=batch.lineCount, e=error, k=keep,
+                name=self.name,
+                n=batch.lineCount,
+                e=error,
+                k=keep,
             )
             self._schedule(0, self._step)
             return
@@ -807,8 +853,12 @@ class SinkShipper(Service):
                 "sink {name}: batch {batch} ({n} lines) rejected: {e}. The sink is HALTED with "
                 "this batch unshipped (nothing is skipped); fix the receiver or the config, "
                 "then reload (SIGHUP)",
-                name=self.name, batch=batch.batchId, n=batch.lineCount, e=error,
+                name=self.name,
+                batch=batch.batchId,
+                n=batch.lineCount,
+                e=error,
             )
+            self.reactor.callLater(0, self.refreshLag)
             return
         delay = self._failed(error, f"batch {batch.batchId} ({batch.lineCount} lines)")
         self._schedule(delay, self._step)
@@ -837,9 +887,13 @@ class SinkShipper(Service):
         if isinstance(error, RetryLater) and error.delay is not None:
             delay = max(delay, error.delay)
         log.warn(
-            "sink {name}: {what} failed (attempt {n}): {e}; retrying in {d:.1f}s; "
-            "lag {lag} lines",
-            name=self.name, what=what, n=self.attempts, e=message, d=delay, lag=self._aheadLines,
+            "sink {name}: {what} failed (attempt {n}): {e}; retrying in {d:.1f}s; lag {lag} lines",
+            name=self.name,
+            what=what,
+            n=self.attempts,
+            e=message,
+            d=delay,
+            lag=self._aheadLines,
         )
         return delay
 
@@ -881,8 +935,11 @@ class SinkShipper(Service):
                 if (self.pos, len(self.chain)) == before and not self._bufLines:
                     break
         except defer.TimeoutError:
-            log.warn("sink {name}: stopped with a batch still in flight (it is re-sent at the "
-                     "next start)", name=self.name)
+            log.warn(
+                "sink {name}: stopped with a batch still in flight (it is re-sent at the "
+                "next start)",
+                name=self.name,
+            )
         self._flushing = False
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -895,7 +952,9 @@ class SinkShipper(Service):
         self._closed = True  # from here on only this final save writes the cursor
         if state is not None:
             try:  # not on the pool: its thread may be stuck in a network call
-                yield _inDaemonThread(self.reactor, saveCursor, self.stateDir, self.config.name, state)
+                yield _inDaemonThread(
+                    self.reactor, saveCursor, self.stateDir, self.config.name, state
+                )
             except Exception as e:
                 log.error("sink {name}: cannot save cursor: {e}", name=self.name, e=e)
         for tf in self.chain:
@@ -1068,8 +1127,11 @@ class ShippingService(MultiService):
         restart = []
         for name, shipper in list(self.shippers.items()):
             config = wanted.get(name)
-            if config is None or config != shipper.config or not shipper.ready or (
-                shipper.state == "halted"
+            if (
+                config is None
+                or config != shipper.config
+                or not shipper.ready
+                or (shipper.state == "halted")
             ):
                 restart.append(shipper)
         for shipper in restart:
@@ -1098,14 +1160,20 @@ class ShippingService(MultiService):
 
     def logStatus(self) -> None:
         for name, s in sorted(self.shippers.items()):
+            s.refreshLag()
             st = s.status()
             if st["state"] == "running" and st["lag_lines"] == 0:
                 continue
             log.info(
                 "sink {name} ({type}): {state}; lag {lines} lines / {bytes} bytes; "
                 "last success {ok}; last error {err}",
-                name=name, type=st["type"], state=st["state"], lines=st["lag_lines"],
-                bytes=st["lag_bytes"], ok=st["last_success"], err=st["last_error"],
+                name=name,
+                type=st["type"],
+                state=st["state"],
+                lines=st["lag_lines"],
+                bytes=st["lag_bytes"],
+                ok=st["last_success"],
+                err=st["last_error"],
                 sink_status=st,
             )
 
