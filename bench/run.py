@@ -79,6 +79,28 @@ def policy_yaml(n: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sink_yaml(mode: str, tmp: Path, procs: Any) -> str:
+    """The C{audit.sinks} entry for C{--sink-webhook}: a webhook sink whose receiver is down
+    (a port nothing listens on) or up (bench/sinks_bench.py --receiver), or none."""
+    if mode == "none":
+        return ""
+    port = free_port()
+    if mode == "up":
+        p = procs.spawn(
+            "webhook-receiver",
+            [sys.executable, str(HERE / "sinks_bench.py"), "--receiver", str(port)],
+        )
+        deadline = time.monotonic() + 20
+        while not port_open(port):
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the webhook receiver did not start")
+            time.sleep(0.05)
+    return (
+        f", sinks: [{{type: webhook, name: bench-siem, url: 'http://127.0.0.1:{port}/ingest', "
+        "batch: {max_lines: 500, max_seconds: 1}}]"
+    )
+
+
 def log(msg: str) -> None:
     sys.stderr.write("[{}] {}\n".format(time.strftime("%H:%M:%S"), msg))
     sys.stderr.flush()
@@ -495,7 +517,8 @@ def render(
     o.append(
         f"mcpgw {meta['mcpgw_git']}; Twisted {meta['twisted']}; Python {meta['python']}; "
         f"upstream loop: {meta['upstream_loop']}; {meta['wrk']}; "
-        f"mcpgw policy rules: {meta['args'].get('policy_rules', 0)}"
+        f"mcpgw policy rules: {meta['args'].get('policy_rules', 0)}; "
+        f"webhook sink: {meta['args'].get('sink_webhook', 'none')}"
     )
     o.append("")
     o.append(
@@ -678,6 +701,12 @@ def main() -> int:
         help="give mcpgw a policy of N rules (all matcher kinds, none matching the bench's tool)",
     )
     ap.add_argument(
+        "--sink-webhook",
+        choices=("none", "dead", "up"),
+        default="none",
+        help="give mcpgw a webhook audit sink: at a dead port (sink down) or a local receiver",
+    )
+    ap.add_argument(
         "--no-install", action="store_true", help="never apt-get wrk or pip-install uvloop"
     )
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, audit file)")
@@ -746,8 +775,11 @@ def main() -> int:
         if "mcpgw" in names:
             port = free_port()
             cfg = tmp / "mcpgw.yaml"
+            sinks = sink_yaml(a.sink_webhook, tmp, procs)
             cfg.write_text(
-                MCPGW_CONFIG.format(port=port, upstream=up_url, tmp=tmp)
+                MCPGW_CONFIG.format(port=port, upstream=up_url, tmp=tmp).replace(
+                    "/state}", "/state" + sinks + "}"
+                )
                 + policy_yaml(a.policy_rules)
             )
             p = procs.spawn(
