@@ -183,3 +183,72 @@ class GatewayWithDeadWebhookTests(GatewayTestCase):
         self.assertGreater(sink["lag_bytes"], 0)
         self.assertIn("refused", sink["last_error"].lower())
         self.assertTrue(os.path.exists(os.path.join(self.tmp, "state", "siem.cursor.json")))
+
+
+class GatewayReloadSinksTests(GatewayTestCase):
+    """SIGHUP reload with logrotate: a changed sink keeps its cursor, an added one starts."""
+
+    reloadable = True
+
+    def setUp(self) -> Any:
+        self.receiver = WebhookReceiver(theCA())
+        self.receiver.start()
+        self.addCleanup(self.receiver.close)
+        self.sinksYaml = self.sinkYaml("siem", 5)
+        return super().setUp()
+
+    def sinkYaml(self, name: str, lines: int) -> str:
+        return (
+            f"{{type: webhook, name: {name}, url: '{self.receiver.url}', "
+            f"headers: {{X-Sink: {name}}}, ca_file: '{theCA().caFile}', "
+            f"batch: {{max_lines: {lines}, max_seconds: 0.1}}}}"
+        )
+
+    def configText(self) -> str:
+        return (
+            super()
+            .configText()
+            .replace(
+                "state_dir: " + self.tmp + "/state}",
+                "state_dir: " + self.tmp + "/state, sinks: [" + self.sinksYaml + "]}",
+            )
+        )
+
+    def received(self, sink: str) -> list[bytes]:
+        return [body for headers, body in self.receiver.requests if headers["X-Sink"] == sink]
+
+    @inlineCallbacks
+    def test_reloadChangesAndAddsSinksKeepingCursors(self) -> Any:
+        """After rotate + reload, siem (changed) resumes at its cursor, siem2 (added) starts."""
+        shipping = self.service.shipping
+        for i in range(12):
+            yield self.call(body=rpc("ping", id=i))
+        yield ShipperHarness.waitFor(
+            self,  # type: ignore[arg-type]
+            lambda: shipping.shippers["siem"].shippedLines == 12,
+        )
+        os.rename(self.auditPath, self.auditPath + ".1")
+        yield self.call(body=rpc("ping", id=12))  # still the renamed file
+        self.sinksYaml = self.sinkYaml("siem", 3) + ", " + self.sinkYaml("siem2", 100)
+        with open(self.configPath, "w") as f:
+            f.write(self.configText())
+        self.service.reload()
+        self.assertEqual(self.service.generation.number, 2)
+        for i in range(13, 20):
+            yield self.call(body=rpc("ping", id=i))
+        yield ShipperHarness.waitFor(
+            self,  # type: ignore[arg-type]
+            lambda: (
+                "siem2" in shipping.shippers
+                and shipping.shippers["siem"].lag()[1] == 0
+                and shipping.shippers["siem2"].shippedLines == 7
+            ),
+        )
+        with open(self.auditPath + ".1", "rb") as f:
+            old = f.read()
+        with open(self.auditPath, "rb") as f:
+            new = f.read()
+        self.assertEqual(old.count(b"\n"), 13)
+        self.assertEqual(b"".join(self.received("siem")), old + new)
+        self.assertEqual(b"".join(self.received("siem2")), new)
+        self.assertLessEqual(max(b.count(b"\n") for b in self.received("siem")[-3:]), 3)
