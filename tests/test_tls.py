@@ -43,6 +43,7 @@ class TLSReply:
     body: bytes
     serial: int
     version: str | None
+    alpn: str | None
 
 
 def clientContext(
@@ -53,6 +54,7 @@ def clientContext(
 ) -> ssl.SSLContext:
     """A client context trusting C{ca}, presenting C{cert} (paths) if given."""
     ctx = ssl.create_default_context(cadata=ca.certPEM.decode())
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # TLSv1/TLSv1_1 constants
         if minimum is not None:
@@ -82,7 +84,11 @@ class TLSClient:
         der = sock.getpeercert(binary_form=True)
         assert der is not None
         return TLSReply(
-            resp.status, data, x509.load_der_x509_certificate(der).serial_number, sock.version()
+            resp.status,
+            data,
+            x509.load_der_x509_certificate(der).serial_number,
+            sock.version(),
+            sock.selected_alpn_protocol(),
         )
 
     def close(self) -> None:
@@ -190,6 +196,7 @@ class TLSTests(TLSGatewayTestCase):
         self.assertEqual(json.loads(reply.body)["id"], 7)
         self.assertEqual(reply.serial, self.server.serial)
         self.assertEqual(reply.version, "TLSv1.3")
+        self.assertEqual(reply.alpn, "http/1.1")
         self.assertEqual(len(self.upstream.seen), 1)
         [line] = self.auditLines()
         self.assertEqual(line["transport"], "https")
@@ -369,6 +376,30 @@ class MTLSTests(TLSGatewayTestCase):
         [channel] = self.service.gateway.connections
         self.assertEqual(peerIdentity(channel.transport), "bob")
         self.assertEqual(self.auditLines()[-1]["auth_key_id"], "bob")
+
+    @inlineCallbacks
+    def test_intermediateClientCAs(self) -> Any:
+        """
+        An intermediate CA alone in C{client_ca} is a trust anchor; with the root there instead,
+        a client sending its intermediate along verifies too.
+        """
+        intermediate = CA("mcpgw clients issuing CA", parent=self.clientCA)
+        cert = intermediate.client(cn="carol")
+        intermediate.writeCert(self.tmp, "clients-ca")
+        self.service.reload()
+        reply = yield self.post(self.client(cert))
+        self.assertEqual(reply.status, 200)
+        self.clientCA.writeCert(self.tmp, "clients-ca")
+        self.service.reload()
+        self.assertEqual(self.service.generation.number, 3)
+        reason = yield self.refused(cert, maximum=ssl.TLSVersion.TLSv1_2)
+        self.assertEqual(reason, "TLSV1_ALERT_UNKNOWN_CA")
+        paths = cert.write(self.tmp, "carol-chain", chain=(intermediate,))
+        client = TLSClient(self.port, clientContext(self.ca, paths))
+        self.addCleanup(client.close)
+        reply = yield self.post(client)
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(self.auditLines()[-1]["auth_key_id"], "carol")
 
     @inlineCallbacks
     def test_clientCASwappedByReload(self) -> Any:
