@@ -640,6 +640,8 @@ class SinkShipper(Service):
 
     def noteFile(self) -> None:
         """Follow the writer to a new file if it moved."""
+        if self._stopping:
+            return
         current = self.tracker.current()
         if current is None:
             return
