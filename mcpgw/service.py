@@ -20,7 +20,6 @@ from twisted.internet import defer, tcp
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from mcpgw import __version__
@@ -32,7 +31,7 @@ from mcpgw.health import Readiness
 from mcpgw.proxy.gateway import Gateway
 from mcpgw.proxy.server import GatewaySite
 from mcpgw.telemetry import Telemetry
-from mcpgw.tls import SwappableServerTLS, TLSError
+from mcpgw.tls import ServerTLSFactory, SwappableServerTLS, TLSError
 
 log = Logger()
 
@@ -104,7 +103,7 @@ class GatewayService(MultiService):
         listen = config.listen
         factory: Any = self.site
         if self.tlsCreator is not None:
-            factory = TLSMemoryBIOFactory(self.tlsCreator, False, self.site)
+            factory = ServerTLSFactory(self.tlsCreator, self.site)
         if listen.reuse_port:
             binding = tcp.makeBinding(listen.host, listen.port, reuseAddress=True, reusePort=True)
             self.port = self.reactor.listenTCP(binding, factory, BACKLOG)

@@ -9,7 +9,8 @@ Native TLS and mTLS on the gateway's listener, with certificates swapped on SIGH
     broken pair fails the whole new generation (the reload is rejected, the old one stays).
   - L{SwappableServerTLS} is the listener's connection creator: every new connection takes the
     options current at its accept; L{SwappableServerTLS.swap} publishes new ones. Open
-    connections keep the context they were accepted with.
+    connections keep the context they were accepted with. L{ServerTLSFactory} wraps the site
+    with it.
   - L{peerIdentity} is the client certificate identity of a connection (SPIFFE URI SAN, else the
     subject CN), computed once per connection.
 
@@ -33,10 +34,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from OpenSSL.crypto import X509, X509StoreFlags
+from twisted.internet._producer_helpers import _PullToPush
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, ISSLTransport
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from mcpgw.config import TLSConfig
@@ -249,6 +252,46 @@ class SwappableServerTLS:
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         return self.current.options.serverConnectionForTLS(tlsProtocol)
+
+
+class ServerTLSProtocol(BufferingTLSTransport):
+    """
+    Twisted's TLS server protocol, made to close like a TCP transport. C{loseConnection} still
+    flushes what was written, but:
+
+      - a I{streaming} producer does not hold the close (TCP does not wait for one either).
+        C{HTTPChannel} stays registered as one for the life of the connection, so without this a
+        C{channel.transport.loseConnection()} (graceful stop, an early 4xx) would wait until the
+        client goes away;
+      - after our C{close_notify} the TCP connection is closed at once, without waiting for the
+        client's (RFC 8446 6.1 and RFC 5246 7.2.1 allow it): an idle keep-alive client does not
+        read, so it would never answer.
+
+    Without both, a graceful stop with any idle HTTPS keep-alive connection waited out its whole
+    close grace (5 s). Relies on C{TLSMemoryBIOProtocol} internals (C{_producer}, C{_aborted},
+    C{_shutdownTLS}) of the pinned Twisted; C{tests/test_tls.py} checks the behaviour.
+    """
+
+    def loseConnection(self) -> None:
+        producer = self._producer
+        if producer is not None and not isinstance(producer._producer, _PullToPush):
+            self.unregisterProducer()
+        super().loseConnection()
+
+    def _shutdownTLS(self) -> None:
+        super()._shutdownTLS()
+        transport = self.transport
+        if self.disconnecting and not self._aborted and transport is not None:
+            transport.loseConnection()  # flushes the close_notify, then closes
+
+
+class ServerTLSFactory(TLSMemoryBIOFactory):
+    """Wraps the site: TLS with L{ServerTLSProtocol}, connections from C{creator}."""
+
+    protocol = ServerTLSProtocol
+
+    def __init__(self, creator: SwappableServerTLS, wrappedFactory: Any) -> None:
+        super().__init__(creator, False, wrappedFactory)
 
 
 def certificateIdentity(cert: x509.Certificate) -> str:

@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import tempfile
@@ -22,14 +23,16 @@ from typing import Any
 import attr
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from twisted.internet import threads
+from twisted.internet import reactor, threads
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from mcpgw.config import TLSConfig
+from mcpgw.service import CLOSE_GRACE
 from mcpgw.tls import TLSError, certificateIdentity, loadServerTLS, peerIdentity
 from tests.pki import ALICE_SPIFFE, CA, Issued
 from tests.support import GatewayTestCase, freePort, rpc
@@ -206,6 +209,54 @@ class TLSTests(TLSGatewayTestCase):
         self.assertIn(
             f"tls: certificate 'CN=localhost' serial {self.server.serial:x}", self.logs.text()
         )
+
+    @inlineCallbacks
+    def test_stopClosesIdleConnectionsCleanly(self) -> Any:
+        """
+        A graceful stop closes an idle keep-alive HTTPS connection with a close_notify at once: it
+        neither waits for the client's close_notify (an idle client does not read) nor for the
+        close grace to run out and abort.
+        """
+        client = self.client()
+        reply = yield self.post(client)
+        self.assertEqual(reply.status, 200)
+        started = time.monotonic()
+        yield self.service.stopService()
+        self.assertLess(time.monotonic() - started, CLOSE_GRACE / 2)
+
+        def read() -> bytes:
+            sock = client.conn.sock
+            sock.settimeout(5)
+            return bytes(sock.recv(100))
+
+        self.assertEqual((yield threads.deferToThread(read)), b"")  # close_notify, not a reset
+
+    @inlineCallbacks
+    def test_earlyErrorClosesTheConnection(self) -> Any:
+        """
+        An answer that closes the connection (431 here) closes it on the server side too, even
+        while the client keeps its socket open and never answers the close_notify.
+        """
+
+        def oversized() -> tuple[ssl.SSLSocket, bytes]:
+            raw = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+            sock = clientContext(self.ca).wrap_socket(raw, server_hostname="127.0.0.1")
+            sock.sendall(
+                b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"x" * 20000 + b"\r\n\r\n"
+            )
+            data = b""
+            while chunk := sock.recv(65536):  # until the server's close_notify
+                data += chunk
+            return sock, data
+
+        sock, data = yield threads.deferToThread(oversized)
+        self.addCleanup(sock.close)
+        self.assertTrue(data.startswith(b"HTTP/1.1 431 "), data[:40])
+        for _ in range(100):
+            if not self.service.gateway.connections:
+                break
+            yield deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(self.service.gateway.connections, set())
 
     @inlineCallbacks
     def test_tls12Accepted(self) -> Any:
