@@ -205,6 +205,66 @@ def _link(traceId: int, spanId: int, traceState: str | None, flags: int) -> byte
     return b"\x6a" + varint(len(body)) + body
 
 
+def nameField(name: str) -> bytes:
+    """The C{Span.name} field."""
+    n = _text(name)
+    return b"\x2a" + varint(len(n)) + n
+
+
+def statusField(code: int, message: str | None = None) -> bytes:
+    """The C{Span.status} field; empty for C{STATUS_UNSET} (the field is then left out)."""
+    if not code:
+        return b""
+    status = b"\x18" + varint(code)
+    if message:
+        status = lengthDelimited(2, _text(message)) + status
+    return b"\x7a" + varint(len(status)) + status
+
+
+def spanFromFields(
+    traceId: int,
+    spanId: int,
+    parentSpanId: int,
+    traceState: str | None,
+    flags: int,
+    startNs: int,
+    endNs: int,
+    fields: Sequence[bytes],
+    links: Sequence[tuple[int, int, str | None, int]] = (),
+) -> bytes:
+    """
+    One SERVER C{Span}, already wrapped as field 2 of C{ScopeSpans}, from its ids and times and
+    C{fields}: already encoded fields (name, attributes, status, in any order: protobuf does
+    not require field order), so that parts shared by many spans can be encoded once.
+
+    @param traceId: 128-bit trace id (non-zero).
+    @param spanId: 64-bit span id (non-zero).
+    @param parentSpanId: the parent's span id, or 0 for a root span.
+    @param traceState: the W3C C{tracestate} of the span, or C{None}.
+    @param flags: C{Span.flags}: W3C trace flags and the C{FLAG_*IS_REMOTE} bits.
+    @param links: C{(traceId, spanId, traceState, flags)} of each link.
+    """
+    parts = [
+        b"\x0a\x10",
+        traceId.to_bytes(16, "big"),
+        b"\x12\x08",
+        spanId.to_bytes(8, "big"),
+        _KIND_SERVER,
+        _TIMES.pack(0x39, startNs, 0x41, endNs),
+        b"\x85\x01",
+        _FLAGS.pack(flags),
+    ]
+    if traceState:
+        parts.append(lengthDelimited(3, _text(traceState)))
+    if parentSpanId:
+        parts += (b"\x22\x08", parentSpanId.to_bytes(8, "big"))
+    parts += fields
+    for link in links:
+        parts.append(_link(*link))
+    body = b"".join(parts)
+    return b"\x12" + varint(len(body)) + body
+
+
 def span(
     traceId: int,
     spanId: int,
@@ -220,45 +280,14 @@ def span(
     links: Sequence[tuple[int, int, str | None, int]] = (),
 ) -> bytes:
     """
-    One SERVER C{Span}, already wrapped as field 2 of C{ScopeSpans}.
+    One SERVER C{Span}, already wrapped as field 2 of C{ScopeSpans} (see L{spanFromFields}).
 
-    @param traceId: 128-bit trace id (non-zero).
-    @param spanId: 64-bit span id (non-zero).
-    @param parentSpanId: the parent's span id, or 0 for a root span.
-    @param traceState: the W3C C{tracestate} of the span, or C{None}.
-    @param flags: C{Span.flags}: W3C trace flags and the C{FLAG_*IS_REMOTE} bits.
     @param attributes: encoded attribute fields (L{AttributeKey} results).
-    @param links: C{(traceId, spanId, traceState, flags)} of each link.
     """
-    parts = [
-        b"\x0a\x10",
-        traceId.to_bytes(16, "big"),
-        b"\x12\x08",
-        spanId.to_bytes(8, "big"),
-    ]
-    if traceState:
-        parts.append(lengthDelimited(3, _text(traceState)))
-    if parentSpanId:
-        parts += (b"\x22\x08", parentSpanId.to_bytes(8, "big"))
-    n = _text(name)
-    parts += (
-        b"\x2a",
-        varint(len(n)),
-        n,
-        _KIND_SERVER,
-        _TIMES.pack(0x39, startNs, 0x41, endNs),
+    fields = [nameField(name), *attributes, statusField(statusCode, statusMessage)]
+    return spanFromFields(
+        traceId, spanId, parentSpanId, traceState, flags, startNs, endNs, fields, links
     )
-    parts += attributes
-    for link in links:
-        parts.append(_link(*link))
-    if statusCode:
-        status = b"\x18" + varint(statusCode)
-        if statusMessage:
-            status = lengthDelimited(2, _text(statusMessage)) + status
-        parts += (b"\x7a", varint(len(status)), status)
-    parts += (b"\x85\x01", _FLAGS.pack(flags))
-    body = b"".join(parts)
-    return b"\x12" + varint(len(body)) + body
 
 
 # -- Response ---------------------------------------------------------------------------------

@@ -349,9 +349,35 @@ def spanName(rec: Sequence[Any]) -> str:
     return http
 
 
-def encodeSpan(rec: Sequence[Any]) -> bytes:
+#: Encoded static parts of spans (see L{encodeSpan}), by the values they are made of.
+_STATIC: dict[tuple[Any, ...], bytes] = {}
+#: Entries kept at most in L{_STATIC} (then it starts over).
+STATIC_CACHE_SIZE = 4096
+
+
+def _staticKey(rec: Sequence[Any]) -> tuple[Any, ...]:
+    return (
+        rec[R_METHOD],
+        rec[R_TOOL],
+        rec[R_HTTP_METHOD],
+        rec[R_PATH],
+        rec[R_UPSTREAM],
+        rec[R_DECISION],
+        rec[R_RULE],
+        rec[R_AUTH_RESULT],
+        rec[R_AUTH_KEY],
+        rec[R_PROTOCOL],
+        rec[R_STATUS],
+        rec[R_ERROR],
+        rec[R_CLIENT_IP],
+        rec[R_SECURE],
+    )
+
+
+def _staticFields(rec: Sequence[Any]) -> bytes:
     """
-    The OTLP C{Span} (as a C{ScopeSpans.spans} field) of a L{spanRecord}.
+    The span's name, status and the attributes that many spans share (method, tool, policy,
+    auth, HTTP, client, error), encoded as one run of fields.
 
     Status: ERROR, with C{error.type}, when the request failed on the gateway's or upstream's
     side: a 5xx status (the gateway's own, e.g. 502/504, or relayed from the upstream), an
@@ -360,8 +386,7 @@ def encodeSpan(rec: Sequence[Any]) -> bytes:
     C{mcp.policy.decision}, C{mcp.error.kind} and C{rpc.response.status_code} instead.
     """
     name = spanName(rec)
-    parent = rec[R_PARENT]
-    a = [A_RESOURCE_NAME.string(name), _CONSTANT, A_REQUEST_ID.string(rec[R_REQUEST_ID])]
+    a = [otlp.nameField(name), A_RESOURCE_NAME.string(name), _CONSTANT]
     add = a.append
     method = rec[R_METHOD]
     if method is not None:
@@ -372,30 +397,17 @@ def encodeSpan(rec: Sequence[Any]) -> bytes:
     if tool is not None:
         add(A_TOOL.string(tool))
         add(A_GENAI_TOOL.string(tool))
-    rid = rec[R_JSONRPC_ID]
-    if rid is not None:
-        add(A_JSONRPC_ID.string(rid if isinstance(rid, str) else str(rid)))
     if rec[R_PROTOCOL] is not None:
         add(A_PROTOCOL.string(rec[R_PROTOCOL]))
-    if rec[R_SESSION] is not None:
-        add(A_SESSION.string(rec[R_SESSION]))
     add(A_DECISION.string(rec[R_DECISION]))
     if rec[R_RULE] is not None:
         add(A_RULE.string(rec[R_RULE]))
     if rec[R_UPSTREAM] is not None:
         add(A_UPSTREAM.string(rec[R_UPSTREAM]))
-    add(A_BYTES_IN.integer(rec[R_BYTES_IN]))
-    add(A_BYTES_OUT.integer(rec[R_BYTES_OUT]))
     if rec[R_AUTH_KEY] is not None:
         add(A_AUTH_KEY.string(rec[R_AUTH_KEY]))
     if rec[R_AUTH_RESULT] is not None:
         add(A_AUTH_RESULT.string(rec[R_AUTH_RESULT]))
-    if rec[R_REDACTED] is not None:
-        add(A_REDACTED.integer(rec[R_REDACTED]))
-    if rec[R_FILTERED] is not None:
-        add(A_FILTERED.integer(rec[R_FILTERED]))
-    if rec[R_BATCH] is not None:
-        add(A_BATCH.integer(rec[R_BATCH]))
     add(A_HTTP_METHOD.string(rec[R_HTTP_METHOD].decode("latin-1")))
     add(A_URL_PATH.string(rec[R_PATH].decode("latin-1")))
     add(_SCHEMES[bool(rec[R_SECURE])])
@@ -406,13 +418,11 @@ def encodeSpan(rec: Sequence[Any]) -> bytes:
         add(A_CLIENT.string(rec[R_CLIENT_IP]))
     error = rec[R_ERROR]
     code = ERROR_CODES.get(error) if error is not None else None
-    statusCode, message = otlp.STATUS_UNSET, None
     if error is not None:
         add(A_ERROR_KIND.string(error))
         if code is not None:
             add(A_RPC_STATUS.string(str(code)))
     if (status is not None and status >= 500) or error in _SERVER_FAULTS:
-        statusCode = otlp.STATUS_ERROR
         if code is not None:
             errorType, message = str(code), error
         elif error is not None:
@@ -420,36 +430,68 @@ def encodeSpan(rec: Sequence[Any]) -> bytes:
         else:
             errorType, message = str(status), f"upstream answered HTTP {status}"
         add(A_ERROR_TYPE.string(errorType))
-    link = rec[R_LINK]
+        add(otlp.statusField(otlp.STATUS_ERROR, message))
+    return b"".join(a)
+
+
+def encodeSpan(rec: Sequence[Any]) -> bytes:
+    """
+    The OTLP C{Span} (as a C{ScopeSpans.spans} field) of a L{spanRecord}.
+
+    The fields most spans share with others (name, status, method, tool, policy, auth, HTTP,
+    client) are encoded once per combination and cached; only ids, times, the request and
+    JSON-RPC ids, the session and the byte counts are encoded per span.
+    """
+    key = _staticKey(rec)
+    static = _STATIC.get(key)
+    if static is None:
+        if len(_STATIC) >= STATIC_CACHE_SIZE:
+            _STATIC.clear()
+        static = _STATIC[key] = _staticFields(rec)
+    fields = [
+        static,
+        A_REQUEST_ID.string(rec[R_REQUEST_ID]),
+        A_BYTES_IN.integer(rec[R_BYTES_IN]),
+        A_BYTES_OUT.integer(rec[R_BYTES_OUT]),
+    ]
+    rid = rec[R_JSONRPC_ID]
+    if rid is not None:
+        fields.append(A_JSONRPC_ID.string(rid if isinstance(rid, str) else str(rid)))
+    if rec[R_SESSION] is not None:
+        fields.append(A_SESSION.string(rec[R_SESSION]))
+    if rec[R_REDACTED] is not None:
+        fields.append(A_REDACTED.integer(rec[R_REDACTED]))
+    if rec[R_FILTERED] is not None:
+        fields.append(A_FILTERED.integer(rec[R_FILTERED]))
+    if rec[R_BATCH] is not None:
+        fields.append(A_BATCH.integer(rec[R_BATCH]))
+    parent = rec[R_PARENT]
     if parent is None:
-        parentId, state, flags = 0, None, otlp.FLAG_SAMPLED | otlp.FLAG_HAS_IS_REMOTE
+        parentId, state, flags = 0, None, _ROOT_FLAGS
     else:
         parentId, state = parent.spanId, parent.traceState
-        flags = (parent.flags & 0xFF) | otlp.FLAG_HAS_IS_REMOTE | otlp.FLAG_IS_REMOTE
+        flags = (parent.flags & 0xFF) | _REMOTE_FLAGS
+    link = rec[R_LINK]
     links: Sequence[tuple[int, int, str | None, int]] = ()
     if link is not None:
         links = (
-            (
-                link.traceId,
-                link.spanId,
-                link.traceState,
-                (link.flags & 0xFF) | otlp.FLAG_HAS_IS_REMOTE | otlp.FLAG_IS_REMOTE,
-            ),
+            (link.traceId, link.spanId, link.traceState, (link.flags & 0xFF) | _REMOTE_FLAGS),
         )
-    return otlp.span(
+    return otlp.spanFromFields(
         rec[R_TRACE],
         rec[R_SPAN],
         parentId,
         state,
         flags,
-        name,
         rec[R_START],
         rec[R_END],
-        a,
-        statusCode,
-        message,
+        fields,
         links,
     )
+
+
+_ROOT_FLAGS = otlp.FLAG_SAMPLED | otlp.FLAG_HAS_IS_REMOTE
+_REMOTE_FLAGS = otlp.FLAG_HAS_IS_REMOTE | otlp.FLAG_IS_REMOTE
 
 
 def resourceAttributes(config: TelemetryConfig) -> list[tuple[str, str]]:
@@ -619,10 +661,14 @@ class SpanExporter:
             self._report(final=True)
 
     def _drain(self) -> None:
+        # Only what is queued now: records that arrive meanwhile wait for the next wake-up (a
+        # full batch or the interval), so batches stay large instead of chasing the tail.
         q = self._queue
         pop = q.popleft
-        while q:
-            n = min(len(q), self.batchSize)
+        left = len(q)
+        while left > 0 and q:
+            n = min(left, len(q), self.batchSize)
+            left -= n
             batch = [pop() for _ in range(n)]
             if time.monotonic() >= self._stopDeadline:
                 self.failed += len(batch) + len(q)
