@@ -27,6 +27,10 @@ def theCA() -> TestCA:
     return _ca
 
 
+def tearDownModule() -> None:
+    shutil.rmtree(_caDir, ignore_errors=True)
+
+
 class WebhookSinkTests(SinkContract, TestCase):
     """POSTs of NDJSON batches to a real HTTPS receiver."""
 
@@ -41,7 +45,6 @@ class WebhookSinkTests(SinkContract, TestCase):
     @classmethod
     def tearDownClass(cls) -> None:
         cls.receiver.close()
-        shutil.rmtree(_caDir, ignore_errors=True)
 
     def setUp(self) -> None:
         self.receiver.requests.clear()
