@@ -8,6 +8,9 @@ Starts (each in its own process group, all stopped at the end, also on Ctrl-C or
   direct         bench/upstream_fast.py, a fast MCP echo upstream (asyncio + uvloop + httptools)
   twisted-proxy  bench/twisted_proxy.py, the reference stand-in (twisted.web + Agent) in front of it
   mcpgw          python -m mcpgw run --config <generated YAML> in front of it, audit line on
+  mcpgw-auth     the same with API keys on
+  mcpgw-otel     the same with span export on (telemetry.otlp_endpoint = a local OTLP sink,
+                 bench/telemetry_bench.py --receiver, in its own process)
 
 Then, round by round (system order reversed every round), for each system: an MCP handshake,
 1 s of wrk warmup, the sequential test (loadgen.seq_latency: tools/call echo with ~1 KB of
@@ -46,7 +49,7 @@ import loadgen  # noqa: E402  (vendored beside this file)
 #: venv for the upstream when the running interpreter has no uvloop (override: MCPGW_BENCH_VENV).
 UPSTREAM_VENV = Path(os.environ.get("MCPGW_BENCH_VENV", "/tmp/mcpgw-bench-venv"))
 UPSTREAM_SPEC = ["uvloop==0.23.0", "httptools==0.9.0", "orjson==3.13.0"]
-SYSTEMS = ("direct", "twisted-proxy", "mcpgw", "mcpgw-auth")
+SYSTEMS = ("direct", "twisted-proxy", "mcpgw", "mcpgw-auth", "mcpgw-otel")
 STANDIN = "twisted-proxy"
 #: The issue's bar: mcpgw added p50 / stand-in added p50 <= 0.5; mcpgw / stand-in req/s at C=32 >= 2.
 BAR_P50 = 0.5
@@ -475,6 +478,17 @@ def summarize(results: list[dict[str, Any]], names: list[str]) -> dict[str, Any]
         }
     ratios: dict[str, Any] = {"per_round": []}
     m, t = by.get("mcpgw", {}), by.get(STANDIN, {})
+    # span export on minus off, CPU per request, within each round
+    otel = by.get("mcpgw-otel", {})
+    tracing: dict[str, Any] = {}
+    for c in ("8", "32"):
+        d = [
+            otel[k]["wrk"][c]["cpu_us_per_req"] - m[k]["wrk"][c]["cpu_us_per_req"]
+            for k in sorted(set(otel) & set(m))
+            if c in otel[k]["wrk"] and c in m[k]["wrk"]
+        ]
+        if d:
+            tracing[c] = {"median": statistics.median(d), "per_round": d}
     for k in sorted(set(m) & set(t) & set(direct)):
         ap_m = m[k]["seq"]["p50_ms"] - direct[k]["seq"]["p50_ms"]
         ap_t = t[k]["seq"]["p50_ms"] - direct[k]["seq"]["p50_ms"]
@@ -497,7 +511,7 @@ def summarize(results: list[dict[str, Any]], names: list[str]) -> dict[str, Any]
                 "bar": bar,
                 "meets_bar": mm <= bar if better == "le" else mm >= bar,
             }
-    return {"systems": rows, "ratios": ratios}
+    return {"systems": rows, "ratios": ratios, "tracing": tracing}
 
 
 def render(
@@ -584,6 +598,24 @@ def render(
                 for x in rat["per_round"]
             )
         )
+        o.append("")
+    tracing = summary.get("tracing")
+    if tracing:
+        o.append(
+            "**Tracing cost** (mcpgw-otel CPU µs/req minus mcpgw's in the same round, all threads "
+            "of the process: span records on the reactor, encoding and POSTs on the export thread): "
+            + "; ".join(
+                f"C={c}: {x['median']:+.1f} (per round: {', '.join(f'{v:+.1f}' for v in x['per_round'])})"
+                for c, x in tracing.items()
+            )
+        )
+        sink = meta.get("otlp_sink")
+        if sink:
+            o.append(
+                f"Spans received by the OTLP sink: {sink.get('spans', '?')} in {sink.get('posts', '?')} "
+                f"POSTs, for {sink.get('sent', '?')} requests sent to mcpgw-otel (plus those in "
+                "flight when wrk stopped)."
+            )
         o.append("")
     if audit is not None:
         o.append("**Audit file check** (mcpgw, read after it stopped):")
@@ -744,6 +776,7 @@ def main() -> int:
     failed: dict[str, str] = {}
     results: list[dict[str, Any]] = []
     audit: dict[str, Any] | None = None
+    sink_port: int | None = None  # the OTLP sink of mcpgw-otel
 
     def on_signal(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -811,6 +844,29 @@ def main() -> int:
                 p,
                 (("Authorization", f"Bearer {key}"),),
             )
+        if "mcpgw-otel" in names:
+            # the same gateway exporting one span per request to a local OTLP/HTTP sink
+            sink_port = free_port()
+            sp = procs.spawn(
+                "otlp-sink",
+                [sys.executable, str(HERE / "telemetry_bench.py"), "--receiver", str(sink_port)],
+            )
+            wait_ready(procs, sp, sink_port, 30)
+            port = free_port()
+            cfg = tmp / "mcpgw-otel.yaml"
+            cfg.write_text(
+                MCPGW_CONFIG.format(port=port, upstream=up_url, tmp=tmp).replace(
+                    "audit.jsonl", "audit-otel.jsonl"
+                )
+                + policy_yaml(a.policy_rules)
+                + f"telemetry: {{otlp_endpoint: 'http://127.0.0.1:{sink_port}/v1/traces'}}\n"
+            )
+            p = procs.spawn(
+                "mcpgw-otel",
+                [sys.executable, "-m", "mcpgw", "run", "--config", str(cfg)],
+                cwd=ROOT,
+            )
+            systems["mcpgw-otel"] = System("mcpgw-otel", f"http://127.0.0.1:{port}/mcp", p)
         for n, s in systems.items():
             if n == "direct":
                 continue
@@ -819,7 +875,7 @@ def main() -> int:
             try:
                 wait_ready(procs, s.proc, port, 60, health)
                 loadgen.handshake(s.url, extra_headers=s.headers)
-                if n == "mcpgw":
+                if n in ("mcpgw", "mcpgw-otel"):
                     s.sent += 4
                 log(f"{n} ready at {s.url}")
             except Exception as e:
@@ -863,6 +919,14 @@ def main() -> int:
         meta["interrupted"] = str(e) or "Ctrl-C"
         log(f"interrupted: {meta['interrupted']}")
     finally:
+        if sink_port is not None and "mcpgw-otel" in systems and not meta.get("interrupted"):
+            time.sleep(2.5)  # the exporter sends at least once a second
+            stats = f"http://127.0.0.1:{sink_port}/stats"
+            with (
+                contextlib.suppress(OSError, ValueError),
+                urllib.request.urlopen(stats, timeout=5) as r,
+            ):
+                meta["otlp_sink"] = dict(json.loads(r.read()), sent=systems["mcpgw-otel"].sent)
         log("stopping everything the bench started")
         procs.stop_all()
     if "mcpgw" in systems and "mcpgw" not in failed and not meta.get("interrupted"):
