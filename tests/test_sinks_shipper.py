@@ -6,6 +6,7 @@ failure handling (no network; the real sinks have their own test modules).
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import orjson
@@ -27,7 +28,7 @@ from mcpgw.audit.sinks import (
     SinkRefused,
     fileIdOf,
 )
-from mcpgw.config import BatchConfig, WebhookSinkConfig
+from mcpgw.config import BatchConfig, S3SinkConfig, WebhookSinkConfig
 from mcpgw.health import Readiness
 from tests.sinkservers import ShipperHarness
 
@@ -288,3 +289,34 @@ class ShipperTests(ShipperHarness, TestCase):
         self.assertEqual(self.memory["mem"].batches, [])
         yield self.stopShipping()
         self.assertEqual(self.memory["mem"].data(), self.allShipped())
+
+
+class MissingLibraryTests(ShipperHarness, TestCase):
+    """A configured sink whose library is not installed (no sinks extra)."""
+
+    def setUp(self) -> None:
+        self.setUpHarness((S3SinkConfig(name="s3", bucket="corp-mcp-audit"),))
+
+    @inlineCallbacks
+    def test_unavailableSinkIsNotReady(self) -> Any:
+        """The sink is 'unavailable' with a message naming the extra, and /readyz is not ready."""
+        saved = {name: sys.modules.get(name) for name in ("boto3", "mcpgw.audit.sinks.s3")}
+
+        def restore() -> None:
+            for name, module in saved.items():
+                if module is None:
+                    sys.modules.pop(name, None)
+                else:
+                    sys.modules[name] = module
+
+        self.addCleanup(restore)
+        sys.modules["boto3"] = None  # type: ignore[assignment]  # "import boto3" fails
+        sys.modules.pop("mcpgw.audit.sinks.s3", None)
+        self.write(3)
+        self.startShipping()
+        yield self.waitFor(lambda: self.shipper("s3").state == "unavailable")
+        assert self.shipping is not None
+        _, ok, detail = self.shipping.readinessCheck()
+        self.assertFalse(ok)
+        self.assertIn("rivano-mcpgw[sinks]", detail["s3"]["last_error"])
+        self.assertEqual(detail["s3"]["lag_bytes"], sum(map(len, self.written)))
