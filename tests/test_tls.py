@@ -143,6 +143,7 @@ class TLSGatewayTestCase(GatewayTestCase):
     """A gateway listening with TLS (and mTLS when C{mtls}), reloadable from C{configPath}."""
 
     mtls = False
+    reloadable = True
 
     def setUp(self) -> Any:
         self.ca = CA("mcpgw test CA")
@@ -150,12 +151,7 @@ class TLSGatewayTestCase(GatewayTestCase):
         self.server = self.ca.server()
         self.certPath = self.keyPath = self.clientCAPath = ""
         self.logs = LogCapture(self)
-        d = super().setUp()
-        self.configPath = os.path.join(self.tmp, "mcpgw.yaml")
-        with open(self.configPath, "w") as f:
-            f.write(self.configText())
-        self.service.configPath = self.configPath
-        return d
+        return super().setUp()
 
     def configText(self) -> str:
         if not self.certPath:
@@ -257,6 +253,35 @@ class TLSTests(TLSGatewayTestCase):
                 break
             yield deferLater(reactor, 0.02, lambda: None)
         self.assertEqual(self.service.gateway.connections, set())
+
+    @inlineCallbacks
+    def test_streamsOverTLS(self) -> Any:
+        """
+        SSE events are relayed one by one over TLS (not held back until the end), and a large
+        answer goes through the producer/backpressure path intact.
+        """
+
+        def get(path: str) -> tuple[int, list[float], int]:
+            conn = http.client.HTTPSConnection(
+                "127.0.0.1", self.port, context=clientContext(self.ca), timeout=10
+            )
+            try:
+                conn.request("GET" if "sse" in path else "POST", path, body=rpc("ping"))
+                resp = conn.getresponse()
+                arrivals, size = [], 0
+                while line := resp.readline():
+                    size += len(line)
+                    if line.startswith(b"data:"):
+                        arrivals.append(time.monotonic())
+                return resp.status, arrivals, size
+            finally:
+                conn.close()
+
+        status, arrivals, _ = yield threads.deferToThread(get, "/mcp?mode=sse&n=4&gap=0.1")
+        self.assertEqual((status, len(arrivals)), (200, 4))
+        self.assertGreater(arrivals[-1] - arrivals[0], 0.2)  # spread out as sent, 0.1 s apart
+        status, _, size = yield threads.deferToThread(get, "/mcp?mode=produce&size=4000000")
+        self.assertEqual((status, size), (200, 4_000_000))
 
     @inlineCallbacks
     def test_tls12Accepted(self) -> Any:
