@@ -13,6 +13,7 @@ import orjson
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -289,6 +290,36 @@ class ShipperTests(ShipperHarness, TestCase):
         self.assertEqual(self.memory["mem"].batches, [])
         yield self.stopShipping()
         self.assertEqual(self.memory["mem"].data(), self.allShipped())
+
+
+class StatusLogTests(ShipperHarness, TestCase):
+    """The operational log says what a lagging or failing sink is doing."""
+
+    def setUp(self) -> None:
+        self.setUpHarness((sinkConfig(),))
+        self.sink = MemorySink(sinkConfig())
+
+    @inlineCallbacks
+    def test_lagAndErrorsAreLogged(self) -> Any:
+        """Failures are logged as they happen; the periodic status line has lag and last error."""
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.sink.failures = [RuntimeError("receiver down")] * 3
+        self.startShipping(lambda reactor, config, pool: self.sink)
+        self.write(7)
+        yield self.waitFor(lambda: self.shipper("mem").attempts >= 2)
+        assert self.shipping is not None
+        self.shipping.logStatus()
+        messages = [
+            formatEvent(e) for e in events if e.get("log_namespace", "").endswith("shipper")
+        ]
+        self.assertTrue(any("receiver down" in m and "attempt 1" in m for m in messages))
+        status = [m for m in messages if m.startswith("sink mem (webhook): retrying")]
+        self.assertEqual(len(status), 1)
+        self.assertIn("lag 7 lines", status[0])
+        self.assertIn("last error receiver down", status[0])
+        yield self.waitFor(lambda: self.shippedAll("mem"))
 
 
 class MissingLibraryTests(ShipperHarness, TestCase):
