@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -303,8 +303,9 @@ class StatusLogTests(ShipperHarness, TestCase):
     def test_lagAndErrorsAreLogged(self) -> Any:
         """Failures are logged as they happen; the periodic status line has lag and last error."""
         events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         self.sink.failures = [RuntimeError("receiver down")] * 3
         self.startShipping(lambda reactor, config, pool: self.sink)
         self.write(7)
