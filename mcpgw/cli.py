@@ -10,11 +10,14 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mcpgw import __version__
 from mcpgw.config import Config, ConfigError, load_config
 from mcpgw.policy import Policy, shadowedRules
+
+if TYPE_CHECKING:
+    from mcpgw.license import LicenseState
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,18 +82,26 @@ def policyWarnings(path: str, config: Config) -> list[str]:
     return out
 
 
-def configCheck(path: str) -> int:
-    """Print every problem of the config at C{path}; 0 if valid, 1 if not."""
-    from mcpgw.license import licenseState
+def _loadOrReport(path: str, summary: bool = False) -> tuple[Config, LicenseState] | None:
+    """The checked config and license, or None after printing every problem on stderr."""
+    from mcpgw.tap import loadChecked
 
     try:
-        config = load_config(path)
-        state = licenseState(config)
+        return loadChecked(path)
     except ConfigError as e:
         for problem in e.problems:
             print(f"{path}: {problem}", file=sys.stderr)
-        print(f"{path}: {len(e.problems)} problem(s)", file=sys.stderr)
+        if summary:
+            print(f"{path}: {len(e.problems)} problem(s)", file=sys.stderr)
+        return None
+
+
+def configCheck(path: str) -> int:
+    """Print every problem of the config at C{path}; 0 if valid, 1 if not."""
+    loaded = _loadOrReport(path, summary=True)
+    if loaded is None:
         return 1
+    config, state = loaded
     for warning in policyWarnings(path, config):
         print(f"{path}: warning: {warning}", file=sys.stderr)
     for level, text in state.messages(time.time()):
@@ -173,15 +184,10 @@ def licenseShow(path: str) -> int:
 
 def run(path: str) -> int:
     """Run the gateway in the foreground until SIGTERM/SIGINT; the service of C{twistd mcpgw}."""
-    from mcpgw.license import licenseState
-
-    try:
-        config = load_config(path)
-        state = licenseState(config)
-    except ConfigError as e:
-        for problem in e.problems:
-            print(f"{path}: {problem}", file=sys.stderr)
+    loaded = _loadOrReport(path)
+    if loaded is None:
         return 1
+    config, state = loaded
 
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner
@@ -190,8 +196,8 @@ def run(path: str) -> int:
     from mcpgw.tap import makeService
 
     globalLogBeginner.beginLoggingTo([jsonObserver()], redirectStandardIO=False)
-    service = makeService({"config": path, "loaded": config, "license": state}, reactor)
     try:
+        service = makeService({"config": path, "loaded": config, "license": state}, reactor)
         service.startService()
     except Exception as e:
         print(f"mcpgw: cannot start: {e}", file=sys.stderr)

@@ -11,8 +11,27 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from mcpgw.config import ConfigError, load_config
-from mcpgw.license import LicenseService, licenseState
+from mcpgw.config import Config, ConfigError, Problem, load_config
+from mcpgw.license import LicenseService, LicenseState, licenseState
+
+
+def loadChecked(path: str) -> tuple[Config, LicenseState]:
+    """
+    Everything a start checks before serving: the config, the license it names, and the TLS
+    files (certificate, key, client CA) it points to.
+
+    @raise ConfigError: with every problem, in the C{path.in.yaml: what is wrong} shape.
+    """
+    config = load_config(path)
+    state = licenseState(config)
+    if config.tls is not None:
+        from mcpgw.tls import TLSError, loadServerTLS
+
+        try:
+            loadServerTLS(config.tls)
+        except TLSError as e:
+            raise ConfigError((Problem("tls", str(e)),), path) from None
+    return config, state
 
 
 class Options(usage.Options):
@@ -25,8 +44,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            self["loaded"] = load_config(self["config"])
-            self["license"] = licenseState(self["loaded"])
+            self["loaded"], self["license"] = loadChecked(self["config"])
         except ConfigError as e:
             raise usage.UsageError(f"invalid configuration {self['config']}:\n{e}") from None
 

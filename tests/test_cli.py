@@ -260,3 +260,34 @@ class PolicyCommandTests(TestCase):
             "matched by rule 'no-admin' (prefix 'admin_') (line 7)",
             out.stderr,
         )
+
+
+class TLSStartTests(TestCase):
+    """A certificate and key that do not belong together is a config error, not a traceback."""
+
+    def test_mismatchedPairIsAConfigError(self) -> None:
+        """config check and run both report tls: ... in one line and exit 1."""
+        from tests.pki import CA
+
+        d = tempfile.mkdtemp()
+        ca = CA()
+        cert, _ = ca.server().write(d, "a")
+        _, key = ca.server().write(d, "b")
+        path = os.path.join(d, "tls.yaml")
+        with open(path, "w") as f:
+            f.write(
+                f"listen: {{port: {freePort()}}}\n"
+                "upstreams: [{name: a, url: 'http://127.0.0.1:9/mcp'}]\n"
+                f"tls: {{cert_file: {cert}, key_file: {key}}}\n"
+                f"audit: {{path: {d}/audit.jsonl}}\n"
+            )
+        for argv in (
+            mcpgwCommand("config", "check", path),
+            mcpgwCommand("run", "--config", path),
+            [TWISTD, "-n", "--pidfile=", "mcpgw", "--config", path],
+        ):
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+            both = out.stdout + out.stderr
+            self.assertEqual(out.returncode, 1, both)
+            self.assertIn("tls: ", both)
+            self.assertNotIn("Traceback", both)
