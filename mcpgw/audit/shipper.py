@@ -1115,6 +1115,7 @@ class ShippingService(MultiService):
             return self._reconfigure(audit)
 
         self._changes = self._changes.addBoth(apply)
+        self._changes.addErrback(lambda f: log.failure("audit sinks: reconfiguring failed", f))
         return self._changes
 
     @inlineCallbacks
