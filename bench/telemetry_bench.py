@@ -146,7 +146,6 @@ def micro(sinkPort: int | None) -> dict[str, Any]:
     """Per-step costs of tracing, in µs."""
     from mcpgw import telemetry
     from mcpgw.config import TelemetryConfig
-    from tests.test_telemetry_otlp import record
 
     out: dict[str, Any] = {}
 
@@ -220,7 +219,10 @@ def micro(sinkPort: int | None) -> dict[str, Any]:
     )
     out["reactor_us"] = rt
 
-    batch = [record(R_SPAN=i + 1) for i in range(512)]
+    batch = []
+    for i in range(512):  # distinct ids and request ids, as in real traffic
+        x.spanId, x.requestId, x.jsonrpcId = i + 1, f"{i:024x}", i
+        batch.append(telemetry.spanRecord(x, time.time_ns(), time.time()))
     exporter = telemetry.SpanExporter(
         _Reactor(),
         "http://127.0.0.1:9/v1/traces",
