@@ -817,7 +817,6 @@ class SinkShipper(Service):
         self.pos = batch.end
         self._chunks, self._bufLines, self._firstSeen, self._exactEnd = [], 0, None, None
         self._aheadLines = max(0, self._aheadLines - batch.lineCount)
-        self._maxLinesNow = None
         self.shippedLines += batch.lineCount
         self.shippedBatches += 1
         self.lastSuccess = time.time()
