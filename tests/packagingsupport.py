@@ -66,12 +66,14 @@ def rpm(release: str = "1") -> Built:
     """The RPM of this checkout with release C{release}."""
     base = tempfile.mkdtemp(prefix=f"mcpgw-rpm-{release}-")
     env = dict(os.environ, RPM_RELEASE=release, RPM_PYTHON=RPM_PYTHON)
+    # relative output paths, as make rpm passes them (rpmbuild itself needs an absolute topdir)
+    rel = os.path.relpath(base, ROOT)
     seconds, text = _run(
         [
-            os.path.join(ROOT, "packaging", "build-rpm"),
-            wheelhouse().path,
-            os.path.join(base, "out"),
-            os.path.join(base, "top"),
+            "packaging/build-rpm",
+            os.path.relpath(wheelhouse().path, ROOT),
+            os.path.join(rel, "out"),
+            os.path.join(rel, "top"),
         ],
         env,
     )
