@@ -50,6 +50,7 @@ from typing import Any
 import attr
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mcpgw import __version__, errors, otlp
 from mcpgw.config import TelemetryConfig, split_url
@@ -569,6 +570,10 @@ class SpanExporter:
         self._reactor = reactor
         self.endpoint = endpoint
         scheme, host, port, target = split_url(endpoint)
+        if target == b"/":  # a bare collector address: the standard OTLP/HTTP traces path
+            target = b"/v1/traces"
+            endpoint = endpoint.rstrip("/") + "/v1/traces"
+            self.endpoint = endpoint
         self._scheme, self._host, self._port, self._target = scheme, host, port, target.decode()
         if compression not in (None, "gzip"):
             raise ValueError(f"unsupported compression {compression!r}")
@@ -646,14 +651,16 @@ class SpanExporter:
                 stopping = self._stopped is not None
                 with self._lock:
                     waiters, self._flushWaiters = self._flushWaiters, []
-                self._drain()
+                try:
+                    self._drain()
+                except Exception:  # a bug: log it, keep exporting
+                    failure = Failure()
+                    self._reactor.callFromThread(log.failure, "telemetry: export failed", failure)
                 for d in waiters:
                     self._reactor.callFromThread(d.callback, None)
                 self._report()
                 if stopping:
                     break
-        except Exception:
-            self._reactor.callFromThread(log.failure, "the OTLP export thread failed")
         finally:
             self._closeConnection()
             with self._lock:

@@ -146,6 +146,49 @@ class ExporterTests(TestCase):
         yield exporter.flush()
         self.assertEqual((exporter.exported, exporter.failed), (3, 2))
 
+    @inlineCallbacks
+    def test_bareEndpointGetsTheTracesPath(self) -> Any:
+        """An endpoint without a path (http://host:4318) posts to /v1/traces."""
+        exporter = self.exporter(endpoint=f"http://127.0.0.1:{self.receiver.port}")
+        self.assertEqual(exporter.endpoint, self.receiver.endpoint)
+        exporter.submit(record())
+        yield exporter.flush()
+        self.assertEqual(len(self.receiver.spans), 1)
+
+    @inlineCallbacks
+    def test_encodingErrorCounted(self) -> Any:
+        """A record that cannot be encoded fails its batch (counted); the next batch goes out."""
+        exporter = self.exporter()
+        exporter.submit(("not", "a", "record"))
+        yield exporter.flush()
+        exporter.submit(record())
+        yield exporter.flush()
+        self.assertEqual((exporter.exported, exporter.failed), (1, 1))
+        self.assertIn("encoding failed", exporter._lastError or "")
+
+    @inlineCallbacks
+    def test_threadSurvivesABug(self) -> Any:
+        """An unexpected exception in an export is logged and the thread goes on."""
+        exporter = self.exporter()
+        calls: list[int] = []
+        original = exporter._export
+
+        def export(batch: list[Any]) -> None:
+            calls.append(len(batch))
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+            original(batch)
+
+        exporter._export = export  # type: ignore[method-assign]
+        exporter.submit(record())
+        yield exporter.flush()
+        exporter.submit(record())
+        yield exporter.flush()
+        self.assertEqual(len(self.receiver.spans), 1)
+        assert exporter._thread is not None
+        self.assertTrue(exporter._thread.is_alive())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_fullQueueDropsOldest(self) -> None:
         """submit never blocks: over maxQueue the oldest records go, counted."""
         exporter = SpanExporter(reactor, self.receiver.endpoint, [])
