@@ -69,7 +69,8 @@ REPORT_INTERVAL = 30.0
 # ids need to be unique, not secret (the OTel SDK uses random.getrandbits too)
 _rng = random.Random()
 os.register_at_fork(after_in_child=_rng.seed)
-#: A random 64-bit id; the caller maps 0 (probability 2**-64) to 1: W3C forbids zero ids.
+#: C{randomBits(k)}: k random bits, for new trace (128) and span (64) ids; callers map 0
+#: (probability 2**-64 or less) to 1, as W3C forbids zero ids.
 randomBits: Callable[[int], int] = _rng.getrandbits
 
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
