@@ -33,9 +33,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-import loadgen  # noqa: E402
-
 from mcpgw.auth import generateKey, hashKey  # noqa: E402
+
+import loadgen  # noqa: E402
 from run import free_port, upstream_python  # noqa: E402
 
 

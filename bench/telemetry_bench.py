@@ -49,7 +49,6 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
 import loadgen  # noqa: E402
-
 import run  # noqa: E402  (the harness: processes, CPU accounting, wrk)
 
 # -- the OTLP sink ----------------------------------------------------------------------------
