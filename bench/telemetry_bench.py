@@ -182,6 +182,7 @@ def micro(sinkPort: int | None) -> dict[str, Any]:
         redacted=None,
         filteredTools=None,
         batchSize=None,
+        target=None,
     )
     bits = telemetry.randomBits
     messages = [

@@ -198,6 +198,26 @@ def injectMeta(messages: Sequence[dict[str, Any]], x: Any) -> None:
 
 # -- the span of an exchange ------------------------------------------------------------------
 
+#: Methods whose target the span names (prompts) or records (resources), per the MCP conventions.
+TARGET_METHODS = frozenset(
+    {"prompts/get", "resources/read", "resources/subscribe", "resources/unsubscribe"}
+)
+
+
+def targetOf(messages: Sequence[dict[str, Any]], method: str) -> str | None:
+    """
+    The target of the first C{method} request of a body: C{params.name} of a C{prompts/get},
+    C{params.uri} of a C{resources/*} request.
+    """
+    key = "name" if method == "prompts/get" else "uri"
+    for msg in messages:
+        if msg.get("method") == method:
+            params = msg.get("params")
+            value = params.get(key) if type(params) is dict else None
+            return value if isinstance(value, str) else None
+    return None
+
+
 #: Indexes of a span record (a plain tuple: the cheapest thing to build on the reactor).
 (
     R_TRACE,
@@ -228,7 +248,8 @@ def injectMeta(messages: Sequence[dict[str, Any]], x: Any) -> None:
     R_REDACTED,
     R_FILTERED,
     R_BATCH,
-) = range(28)
+    R_TARGET,
+) = range(29)
 
 
 def spanRecord(x: Any, endNs: int, now: float) -> tuple[Any, ...]:
@@ -268,6 +289,7 @@ def spanRecord(x: Any, endNs: int, now: float) -> tuple[Any, ...]:
         x.redacted,
         x.filteredTools,
         x.batchSize,
+        x.target,
     )
 
 
@@ -280,6 +302,8 @@ A_OPERATION_NAME = _key("operation.name")
 A_REQUEST_ID = _key("request_id")
 A_METHOD = _key("mcp.method.name")
 A_TOOL = _key("mcp.tool.name")
+A_PROMPT = _key("gen_ai.prompt.name")
+A_RESOURCE_URI = _key("mcp.resource.uri")
 A_GENAI_TOOL = _key("gen_ai.tool.name")
 A_GENAI_OPERATION = _key("gen_ai.operation.name")
 A_JSONRPC_ID = _key("jsonrpc.request.id")
@@ -336,16 +360,23 @@ _AUTH_FAILED = frozenset({"missing", "invalid"})
 
 def spanName(rec: Sequence[Any]) -> str:
     """
-    The span name (also Datadog's resource name): C{"{mcp.method.name} {tool}"}, or the method
-    alone; C{"{HTTP method} {path}"} for a request without a JSON-RPC method on an MCP path
-    (GET, DELETE, a POST of responses) and for one that failed authentication (so unauthenticated
-    callers cannot mint resource names); the HTTP method alone off the MCP paths.
+    The span name (also Datadog's resource name): C{"{mcp.method.name} {target}"} where the
+    target is the tool of a C{tools/call} or the prompt of a C{prompts/get}, else the method
+    alone (a resource URI is an attribute, never part of the name); C{"{HTTP method} {path}"}
+    for a request without a JSON-RPC method on an MCP path (GET, DELETE, a POST of responses)
+    and for one that failed authentication (so unauthenticated callers cannot mint resource
+    names); the HTTP method alone off the MCP paths.
     """
     method = rec[R_METHOD]
     http = rec[R_HTTP_METHOD].decode("latin-1")
     if method is not None and rec[R_AUTH_RESULT] not in _AUTH_FAILED:
-        tool = rec[R_TOOL]
-        return f"{method} {tool}" if tool is not None else method
+        if method == "tools/call":
+            target = rec[R_TOOL]
+        elif method == "prompts/get":
+            target = rec[R_TARGET]
+        else:
+            return str(method)
+        return f"{method} {target}" if target is not None else str(method)
     if rec[R_UPSTREAM] is not None:
         return f"{http} {rec[R_PATH].decode('latin-1')}"
     return http
@@ -373,6 +404,7 @@ def _staticKey(rec: Sequence[Any]) -> tuple[Any, ...]:
         rec[R_ERROR],
         rec[R_CLIENT_IP],
         rec[R_SECURE],
+        rec[R_TARGET] if rec[R_METHOD] == "prompts/get" else None,
     )
 
 
@@ -399,6 +431,8 @@ def _staticFields(rec: Sequence[Any]) -> bytes:
     if tool is not None:
         add(A_TOOL.string(tool))
         add(A_GENAI_TOOL.string(tool))
+    if method == "prompts/get" and rec[R_TARGET] is not None:
+        add(A_PROMPT.string(rec[R_TARGET]))
     if rec[R_PROTOCOL] is not None:
         add(A_PROTOCOL.string(rec[R_PROTOCOL]))
     add(A_DECISION.string(rec[R_DECISION]))
@@ -461,6 +495,9 @@ def encodeSpan(rec: Sequence[Any]) -> bytes:
         fields.append(A_JSONRPC_ID.string(rid if isinstance(rid, str) else str(rid)))
     if rec[R_SESSION] is not None:
         fields.append(A_SESSION.string(rec[R_SESSION]))
+    target = rec[R_TARGET]
+    if target is not None and rec[R_METHOD] != "prompts/get":
+        fields.append(A_RESOURCE_URI.string(target))
     if rec[R_REDACTED] is not None:
         fields.append(A_REDACTED.integer(rec[R_REDACTED]))
     if rec[R_FILTERED] is not None:
@@ -476,9 +513,7 @@ def encodeSpan(rec: Sequence[Any]) -> bytes:
     link = rec[R_LINK]
     links: Sequence[tuple[int, int, str | None, int]] = ()
     if link is not None:
-        links = (
-            (link.traceId, link.spanId, link.traceState, (link.flags & 0xFF) | _REMOTE_FLAGS),
-        )
+        links = ((link.traceId, link.spanId, link.traceState, (link.flags & 0xFF) | _REMOTE_FLAGS),)
     return otlp.spanFromFields(
         rec[R_TRACE],
         rec[R_SPAN],
@@ -940,6 +975,7 @@ def auditIds(x: Any) -> tuple[str, str]:
 __all__ = [
     "DEFAULT_ENDPOINT",
     "OPERATION_NAME",
+    "TARGET_METHODS",
     "TRACE_HEADERS",
     "SpanExporter",
     "Telemetry",
@@ -952,6 +988,7 @@ __all__ = [
     "parseTraceparent",
     "spanName",
     "spanRecord",
+    "targetOf",
     "traceparentOf",
     "useMetaContext",
 ]

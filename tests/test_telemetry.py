@@ -677,3 +677,17 @@ class StopTests(TracingTestCase):
         self.assertEqual(self.receiver.spans, [])
         yield self.service.stopService()
         self.assertEqual(len(self.receiver.spans), 2)
+
+
+class TargetTests(TracingTestCase):
+    """Prompts and resources, as the MCP semantic conventions name and tag them."""
+
+    @inlineCallbacks
+    def test_promptAndResource(self) -> Any:
+        """prompts/get is named after its prompt; resources/read carries mcp.resource.uri."""
+        yield self.call(body=rpc("prompts/get", {"name": "summarize", "arguments": {}}))
+        yield self.call(body=rpc("resources/read", {"uri": "file:///srv/notes.txt"}))
+        spans = yield self.spans()
+        self.assertEqual([s["name"] for s in spans], ["prompts/get summarize", "resources/read"])
+        self.assertEqual(spans[0]["attributes"]["gen_ai.prompt.name"], "summarize")
+        self.assertEqual(spans[1]["attributes"]["mcp.resource.uri"], "file:///srv/notes.txt")

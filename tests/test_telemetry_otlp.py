@@ -62,6 +62,7 @@ def record(**changes: Any) -> tuple[Any, ...]:
         "R_REDACTED": None,
         "R_FILTERED": None,
         "R_BATCH": None,
+        "R_TARGET": None,
     }
     values.update(changes)
     out: list[Any] = [None] * len(values)
@@ -229,6 +230,21 @@ class SpanMappingTests(SynchronousTestCase):
         self.assertEqual(self.encode(R_UPSTREAM=None, R_PATH=b"/x", R_METHOD=None).name, "POST")
         self.assertEqual(self.encode(R_AUTH_RESULT="invalid").name, "POST /mcp")
         self.assertEqual(self.encode(R_AUTH_RESULT="ok").name, "tools/call echo")
+
+    def test_targets(self) -> None:
+        """A prompt names its span and is gen_ai.prompt.name; a resource URI is only an attribute."""
+        span = self.encode(R_METHOD="prompts/get", R_TOOL=None, R_TARGET="summarize")
+        self.assertEqual(span.name, "prompts/get summarize")
+        self.assertEqual(attributes(span)["gen_ai.prompt.name"], "summarize")
+        span = self.encode(R_METHOD="resources/read", R_TOOL=None, R_TARGET="file:///etc/motd")
+        self.assertEqual(span.name, "resources/read")
+        self.assertEqual(attributes(span)["mcp.resource.uri"], "file:///etc/motd")
+        self.assertNotIn("gen_ai.prompt.name", attributes(span))
+        # a batch led by tools/list that also calls a tool: named after its first method only
+        span = self.encode(R_METHOD="tools/list", R_TOOL="echo")
+        self.assertEqual(span.name, "tools/list")
+        self.assertEqual(attributes(span)["mcp.tool.name"], "echo")
+        self.assertNotIn("gen_ai.operation.name", attributes(span))
 
     def test_jsonrpcIdIsAString(self) -> None:
         """jsonrpc.request.id is the id's string form, whatever its JSON type."""

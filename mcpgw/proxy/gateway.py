@@ -46,6 +46,7 @@ from mcpgw.jsonrpc import RpcSummary, parseBody
 from mcpgw.proxy.headers import REQUEST_DROP, RESPONSE_DROP, connectionTokens, endToEnd
 from mcpgw.proxy.toolsfilter import SSEFilter, filterJSONBody
 from mcpgw.telemetry import (
+    TARGET_METHODS,
     TRACE_HEADERS,
     TraceParent,
     Tracer,
@@ -53,6 +54,7 @@ from mcpgw.telemetry import (
     injectMeta,
     metaContext,
     randomBits,
+    targetOf,
     traceparentOf,
     useMetaContext,
 )
@@ -162,6 +164,7 @@ class ProxyExchange:
         "spanId",
         "started",
         "status",
+        "target",
         "tool",
         "traceId",
         "upstream",
@@ -199,6 +202,7 @@ class ProxyExchange:
         self.clientCert: str | None = None
         self.method: str | None = None
         self.tool: str | None = None
+        self.target: str | None = None
         self.jsonrpcId: Any = None
         self.batchSize: int | None = None
         self.batchIds: list[Any] | None = None
@@ -475,6 +479,8 @@ class Gateway:
                 x.method = summary.method
                 x.tool = summary.tool
                 x.jsonrpcId = summary.requestId
+                if summary.method in TARGET_METHODS:
+                    x.target = targetOf(summary.messages, summary.method)
                 if summary.isBatch:
                     x.batchSize = len(summary.messages)
                     x.batchIds = [m["id"] for m in summary.messages if "method" in m and "id" in m]
