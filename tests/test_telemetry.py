@@ -691,3 +691,26 @@ class TargetTests(TracingTestCase):
         self.assertEqual([s["name"] for s in spans], ["prompts/get summarize", "resources/read"])
         self.assertEqual(spans[0]["attributes"]["gen_ai.prompt.name"], "summarize")
         self.assertEqual(spans[1]["attributes"]["mcp.resource.uri"], "file:///srv/notes.txt")
+
+
+class InjectedTraceparentTests(TracingTestCase):
+    """An operator who injects traceparent for an upstream keeps control of it."""
+
+    def configText(self) -> str:
+        return (
+            super()
+            .configText()
+            .replace(
+                "X-Injected: injected-value,", "X-Injected: injected-value, traceparent: fixed,"
+            )
+        )
+
+    @inlineCallbacks
+    def test_operatorTraceparentWins(self) -> Any:
+        """The upstream gets the configured value only; the span is still exported."""
+        yield self.call(
+            body=call("echo"), headers={"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"}
+        )
+        self.assertEqual(self.upstream.seen[-1].header("traceparent"), ["fixed"])
+        span, _ = yield self.spanAndLine()
+        self.assertEqual(span["parent_span_id"], CALLER_SPAN)

@@ -616,7 +616,9 @@ class Gateway:
         forwardedFor = None
         originalHost = None
         rewrite = x.headerRewrite
-        tracing = self.tracer is not None
+        # Tracing on: the gateway's span context replaces the client's (unless the operator
+        # injects a traceparent of their own for this upstream).
+        tracing = self.tracer is not None and b"traceparent" not in injectedNames
         for name, value in endToEnd(list(rh.getAllRawHeaders()), REQUEST_DROP):
             low = name.lower()
             if low in injectedNames or (tracing and low in TRACE_HEADERS):
