@@ -692,20 +692,20 @@ class SpanExporter:
                 except Exception:  # a bug: log it, keep exporting
                     failure = Failure()
                     self._reactor.callFromThread(log.failure, "telemetry: export failed", failure)
+                self._report()
                 for d in waiters:
                     self._reactor.callFromThread(d.callback, None)
-                self._report()
                 if stopping:
                     break
         finally:
             self._closeConnection()
+            self._report(final=True)
             with self._lock:
                 waiters, self._flushWaiters = self._flushWaiters, []
             for d in waiters:
                 self._reactor.callFromThread(d.callback, None)
             if self._stopped is not None:
                 self._reactor.callFromThread(self._stopped.callback, None)
-            self._report(final=True)
 
     def _drain(self) -> None:
         # Only what is queued now: records that arrive meanwhile wait for the next wake-up (a

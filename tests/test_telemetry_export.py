@@ -68,10 +68,12 @@ class ExporterTests(TestCase):
         exporter.interval = 60.0
         yield deferLater(reactor, 0.05, lambda: None)  # the thread now sleeps with a 1 s wait
         exporter.batchSize = 10
+        started = time.monotonic()
         for i in range(10):
             exporter.submit(record(R_SPAN=i + 1))
         spans = yield threads.deferToThread(self.receiver.waitFor, 10, 5.0)
         self.assertEqual(len(spans), 10)
+        self.assertLess(time.monotonic() - started, 0.8)  # the 1 s wait was cut short
 
     @inlineCallbacks
     def test_gzip(self) -> Any:
@@ -219,6 +221,7 @@ class ExporterTests(TestCase):
         yield exporter.stop()
         self.assertEqual(len(self.receiver.spans), 3)
         assert exporter._thread is not None
+        exporter._thread.join(5)  # it fired the Deferred as its last step, and is returning
         self.assertFalse(exporter._thread.is_alive())
         self.assertNotEqual(exporter._thread.ident, reactorThread)
         # flush and stop after the end fire at once
