@@ -108,7 +108,7 @@ def _redactParamHeaders(headers: Any, policy: Any, ruleId: str) -> dict[bytes, b
 
 def _certIdentity(request: Any) -> str | None:
     """The verified client certificate identity of a TLS request (cached per connection)."""
-    from mcpgw.tls import peerIdentity  # type: ignore[import-not-found, unused-ignore]
+    from mcpgw.tls import peerIdentity
 
     return peerIdentity(request.channel.transport)
 
