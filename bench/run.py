@@ -819,29 +819,33 @@ def main() -> int:
                 "mcpgw", [sys.executable, "-m", "mcpgw", "run", "--config", str(cfg)], cwd=ROOT
             )
             systems["mcpgw"] = System("mcpgw", f"http://127.0.0.1:{port}/mcp", p)
+
+        def spawn_mcpgw(
+            name: str, extra_yaml: str, headers: tuple[tuple[str, str], ...] = ()
+        ) -> None:
+            """A variant of the mcpgw system: its own port, audit file and extra config."""
+            port = free_port()
+            cfg = tmp / f"{name}.yaml"
+            cfg.write_text(
+                MCPGW_CONFIG.format(port=port, upstream=up_url, tmp=tmp).replace(
+                    "audit.jsonl", f"audit-{name}.jsonl"
+                )
+                + policy_yaml(a.policy_rules)
+                + extra_yaml
+            )
+            p = procs.spawn(
+                name, [sys.executable, "-m", "mcpgw", "run", "--config", str(cfg)], cwd=ROOT
+            )
+            systems[name] = System(name, f"http://127.0.0.1:{port}/mcp", p, headers)
+
         if "mcpgw-auth" in names:
             # the same gateway with API keys on: one Argon2id verification, then the cache
             from mcpgw.auth import generateKey, hashKey
 
             key = generateKey()
-            port = free_port()
-            cfg = tmp / "mcpgw-auth.yaml"
-            cfg.write_text(
-                MCPGW_CONFIG.format(port=port, upstream=up_url, tmp=tmp).replace(
-                    "audit.jsonl", "audit-auth.jsonl"
-                )
-                + policy_yaml(a.policy_rules)
-                + f"auth:\n  enabled: true\n  keys: [{{id: bench, hash: '{hashKey(key)}'}}]\n"
-            )
-            p = procs.spawn(
+            spawn_mcpgw(
                 "mcpgw-auth",
-                [sys.executable, "-m", "mcpgw", "run", "--config", str(cfg)],
-                cwd=ROOT,
-            )
-            systems["mcpgw-auth"] = System(
-                "mcpgw-auth",
-                f"http://127.0.0.1:{port}/mcp",
-                p,
+                f"auth:\n  enabled: true\n  keys: [{{id: bench, hash: '{hashKey(key)}'}}]\n",
                 (("Authorization", f"Bearer {key}"),),
             )
         if "mcpgw-otel" in names:
@@ -852,21 +856,10 @@ def main() -> int:
                 [sys.executable, str(HERE / "telemetry_bench.py"), "--receiver", str(sink_port)],
             )
             wait_ready(procs, sp, sink_port, 30)
-            port = free_port()
-            cfg = tmp / "mcpgw-otel.yaml"
-            cfg.write_text(
-                MCPGW_CONFIG.format(port=port, upstream=up_url, tmp=tmp).replace(
-                    "audit.jsonl", "audit-otel.jsonl"
-                )
-                + policy_yaml(a.policy_rules)
-                + f"telemetry: {{otlp_endpoint: 'http://127.0.0.1:{sink_port}/v1/traces'}}\n"
-            )
-            p = procs.spawn(
+            spawn_mcpgw(
                 "mcpgw-otel",
-                [sys.executable, "-m", "mcpgw", "run", "--config", str(cfg)],
-                cwd=ROOT,
+                f"telemetry: {{otlp_endpoint: 'http://127.0.0.1:{sink_port}/v1/traces'}}\n",
             )
-            systems["mcpgw-otel"] = System("mcpgw-otel", f"http://127.0.0.1:{port}/mcp", p)
         for n, s in systems.items():
             if n == "direct":
                 continue
