@@ -39,6 +39,7 @@ __all__ = [
     "BatchRejected",
     "BatchTooLarge",
     "ISink",
+    "PooledSink",
     "RetryLater",
     "SinkRefused",
     "SinkUnavailable",
@@ -143,6 +144,26 @@ class ISink(Interface):
 
     def stop() -> Deferred[None]:
         """Release clients and threads. Fires when done (or abandoned after a grace period)."""
+
+
+class PooledSink:
+    """
+    Base of the sinks whose library calls block (boto3, google-cloud-storage): every call runs on
+    the sink's own thread pool.
+    """
+
+    def __init__(self, reactor: Any, config: Any, pool: ThreadPool) -> None:
+        self._reactor = reactor
+        self._config = config
+        self._pool = pool
+        self.name: str = config.name
+        self.maxLines: int = config.batch.max_lines
+        self.maxSeconds: float = config.batch.max_seconds
+
+    def _call(self, f: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
 
 
 def makeSink(reactor: Any, config: SinkConfig, pool: ThreadPool) -> ISink:

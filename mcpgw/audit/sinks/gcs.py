@@ -24,11 +24,10 @@ from google.api_core.retry import Retry
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from mcpgw.audit.sinks import Batch, ISink
+from mcpgw.audit.sinks import Batch, ISink, PooledSink
 from mcpgw.config import GCSSinkConfig
 
 #: Per-request timeout and total time the library's own retries may take, in seconds; after
@@ -38,22 +37,16 @@ RETRY_DEADLINE = 30.0
 
 
 @implementer(ISink)
-class GCSSink:
+class GCSSink(PooledSink):
     """Ships batches as GCS objects, create-only."""
 
+    _config: GCSSinkConfig
+
     def __init__(self, reactor: Any, config: GCSSinkConfig, pool: ThreadPool) -> None:
-        self._reactor = reactor
-        self._config = config
-        self._pool = pool
+        super().__init__(reactor, config, pool)
         self._bucket: Any = None
-        self.name = config.name
-        self.maxLines = config.batch.max_lines
-        self.maxSeconds = config.batch.max_seconds
         #: Batches found already stored (412), for tests and the log.
         self.alreadyStored = 0
-
-    def _call(self, f: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
 
     def start(self) -> Deferred[None]:
         return self._call(self._startInThread)

@@ -23,11 +23,10 @@ import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from mcpgw.audit.sinks import Batch, ISink, SinkRefused
+from mcpgw.audit.sinks import Batch, ISink, PooledSink, SinkRefused
 from mcpgw.config import S3SinkConfig
 
 #: botocore timeouts (seconds) and attempts: a dead endpoint fails a batch in bounded time and
@@ -38,20 +37,14 @@ MAX_ATTEMPTS = 3
 
 
 @implementer(ISink)
-class S3Sink:
+class S3Sink(PooledSink):
     """Ships batches as S3 objects."""
 
-    def __init__(self, reactor: Any, config: S3SinkConfig, pool: ThreadPool) -> None:
-        self._reactor = reactor
-        self._config = config
-        self._pool = pool
-        self._client: Any = None
-        self.name = config.name
-        self.maxLines = config.batch.max_lines
-        self.maxSeconds = config.batch.max_seconds
+    _config: S3SinkConfig
 
-    def _call(self, f: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
+    def __init__(self, reactor: Any, config: S3SinkConfig, pool: ThreadPool) -> None:
+        super().__init__(reactor, config, pool)
+        self._client: Any = None
 
     def start(self) -> Deferred[None]:
         return self._call(self._startInThread)
