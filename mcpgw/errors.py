@@ -187,6 +187,18 @@ class UpstreamUnavailable(GatewayError):
     message = "upstream_unavailable"
 
 
+class UpstreamBadResponse(GatewayError):
+    """
+    The upstream broke HTTP framing: garbage, bad chunking, a body shorter than declared, a
+    C{101 Switching Protocols} or an interim response with a body. Answered 502 when the response
+    head has not gone to the client yet; otherwise the client connection is closed.
+    """
+
+    status = 502
+    code = -32015
+    message = "upstream_bad_response"
+
+
 class UpstreamTimeout(GatewayError):
     """The upstream sent no byte of its response within C{timeouts.response}."""
 

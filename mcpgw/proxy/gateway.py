@@ -22,6 +22,7 @@ import orjson
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from mcpgw.audit.writer import rfc3339ms
@@ -37,6 +38,7 @@ from mcpgw.errors import (
     RequestTimeout,
     ShuttingDown,
     Unauthenticated,
+    UpstreamBadResponse,
     errorResponse,
     reasonPhrase,
 )
@@ -64,6 +66,10 @@ log = Logger()
 _EVENT_STREAM = b"text/event-stream"
 _FORWARDED_METHODS = (b"POST", b"GET", b"DELETE")
 
+
+#: A JSON (not SSE) answer is held back until it is complete or this large, so that an upstream
+#: that breaks framing early (a short body, bad chunking) still gets the client a 502.
+HOLD_BYTES = 256 * 1024
 
 _ID_PREFIX = secrets.token_hex(4)
 _idCounter = itertools.count(secrets.randbelow(1 << 32))
@@ -126,6 +132,8 @@ class ProxyExchange:
 
     __slots__ = (
         "_collected",
+        "_held",
+        "_heldBytes",
         "_producing",
         "_sseFilter",
         "authKeyId",
@@ -214,6 +222,8 @@ class ProxyExchange:
         self.headerRewrite: dict[bytes, bytes] | None = None
         self._sseFilter: SSEFilter | None = None
         self._collected: list[bytes] | None = None
+        self._held: list[bytes] | None = None
+        self._heldBytes = 0
         self.bytesIn = 0
         self.bytesOut = 0
         self.status: int | None = None
@@ -261,6 +271,8 @@ class ProxyExchange:
                 self._sseFilter = SSEFilter(allows)
             else:
                 self._collected = []
+        elif not self.isStream:
+            self._held = []
         request.registerProducer(transport, True)
         self._producing = True
         if self.isStream:
@@ -276,6 +288,14 @@ class ProxyExchange:
         if self._collected is not None:
             self._collected.append(data)
             return
+        held = self._held
+        if held is not None:
+            held.append(data)
+            self._heldBytes += len(data)
+            if self._heldBytes <= HOLD_BYTES:
+                return
+            data = b"".join(held)
+            self._held = None
         if self._sseFilter is not None:
             data = self._sseFilter.feed(data)
             if not data:
@@ -295,6 +315,9 @@ class ProxyExchange:
             tail, removed = filterJSONBody(b"".join(self._collected), self.generation.policy.allows)
             self.filteredTools = removed
             request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(tail)])
+        elif self._held is not None:
+            tail = b"".join(self._held)
+            self._held = None
         elif self._sseFilter is not None:
             tail = self._sseFilter.flush()
             self.filteredTools = self._sseFilter.removed
@@ -307,17 +330,31 @@ class ProxyExchange:
     def upstreamFailed(self, error: Any, midResponse: bool) -> None:
         if self.closed:
             return
-        if not self.headSent:
-            self.respondError(error)
-            return
-        # The upstream died mid-body: no final chunk, so the client sees a truncated response.
-        self.error = "upstream_reset"
         request = self.request
         if self._producing:
             self._producing = False
             request.unregisterProducer()
+        if not request.startedWriting:
+            # Nothing has gone to the client yet (the head waits for the first body piece, and a
+            # filtered answer is collected whole): answer the error instead.
+            if self.headSent:
+                self._unsend()
+            self.respondError(error)
+            return
+        # The upstream died mid-body: no final chunk, so the client sees a truncated response.
+        self.error = (
+            "upstream_bad_response" if isinstance(error, UpstreamBadResponse) else "upstream_reset"
+        )
         request.loseConnection()
         self._end()
+
+    def _unsend(self) -> None:
+        """Forget an upstream response head that was set but never written."""
+        self.headSent = False
+        self.isStream = False
+        self._collected = self._held = None
+        self._sseFilter = None
+        self.request.responseHeaders = Headers()
 
     # -- client side ---------------------------------------------------------------------
 

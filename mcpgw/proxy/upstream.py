@@ -8,10 +8,11 @@ handed to an L{IResponseSink} piece by piece as it arrives, and the upstream tra
 the sink so it can be registered as the push producer of the client response (backpressure).
 
 Timeouts: C{connect} bounds the TCP (and TLS) connect and ends in a 502; C{response} bounds the
-wait for the first response byte and ends in a 504. Nothing bounds a response once it has
-started, so a long SSE stream is never cut. A request sent on a reused keep-alive connection that
-dies before any response byte is retried once on a fresh connection (the upstream closed an idle
-connection just as the request went out; it never saw the request).
+wait for the final response's head (interim 1xx responses do not count) and ends in a 504.
+Nothing bounds a response once it has started, so a long SSE stream is never cut. A request sent
+on a reused keep-alive connection that dies before any response byte is retried once on a fresh
+connection (the upstream closed an idle connection just as the request went out; it never saw
+the request).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mcpgw.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
+from mcpgw.errors import GatewayError, UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
 from mcpgw.interfaces import IResponseSink, IUpstreamPool
 from mcpgw.proxy.eager import eagerWrite
 
@@ -121,7 +122,18 @@ class UpstreamExchange:
 
 
 class _UpstreamProtocol(Protocol):
-    """One keep-alive connection to an upstream, parsing responses with httptools."""
+    """
+    One keep-alive connection to an upstream, parsing responses with httptools.
+
+    Framing rules (a connection that breaks one never carries another request):
+      - an interim response (1xx other than 101) is skipped and the final response awaited; one
+        that declares a body is a framing error;
+      - C{101 Switching Protocols} or unparseable bytes (bad chunking, garbage) are framing
+        errors: the exchange fails with L{UpstreamBadResponse} and the connection is aborted; a
+        connection closed before a framed body ended fails with L{UpstreamUnavailable};
+      - the connection returns to the pool only after a complete final response, when the
+        upstream allows keep-alive and sent nothing beyond that response.
+    """
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -133,6 +145,11 @@ class _UpstreamProtocol(Protocol):
         self._reason = b""
         self._inBody = False
         self._framed = False
+        self._interim = False
+        self._bad: str | None = None
+        self._complete = False
+        self._extra = False
+        self._keep = False
 
     def connectionMade(self) -> None:
         self.pool._track(self)
@@ -142,63 +159,107 @@ class _UpstreamProtocol(Protocol):
         if ex is None:
             # Bytes while idle (or after a cancel): the connection is unusable.
             if self.transport is not None:
-                self.transport.loseConnection()
+                self.transport.abortConnection()  # type: ignore[attr-defined]
             return
         if not ex.gotBytes:
             ex.gotBytes = True
-            ex._stopTimer()
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._bad = self._bad or "switched protocols (101)"
         except httptools.HttpParserError as e:
-            self.exchange = None
-            ex._fail(UpstreamUnavailable(f"upstream {self.pool.name!r} sent an invalid response"))
-            log.warn("invalid response from upstream {name}: {e}", name=self.pool.name, e=e)
-            if self.transport is not None:
-                self.transport.abortConnection()  # type: ignore[attr-defined]
+            if not self._complete:
+                self._bad = self._bad or f"sent an invalid response ({e})"
+            else:
+                self._extra = True
+        if self._bad is not None and not self._complete:
+            self._badResponse(ex, self._bad)
+        elif self._complete:
+            self._completed(ex)
+
+    def _badResponse(self, ex: UpstreamExchange, why: str) -> None:
+        """The upstream broke HTTP framing: fail the exchange and never reuse the connection."""
+        self.exchange = None
+        ex._conn = None
+        log.warn("invalid response from upstream {name}: {why}", name=self.pool.name, why=why)
+        ex._fail(UpstreamBadResponse(f"upstream {self.pool.name!r} {why}"))
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _completed(self, ex: UpstreamExchange) -> None:
+        """A final response ended: pool the connection (if clean), then tell the sink."""
+        self.exchange = None
+        self._complete = False
+        self._inBody = False
+        reusable = self._keep and not self._extra and not ex.cancelled
+        self._extra = False
+        # Back to the pool first, so that whatever the sink does next can reuse the connection.
+        if reusable:
+            self.pool._release(self)
+        elif self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+        ex._conn = None
+        ex._finish()
 
     # httptools callbacks
     def on_message_begin(self) -> None:
+        if self._complete:
+            self._extra = True  # bytes after the final response: nobody asked for them
+            return
         self._headers = []
         self._reason = b""
         self._inBody = False
 
     def on_status(self, status: bytes) -> None:
-        self._reason += status
+        if not self._complete:
+            self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        if not self._complete:
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self._complete or self._bad is not None:
+            return
+        status = self._parser.get_status_code()
+        if status == 101:
+            self._bad = "switched protocols (101)"
+            return
+        if status < 200:
+            # Interim (100 Continue, 103 Early Hints, ...): never the answer; the final one follows.
+            self._interim = True
+            for name, value in self._headers:
+                low = name.lower()
+                if low == b"transfer-encoding" or (
+                    low == b"content-length" and value.strip() != b"0"
+                ):
+                    self._bad = f"sent an interim {status} response with a body"
+            return
         ex = self.exchange
         if ex is None or ex.cancelled:
             return
+        ex._stopTimer()
         self._inBody = True
         names = {n.lower() for n, _ in self._headers}
         self._framed = b"content-length" in names or b"transfer-encoding" in names
         assert self.transport is not None
-        ex.sink.upstreamResponse(
-            self._parser.get_status_code(), self._reason, self._headers, self.transport
-        )
+        ex.sink.upstreamResponse(status, self._reason, self._headers, self.transport)
 
     def on_body(self, body: bytes) -> None:
+        if self._complete or self._interim or self._bad is not None:
+            return
         ex = self.exchange
         if ex is not None and not ex.cancelled and not ex.done:
             ex.sink.upstreamData(body)
 
     def on_message_complete(self) -> None:
-        ex = self.exchange
-        self.exchange = None
-        self._inBody = False
-        keep = self._parser.should_keep_alive()
-        # Back to the pool first, so that whatever the sink does next can reuse the connection.
-        if ex is None or ex.cancelled or not keep:
-            if self.transport is not None:
-                self.transport.loseConnection()
-        else:
-            self.pool._release(self)
-        if ex is not None:
-            ex._conn = None
-            ex._finish()
+        if self._complete or self._bad is not None:
+            return
+        if self._interim:
+            self._interim = False
+            return
+        self._complete = True
+        self._keep = self._parser.should_keep_alive()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.pool._untrack(self)
@@ -209,6 +270,12 @@ class _UpstreamProtocol(Protocol):
         ex._conn = None
         if self._inBody and not self._framed:
             ex._finish()  # a close-delimited body ends with the connection
+        elif self._inBody:
+            ex._fail(
+                UpstreamUnavailable(
+                    f"upstream {self.pool.name!r} closed the connection before the body ended"
+                )
+            )
         elif not ex.gotBytes and self.reused and not ex.retried:
             ex.retried = True
             ex._stopTimer()
