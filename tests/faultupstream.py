@@ -88,7 +88,7 @@ class FaultServer(Protocol):
                 call.cancel()
 
     def later(self, delay: float, f: Any, *args: Any) -> None:
-        self.pending.append(reactor.callLater(delay, f, *args))  # type: ignore[attr-defined]
+        self.pending.append(reactor.callLater(delay, f, *args))
 
     def dataReceived(self, data: bytes) -> None:
         self.buf += data
@@ -148,7 +148,7 @@ class FaultServer(Protocol):
 
 
 class FaultFactory(Factory):
-    protocol = FaultServer
+    protocol = FaultServer  # type: ignore[assignment]
     noisy = False
 
     def __init__(self) -> None:
@@ -159,5 +159,5 @@ class FaultFactory(Factory):
 def listenFault() -> Any:
     """Start a fault upstream on 127.0.0.1; returns C{(factory, listening port)}."""
     factory = FaultFactory()
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[arg-type]
     return factory, port
