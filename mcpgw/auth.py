@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import math
 import os
+import re
 import secrets
 from collections import OrderedDict
 from typing import Any
@@ -52,6 +53,9 @@ MISS_RATE, MISS_BURST = 1.0, 10.0
 MAX_PENDING = 16
 #: Prefix of keys made by C{mcpgw key generate}.
 KEY_PREFIX = "mcpgw_"
+
+#: A token shaped like an mcpgw API key (what C{mcpgw key generate} makes, or a near miss).
+_KEY_SHAPED = re.compile(rb"mcpgw_[A-Za-z0-9_-]{8,}")
 
 _hasher = PasswordHasher()  # argon2id, t=3, m=64 MiB, p=4 (argon2-cffi's RFC 9106 defaults)
 
@@ -139,7 +143,7 @@ class Authenticator:
             return EXTERNAL if certIdentity is None else AuthResult("external", None, certIdentity)
         if mode == "mtls":
             return AuthResult("mtls", certIdentity, certIdentity)
-        presented = _bearer(authorization)
+        presented = bearerToken(authorization)
         if presented is None:
             raise Unauthenticated(auth_result="missing")
         digest = hmac.new(self._secret, presented, hashlib.sha256).digest()
@@ -182,6 +186,30 @@ class Authenticator:
             raise Unauthenticated(auth_result="invalid")
         return AuthResult("ok", keyId, certIdentity)
 
+    def carriesKey(self, value: bytes, presented: bytes | None) -> bool:
+        """
+        Whether a request header value carries one of the gateway's credentials, which must never
+        reach an upstream: an C{mcpgw_} key-shaped token (valid or not), the credential presented
+        in C{Authorization} (C{presented}), or (with API keys) any key this generation has
+        verified as valid, alone or after an auth scheme (C{Bearer}, C{Basic}, ...).
+        """
+        if b"mcpgw_" in value and _KEY_SHAPED.search(value):
+            return True
+        if presented is not None and presented in value:
+            return True
+        if self.mode != "keys" or not self._cache or len(value) > 4096:
+            return False
+        token = value.strip()
+        candidates = [token]
+        _scheme, space, rest = token.partition(b" ")
+        if space:
+            candidates.append(rest.strip())
+        for candidate in candidates:
+            entry = self._cache.get(hmac.new(self._secret, candidate, hashlib.sha256).digest())
+            if entry is not None and entry[0] is not None:
+                return True
+        return False
+
     @property
     def cacheSize(self) -> int:
         """Cached verification results."""
@@ -193,7 +221,8 @@ def _fanOut(keyId: str | None, d: Deferred[str | None]) -> str | None:
     return keyId
 
 
-def _bearer(value: bytes | None) -> bytes | None:
+def bearerToken(value: bytes | None) -> bytes | None:
+    """The token of an C{Authorization: Bearer} value, else C{None}."""
     if not value:
         return None
     scheme, _, token = value.strip().partition(b" ")

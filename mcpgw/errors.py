@@ -74,6 +74,29 @@ class InvalidRequest(GatewayError):
     message = "invalid_request"
 
 
+class HeaderMismatch(GatewayError):
+    """
+    MCP 2026-07-28: a request metadata header (C{MCP-Protocol-Version}, C{Mcp-Method},
+    C{Mcp-Name}, C{Mcp-Param-*}) is missing, malformed or disagrees with the body.
+    """
+
+    status = 400
+    code = -32020
+    message = "header_mismatch"
+
+
+class DuplicateHeader(GatewayError):
+    """
+    A header that must appear once (C{Authorization}, C{Host}, C{Origin}, C{Content-Length},
+    C{Mcp-Session-Id}, C{MCP-Protocol-Version}, C{Mcp-Method}, C{Mcp-Name}) appears more than
+    once: ambiguous, so refused rather than guessed.
+    """
+
+    status = 400
+    code = -32600
+    message = "duplicate_header"
+
+
 class PolicyDenied(GatewayError):
     """Policy denies the tool call (C{data.rule_id}; C{null} when C{default_action} decided)."""
 

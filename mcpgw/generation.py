@@ -21,6 +21,7 @@ from mcpgw.buckets import TokenBuckets
 from mcpgw.config import Config, ListenConfig, UpstreamConfig
 from mcpgw.errors import HostNotAllowed, OriginNotAllowed
 from mcpgw.policy import Policy
+from mcpgw.proxy.mcpheaders import ToolHeaders
 from mcpgw.proxy.upstream import UpstreamPool
 from mcpgw.tls import ServerTLS, loadServerTLS
 
@@ -121,6 +122,8 @@ class Route:
     @ivar target: the upstream request target (path and query of its URL).
     @ivar injected: C{upstreams[].headers} as C{(name, value)} byte pairs.
     @ivar injectedNames: their lower-case names (client headers of these names are replaced).
+    @ivar toolHeaders: the C{x-mcp-header} annotations seen in this upstream's C{tools/list}
+        answers (kept across reloads with the pool; dropped with the upstream).
     """
 
     config: UpstreamConfig
@@ -130,6 +133,7 @@ class Route:
     target: bytes
     injected: tuple[tuple[bytes, bytes], ...]
     injectedNames: frozenset[bytes]
+    toolHeaders: ToolHeaders
 
 
 def _poolKey(u: UpstreamConfig) -> tuple[Any, ...]:
@@ -144,7 +148,9 @@ def makePool(reactor: Any, u: UpstreamConfig) -> UpstreamPool:
     )
 
 
-def makeRoute(u: UpstreamConfig, pool: UpstreamPool) -> Route:
+def makeRoute(
+    u: UpstreamConfig, pool: UpstreamPool, toolHeaders: ToolHeaders | None = None
+) -> Route:
     """Precompute the hot-path bytes of upstream C{u}."""
     default = 443 if u.scheme == "https" else 80
     host = u.host if ":" not in u.host else f"[{u.host}]"
@@ -158,6 +164,7 @@ def makeRoute(u: UpstreamConfig, pool: UpstreamPool) -> Route:
         target=u.target,
         injected=injected,
         injectedNames=frozenset(k.lower() for k, _ in injected),
+        toolHeaders=toolHeaders if toolHeaders is not None else ToolHeaders(),
     )
 
 
@@ -220,13 +227,16 @@ def buildGeneration(
     tls = None
     if config.tls is not None:
         tls = loadServerTLS(config.tls, previous.tls if previous is not None else None)
-    oldPools = {}
+    oldRoutes = {}
     if previous is not None:
-        oldPools = {_poolKey(r.config): r.pool for r in previous.routes.values()}
+        oldRoutes = {_poolKey(r.config): r for r in previous.routes.values()}
     routes = {}
     for u in config.upstreams:
-        pool = oldPools.get(_poolKey(u)) or makePool(reactor, u)
-        routes[u.path.encode()] = makeRoute(u, pool)
+        old = oldRoutes.get(_poolKey(u))
+        if old is not None:
+            routes[u.path.encode()] = makeRoute(u, old.pool, old.toolHeaders)
+        else:
+            routes[u.path.encode()] = makeRoute(u, makePool(reactor, u))
     pc = config.policy
     return Generation(
         number=number,

@@ -5,10 +5,22 @@ The one parse of a POST body as JSON-RPC 2.0: a single message or a batch array.
 The gateway parses each body exactly once (with orjson) and keeps the parsed messages for policy,
 audit and telemetry. The bytes forwarded upstream are the client's own bytes unless a later stage
 (policy redaction) has to rewrite them.
+
+Because the client's bytes are forwarded, the gateway must read them exactly as the upstream will:
+  - a JSON object with a duplicate key is refused (400, C{invalid_request}): parsers disagree on
+    which copy counts (orjson keeps the last, others the first), so policy could decide on
+    C{"name":"echo"} while the upstream runs C{"name":"shell_exec"}. The check is cheap: when
+    re-serialising the parsed value gives back the body's own bytes (compact JSON, as the MCP SDKs
+    send) there can be no duplicate; only other bodies are parsed a second time with a duplicate
+    detector (Python's C{json} with an C{object_pairs_hook}, about 4 µs for a typical call);
+  - nesting deeper than L{MAX_DEPTH} arrays and objects is refused (400, C{invalid_request}), so
+    no later stage (redaction, re-serialisation) can hit a recursion limit. Bodies with fewer
+    brackets than that in all are not walked.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import attr
@@ -69,17 +81,88 @@ def _toolOf(msg: dict[str, Any]) -> str | None:
     return None
 
 
+#: The deepest nesting of arrays and objects a body may have (the message object is level 1).
+MAX_DEPTH = 64
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _noDuplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return out
+
+
+_strictDecoder = json.JSONDecoder(object_pairs_hook=_noDuplicates)
+
+
+def _depth(value: Any) -> int:
+    """The nesting depth of arrays and objects in a parsed JSON value (iterative)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if level > deepest:
+            deepest = level
+            if deepest > MAX_DEPTH:
+                return deepest
+        stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
+def _idOf(value: Any) -> Any:
+    return _safeId(value.get("id")) if isinstance(value, dict) else None
+
+
+def checkShape(body: bytes, value: Any) -> None:
+    """
+    Refuse a parsed body whose nesting is deeper than L{MAX_DEPTH} or that has a JSON object
+    with a duplicate key (see the module docstring).
+
+    @raise InvalidRequest: either.
+    """
+    if body.count(b"{") + body.count(b"[") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
+        raise InvalidRequest(
+            f"the body is nested deeper than {MAX_DEPTH} levels", requestId=_idOf(value)
+        )
+    if orjson.dumps(value) == body:
+        return
+    try:
+        _strictDecoder.decode(body.decode("utf-8"))
+    except _DuplicateKey as e:
+        # The id itself may be the duplicate: then no id is trustworthy.
+        rid = None if e.args[0] == "id" else _idOf(value)
+        raise InvalidRequest(
+            f"duplicate key {e.args[0]!r} in a JSON object", requestId=rid
+        ) from None
+
+
 def parseBody(body: bytes) -> RpcSummary:
     """
     Parse and validate a JSON-RPC POST body.
 
     @raise ParseError: the body is not JSON.
-    @raise InvalidRequest: the body is JSON but not a JSON-RPC message or a non-empty batch.
+    @raise InvalidRequest: the body is JSON but not a JSON-RPC message or a non-empty batch, or
+        it is ambiguous or too deep (L{checkShape}).
     """
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as e:
         raise ParseError(f"invalid JSON: {e}") from None
+    checkShape(body, value)
     if isinstance(value, list):
         if not value:
             raise InvalidRequest("an empty batch is not a JSON-RPC message")

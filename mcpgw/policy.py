@@ -302,8 +302,9 @@ class Policy:
 
     def redact(self, rule_id: str, arguments: object) -> tuple[object, int]:
         """
-        Replace every match of the rule's patterns by L{REDACTED} in every string value of a JSON
-        value (nested; mapping keys are left alone).
+        Replace every match of the rule's patterns by L{REDACTED} in every string of a JSON value,
+        object keys included (nested; a secret used as a key is no less a secret). Keys that
+        become equal after scrubbing merge, the later value winning.
 
         @param rule_id: a C{redact} rule.
         @return: a redacted copy (C{arguments} is not changed) and how many strings changed.
@@ -319,7 +320,7 @@ class Policy:
                 changed += new != value
                 return new
             if isinstance(value, dict):
-                return {key: walk(item) for key, item in value.items()}
+                return {walk(key): walk(item) for key, item in value.items()}
             if isinstance(value, list):
                 return [walk(item) for item in value]
             return value

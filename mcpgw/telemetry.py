@@ -364,12 +364,15 @@ def spanName(rec: Sequence[Any]) -> str:
     target is the tool of a C{tools/call} or the prompt of a C{prompts/get}, else the method
     alone (a resource URI is an attribute, never part of the name); C{"{HTTP method} {path}"}
     for a request without a JSON-RPC method on an MCP path (GET, DELETE, a POST of responses)
-    and for one that failed authentication (so unauthenticated callers cannot mint resource
-    names); the HTTP method alone off the MCP paths.
+    and for one refused before or by authentication (so unauthenticated callers cannot mint
+    resource names); the HTTP method alone off the MCP paths.
     """
     method = rec[R_METHOD]
     http = rec[R_HTTP_METHOD].decode("latin-1")
-    if method is not None and rec[R_AUTH_RESULT] not in _AUTH_FAILED:
+    if rec[R_UPSTREAM] is None:
+        return http
+    auth = rec[R_AUTH_RESULT]
+    if method is not None and auth is not None and auth not in _AUTH_FAILED:
         if method == "tools/call":
             target = rec[R_TOOL]
         elif method == "prompts/get":
@@ -377,9 +380,7 @@ def spanName(rec: Sequence[Any]) -> str:
         else:
             return str(method)
         return f"{method} {target}" if target is not None else str(method)
-    if rec[R_UPSTREAM] is not None:
-        return f"{http} {rec[R_PATH].decode('latin-1')}"
-    return http
+    return f"{http} {rec[R_PATH].decode('latin-1')}"
 
 
 #: Encoded static parts of spans (see L{encodeSpan}), by the values they are made of.

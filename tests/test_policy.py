@@ -414,7 +414,7 @@ class RedactTests(SynchronousTestCase):
         )
 
     def test_nested(self) -> None:
-        """Strings nested in mappings and lists are redacted; keys, numbers and the rest are not."""
+        """Strings nested in mappings and lists are redacted, keys too; numbers and the rest not."""
         arguments = {
             "url": "https://api.example.com",
             "headers": {"Authorization": f"Bearer {JWT}", f"Bearer {GITHUB_TOKEN}": 1},
@@ -429,12 +429,12 @@ class RedactTests(SynchronousTestCase):
             redacted,
             {
                 "url": "https://api.example.com",
-                "headers": {"Authorization": REDACTED, f"Bearer {GITHUB_TOKEN}": 1},
+                "headers": {"Authorization": REDACTED, REDACTED: 1},
                 "body": [{"key": REDACTED, "n": 3, "ok": True}, [REDACTED, None, 1.5], "plain"],
                 "count": 7,
             },
         )
-        self.assertEqual(changed, 3)
+        self.assertEqual(changed, 4)
         self.assertEqual(arguments, original)
         self.assertIsNot(redacted["body"], arguments["body"])  # type: ignore[index]
 

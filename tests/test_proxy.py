@@ -263,10 +263,15 @@ class ErrorTests(GatewayTestCase):
 
     @inlineCallbacks
     def test_unknownPath(self) -> Any:
-        """A path with no upstream gets 404."""
-        reply = yield self.call(path="/nope", body=rpc("ping"))
-        self.assertRpcError(reply, 404, -32004, "not_found")
-        self.assertEqual(self.auditLines()[-1]["status"], 404)
+        """A path with no upstream gets 404, with the request's id; the audit line names the call."""
+        body = rpc("tools/call", {"name": "echo", "arguments": {}}, id=31)
+        reply = yield self.call(path="/nope", body=body)
+        self.assertRpcError(reply, 404, -32004, "not_found", id=31)
+        line = self.auditLines()[-1]
+        self.assertEqual(
+            (line["status"], line["method"], line["tool"], line["jsonrpc_id"]),
+            (404, "tools/call", "echo", 31),
+        )
 
     @inlineCallbacks
     def test_methodNotAllowed(self) -> Any:
@@ -404,13 +409,17 @@ class HostOriginTests(GatewayTestCase):
 
     @inlineCallbacks
     def test_foreignHostIsRefused(self) -> Any:
-        """A Host that is not a loopback name gets 403 and the upstream is not contacted."""
+        """
+        A Host that is not a loopback name gets 403 with the request's id, the upstream is not
+        contacted, and the audit line names the method.
+        """
         reply = yield self.call(body=rpc("ping", id=1), headers={"Host": "evil.example:80"})
         self.assertEqual(reply.status, 403)
         self.assertEqual(reply.json()["error"]["message"], "host_not_allowed")
-        self.assertEqual(reply.json()["id"], None)
+        self.assertEqual(reply.json()["id"], 1)
         self.assertEqual(self.upstream.seen, [])
-        self.assertEqual(self.auditLines()[-1]["status"], 403)
+        line = self.auditLines()[-1]
+        self.assertEqual((line["status"], line["method"], line["jsonrpc_id"]), (403, "ping", 1))
 
     @inlineCallbacks
     def test_loopbackHostAndOriginAreAccepted(self) -> Any:
@@ -422,11 +431,17 @@ class HostOriginTests(GatewayTestCase):
 
     @inlineCallbacks
     def test_foreignOriginIsRefused(self) -> Any:
-        """An Origin that is not a loopback origin gets 403."""
-        reply = yield self.call(body=rpc("ping"), headers={"Origin": "https://evil.example"})
+        """An Origin that is not a loopback origin gets 403, with the id; the audit names the tool."""
+        body = rpc("tools/call", {"name": "echo", "arguments": {}}, id=8)
+        reply = yield self.call(body=body, headers={"Origin": "https://evil.example"})
         self.assertEqual(reply.status, 403)
         self.assertEqual(reply.json()["error"]["message"], "origin_not_allowed")
+        self.assertEqual(reply.json()["id"], 8)
         self.assertEqual(self.upstream.seen, [])
+        line = self.auditLines()[-1]
+        self.assertEqual(
+            (line["method"], line["tool"], line["jsonrpc_id"]), ("tools/call", "echo", 8)
+        )
 
 
 class ConfiguredHostsTests(GatewayTestCase):

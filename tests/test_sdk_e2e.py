@@ -444,12 +444,6 @@ UPSTREAM_ERRORS: dict[str, dict[str, Any]] = {
         "json": {"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
     },
     "modern-no-envelope-400": _modern("tools/list", 3, {}),
-    "modern-header-mismatch-400": _modern(
-        "tools/call",
-        4,
-        {"name": "echo", "arguments": {"text": "x"}, "_meta": _META},
-        mcp_name="add",
-    ),
     "modern-unknown-method-404": _modern("foo/bar", 5, {"_meta": _META}),
     "modern-unknown-tool": _modern(
         "tools/call", 6, {"name": "nope", "arguments": {}, "_meta": _META}, mcp_name="nope"
@@ -479,6 +473,28 @@ def test_upstream_errors_pass_through(url_of: Callable[[str, str], str], case: s
     assert answers[1] == answers[0]
     expected = case.rsplit("-", 1)[-1]
     assert str(answers[0][0]) == (expected if expected.isdigit() else "200")
+
+
+def test_header_mismatch_answered_by_the_gateway(url_of: Callable[[str, str], str]) -> None:
+    """
+    A 2026-07-28 request whose Mcp-Name disagrees with its body: the server refuses it (400,
+    -32020) and so does the gateway, by itself, before the upstream is contacted: same status,
+    code and id both ways.
+    """
+    spec = _modern(
+        "tools/call",
+        4,
+        {"name": "echo", "arguments": {"text": "x"}, "_meta": _META},
+        mcp_name="add",
+    )
+    answers = []
+    for target in TARGETS:
+        with httpx2.Client(timeout=10.0) as http:
+            r = http.request(url=url_of("sse", target), **spec)
+            body = r.json()
+            answers.append((r.status_code, body["id"], body["error"]["code"]))
+    assert answers == [(400, 4, -32020), (400, 4, -32020)]
+    assert body["error"]["message"] == "header_mismatch"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def record(**changes: Any) -> tuple[Any, ...]:
         "R_PROTOCOL": None,
         "R_DECISION": "allow",
         "R_RULE": None,
-        "R_AUTH_RESULT": None,
+        "R_AUTH_RESULT": "external",
         "R_AUTH_KEY": None,
         "R_BYTES_IN": 120,
         "R_BYTES_OUT": 300,
@@ -230,6 +230,8 @@ class SpanMappingTests(SynchronousTestCase):
         self.assertEqual(self.encode(R_UPSTREAM=None, R_PATH=b"/x", R_METHOD=None).name, "POST")
         self.assertEqual(self.encode(R_AUTH_RESULT="invalid").name, "POST /mcp")
         self.assertEqual(self.encode(R_AUTH_RESULT="ok").name, "tools/call echo")
+        # refused before authentication (Host, duplicate header, header mismatch): no method name
+        self.assertEqual(self.encode(R_AUTH_RESULT=None).name, "POST /mcp")
 
     def test_targets(self) -> None:
         """A prompt names its span and is gen_ai.prompt.name; a resource URI is only an attribute."""

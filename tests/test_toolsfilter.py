@@ -6,11 +6,14 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mcpgw.proxy.toolsfilter import SSEFilter, filterJSONBody
+from mcpgw.proxy.toolsfilter import SSEFilter, byName, filterJSONBody
 
 
-def allows(name: str) -> bool:
+def allowsName(name: str) -> bool:
     return not name.startswith("admin_")
+
+
+allows = byName(allowsName)
 
 
 LIST = {

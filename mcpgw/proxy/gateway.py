@@ -26,10 +26,12 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from mcpgw.audit.writer import rfc3339ms
-from mcpgw.auth import AuthResult
+from mcpgw.auth import AuthResult, bearerToken
 from mcpgw.errors import (
+    DuplicateHeader,
     GatewayError,
     InternalError,
+    InvalidRequest,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -45,7 +47,14 @@ from mcpgw.errors import (
 from mcpgw.generation import Generation, Route
 from mcpgw.interfaces import IAuditLog, IResponseSink
 from mcpgw.jsonrpc import RpcSummary, parseBody
-from mcpgw.proxy.headers import REQUEST_DROP, RESPONSE_DROP, connectionTokens, endToEnd
+from mcpgw.proxy.headers import (
+    REQUEST_DROP,
+    RESPONSE_DROP,
+    SINGLETONS,
+    connectionTokens,
+    endToEnd,
+)
+from mcpgw.proxy.mcpheaders import checkRequest, isModern
 from mcpgw.proxy.toolsfilter import SSEFilter, filterJSONBody
 from mcpgw.telemetry import (
     TARGET_METHODS,
@@ -66,6 +75,20 @@ log = Logger()
 _EVENT_STREAM = b"text/event-stream"
 _FORWARDED_METHODS = (b"POST", b"GET", b"DELETE")
 
+#: Headers whose values are protocol data, never credentials: not scanned for keys. Anything
+#: else a client sends is (an mcpgw key in any other header is removed before forwarding).
+_NO_CREDENTIALS = frozenset(
+    {
+        b"accept",
+        b"accept-encoding",
+        b"content-type",
+        b"mcp-protocol-version",
+        b"mcp-method",
+        b"traceparent",
+        b"tracestate",
+    }
+)
+
 
 #: A JSON (not SSE) answer is held back until it is complete or this large, so that an upstream
 #: that breaks framing early (a short body, bad chunking) still gets the client a 502.
@@ -79,36 +102,44 @@ _PARAM_HEADER = b"mcp-param-"
 _B64_START, _B64_END = b"=?base64?", b"?="
 
 
-def _redactParamHeaders(headers: Any, policy: Any, ruleId: str) -> dict[bytes, bytes] | None:
+def _redactParamHeaders(
+    headers: Any, policy: Any, ruleIds: list[str]
+) -> dict[tuple[bytes, bytes], bytes] | None:
     """
     MCP 2026-07-28 clients mirror some arguments into C{Mcp-Param-*} headers, which the server
-    checks against the body: redact them with the same rule, in the same encoding (plain or
-    C{=?base64?...?=}), so the secret does not travel in a header and the two still agree.
+    checks against the body: redact every value of every such header with the rules that
+    redacted the body (each call's rule, for a batch), in the same encoding (plain or
+    C{=?base64?...?=}), so the secret does not travel in a header and the two still agree. A
+    value that cannot be decoded is scrubbed as it is.
 
-    @return: lower-case header name -> new value, for the headers that changed; or None.
+    @return: C{(lower-case name, original value)} -> new value, for the values that changed; or
+        None.
     """
-    out: dict[bytes, bytes] = {}
+    out: dict[tuple[bytes, bytes], bytes] = {}
     for name, values in headers.getAllRawHeaders():
         low = name.lower()
         if not low.startswith(_PARAM_HEADER):
             continue
-        value = values[0]
-        encoded = value.startswith(_B64_START) and value.endswith(_B64_END)
-        try:
-            text = (
-                base64.b64decode(value[len(_B64_START) : -len(_B64_END)]).decode()
-                if encoded
-                else value.decode("latin-1")
-            )
-        except (ValueError, UnicodeDecodeError):
-            continue
-        scrubbed, n = policy.redact(ruleId, text)
-        if n:
-            out[low] = (
-                _B64_START + base64.b64encode(scrubbed.encode()) + _B64_END
-                if encoded
-                else scrubbed.encode("latin-1", "replace")
-            )
+        for value in values:
+            encoded = value.startswith(_B64_START) and value.endswith(_B64_END)
+            text = None
+            if encoded:
+                try:
+                    text = base64.b64decode(value[len(_B64_START) : -len(_B64_END)]).decode()
+                except (ValueError, UnicodeDecodeError):
+                    encoded = False
+            if text is None:
+                text = value.decode("latin-1")
+            changed = 0
+            for ruleId in ruleIds:
+                new, n = policy.redact(ruleId, text)
+                text, changed = new, changed + n
+            if changed:
+                out[(low, value)] = (
+                    _B64_START + base64.b64encode(text.encode()) + _B64_END
+                    if encoded
+                    else text.encode("latin-1", "replace")
+                )
     return out or None
 
 
@@ -145,9 +176,9 @@ class ProxyExchange:
         "clientCert",
         "clientIp",
         "closed",
+        "credential",
         "decision",
         "error",
-        "filterTools",
         "filteredTools",
         "gateway",
         "generation",
@@ -157,6 +188,7 @@ class ProxyExchange:
         "isStream",
         "jsonrpcId",
         "link",
+        "listTools",
         "metaTrace",
         "method",
         "parent",
@@ -217,9 +249,11 @@ class ProxyExchange:
         self.decision = "allow"
         self.ruleId: str | None = None
         self.redacted: int | None = None
-        self.filterTools = False
+        self.listTools = False
         self.filteredTools: int | None = None
-        self.headerRewrite: dict[bytes, bytes] | None = None
+        self.headerRewrite: dict[tuple[bytes, bytes], bytes] | None = None
+        #: The bearer token presented in C{Authorization} (never forwarded, in any header).
+        self.credential: bytes | None = None
         self._sseFilter: SSEFilter | None = None
         self._collected: list[bytes] | None = None
         self._held: list[bytes] | None = None
@@ -249,7 +283,7 @@ class ProxyExchange:
                 drop = drop | connectionTokens(headers)
                 break
         hasAccel = False
-        filtering = self.filterTools and status == 200
+        filtering = self.listTools and status == 200
         for name, value in headers:
             low = name.lower()
             if low in drop:
@@ -266,9 +300,8 @@ class ProxyExchange:
         self.status = status
         self.headSent = True
         if filtering:
-            allows = self.generation.policy.allows
             if self.isStream:
-                self._sseFilter = SSEFilter(allows)
+                self._sseFilter = SSEFilter(self._keepTool)
             else:
                 self._collected = []
         elif not self.isStream:
@@ -281,6 +314,45 @@ class ProxyExchange:
                 add(b"X-Accel-Buffering", b"no")
             request.write(b"")
             request.channel.flushHead()
+
+    def describe(self, summary: RpcSummary) -> None:
+        """Record what a parsed POST body says (method, tool, ids, trace context)."""
+        self.method = summary.method
+        self.tool = summary.tool
+        self.jsonrpcId = summary.requestId
+        if summary.method in TARGET_METHODS:
+            self.target = targetOf(summary.messages, summary.method)
+        if summary.isBatch:
+            self.batchSize = len(summary.messages)
+            self.batchIds = [m["id"] for m in summary.messages if "method" in m and "id" in m]
+        meta = metaContext(summary.messages)
+        if meta is not None:
+            useMetaContext(self, *meta)
+
+    def _keepTool(self, tool: Any) -> bool:
+        """
+        Whether one entry of a C{tools/list} answer stays: policy would not deny it to the
+        caller, and its C{x-mcp-header} annotations are valid (recorded for the upstream;
+        an invalid one is left out for 2026-07-28 clients, logged).
+        """
+        name = tool.get("name") if isinstance(tool, dict) else None
+        if not isinstance(name, str):
+            return True
+        gen = self.generation
+        if gen.filterTools and not gen.policy.allows(name):
+            return False
+        assert self.route is not None
+        why = self.route.toolHeaders.observe(tool)
+        if why is None:
+            return True
+        log.warn(
+            "upstream {upstream} lists tool {tool!r} with an invalid x-mcp-header annotation: "
+            "{why}",
+            upstream=self.route.name,
+            tool=name,
+            why=why,
+        )
+        return not isModern(self.protocolVersion)
 
     def upstreamData(self, data: bytes) -> None:
         if self.closed:
@@ -312,7 +384,7 @@ class ProxyExchange:
             request.unregisterProducer()
         tail = b""
         if self._collected is not None:
-            tail, removed = filterJSONBody(b"".join(self._collected), self.generation.policy.allows)
+            tail, removed = filterJSONBody(b"".join(self._collected), self._keepTool)
             self.filteredTools = removed
             request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(tail)])
         elif self._held is not None:
@@ -499,34 +571,43 @@ class Gateway:
         request.exchange = x
         x.route = route
         try:
-            if route is None:
-                raise NotFound(f"no upstream at {path.decode('latin-1')!r}")
-            headers = request.requestHeaders
-            hosts = headers.getRawHeaders(b"host")
-            origins = headers.getRawHeaders(b"origin")
-            gen.hostGuard.check(hosts[0] if hosts else None, origins[0] if origins else None)
             method = request.method
-            if method not in _FORWARDED_METHODS:
-                raise MethodNotAllowed(f"{method.decode('latin-1')} is not an MCP method")
             body = b"".join(request.body) if request.body else b""
             x.bytesIn = len(body)
             summary = None
+            bodyError: GatewayError | None = None
             if method == b"POST":
-                summary = parseBody(body)
-                x.method = summary.method
-                x.tool = summary.tool
-                x.jsonrpcId = summary.requestId
-                if summary.method in TARGET_METHODS:
-                    x.target = targetOf(summary.messages, summary.method)
+                # Parsed first, so that every later refusal (404, 403, 400) carries the id and
+                # its audit line the method and tool; a body error is answered after those.
+                try:
+                    summary = parseBody(body)
+                except GatewayError as e:
+                    bodyError = e
+                else:
+                    x.describe(summary)
+            headers = request.requestHeaders
+            for name in SINGLETONS:
+                values = headers.getRawHeaders(name)
+                if values is not None and len(values) > 1:
+                    raise DuplicateHeader(f"more than one {name.decode()} header")
+            if route is None:
+                raise NotFound(f"no upstream at {path.decode('latin-1')!r}")
+            hosts = headers.getRawHeaders(b"host")
+            origins = headers.getRawHeaders(b"origin")
+            gen.hostGuard.check(hosts[0] if hosts else None, origins[0] if origins else None)
+            if method not in _FORWARDED_METHODS:
+                raise MethodNotAllowed(f"{method.decode('latin-1')} is not an MCP method")
+            if bodyError is not None:
+                raise bodyError
+            if summary is not None and isModern(x.protocolVersion):
                 if summary.isBatch:
-                    x.batchSize = len(summary.messages)
-                    x.batchIds = [m["id"] for m in summary.messages if "method" in m and "id" in m]
-                meta = metaContext(summary.messages)
-                if meta is not None:
-                    useMetaContext(x, *meta)
+                    raise InvalidRequest("MCP 2026-07-28 and later have no batches")
+                checkRequest(headers, summary.messages[0], route.toolHeaders)
             auths = headers.getRawHeaders(b"authorization")
+            authorization = auths[0] if auths else None
+            x.credential = bearerToken(authorization)
             result = gen.auth.authenticate(
-                auths[0] if auths else None,
+                authorization,
                 x.clientIp or "",
                 _certIdentity(request) if x.secure else None,
             )
@@ -593,10 +674,11 @@ class Gateway:
         policy = gen.policy
         changed = False
         decided = False
+        redactions: list[str] = []
         for msg in summary.messages:
             method = msg.get("method")
-            if method == "tools/list" and gen.filterTools:
-                x.filterTools = True
+            if method == "tools/list":
+                x.listTools = True
             if method != "tools/call":
                 continue
             params = msg.get("params")
@@ -619,14 +701,16 @@ class Gateway:
                 if n:
                     params["arguments"] = new
                     changed = True
-                    if not summary.isBatch:
-                        x.headerRewrite = _redactParamHeaders(
-                            x.request.requestHeaders, policy, d.rule_id
-                        )
+                if d.rule_id not in redactions:
+                    redactions.append(d.rule_id)
                 x.redacted = (x.redacted or 0) + n
             if not decided or (action == "redact" and x.decision != "redact"):
                 x.decision, x.ruleId = action, d.rule_id
                 decided = True
+        if redactions:
+            # Every Mcp-Param-* value, whichever call of a batch it mirrors, and whether or not
+            # the body itself held a match: a header is no place for a secret either.
+            x.headerRewrite = _redactParamHeaders(x.request.requestHeaders, policy, redactions)
         if changed:
             return orjson.dumps(summary.messages if summary.isBatch else summary.messages[0])
         return body
@@ -653,6 +737,8 @@ class Gateway:
         forwardedFor = None
         originalHost = None
         rewrite = x.headerRewrite
+        carriesKey = x.generation.auth.carriesKey
+        credential = x.credential
         # Tracing on: the gateway's span context replaces the client's (unless the operator
         # injects a traceparent of their own for this upstream).
         tracing = self.tracer is not None and b"traceparent" not in injectedNames
@@ -660,11 +746,13 @@ class Gateway:
             low = name.lower()
             if low in injectedNames or (tracing and low in TRACE_HEADERS):
                 continue
+            if low not in _NO_CREDENTIALS and carriesKey(value, credential):
+                continue  # the gateway's credentials never leave it
             if low == b"x-forwarded-for":
                 forwardedFor = value if forwardedFor is None else forwardedFor + b", " + value
                 continue
-            if rewrite is not None and low in rewrite:
-                value = rewrite[low]
+            if rewrite is not None:
+                value = rewrite.get((low, value), value)
             parts += (name, b": ", value, b"\r\n")
         for name, value in route.injected:
             parts += (name, b": ", value, b"\r\n")

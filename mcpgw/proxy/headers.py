@@ -25,8 +25,10 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
     }
 )
 
-#: Request headers the gateway sets itself on the upstream request, and the client's credential
-#: (never forwarded: upstream credentials come from C{upstreams[].headers}).
+#: Request headers the gateway sets itself on the upstream request, the client's credential
+#: (never forwarded: upstream credentials come from C{upstreams[].headers}), and the client's own
+#: claims about where the request came from (C{Forwarded}, C{X-Real-IP}: an upstream must not
+#: take a client's word for its address; C{X-Forwarded-For} is extended with the real peer).
 REQUEST_DROP: frozenset[bytes] = HOP_BY_HOP | {
     b"authorization",
     b"host",
@@ -34,7 +36,21 @@ REQUEST_DROP: frozenset[bytes] = HOP_BY_HOP | {
     b"expect",
     b"x-forwarded-proto",
     b"x-forwarded-host",
+    b"forwarded",
+    b"x-real-ip",
 }
+
+#: Request headers that must appear at most once: more than one is refused (400), not guessed.
+SINGLETONS: tuple[bytes, ...] = (
+    b"authorization",
+    b"host",
+    b"origin",
+    b"content-length",
+    b"mcp-session-id",
+    b"mcp-protocol-version",
+    b"mcp-method",
+    b"mcp-name",
+)
 
 #: Response headers recomputed by the gateway's own framing.
 RESPONSE_DROP: frozenset[bytes] = HOP_BY_HOP | {b"content-length"}

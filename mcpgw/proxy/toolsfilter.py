@@ -1,6 +1,9 @@
 # -*- test-case-name: tests.test_toolsfilter -*-
 """
-C{tools/list} answers filtered by policy: a client never sees a tool that policy would deny it.
+C{tools/list} answers filtered: a client never sees a tool that policy would deny it, nor (MCP
+2026-07-28) a tool whose C{x-mcp-header} annotations are invalid. The caller decides per tool
+entry with a C{keep} function, which also sees every listed tool (the gateway records each tool's
+annotations there).
 
 Two shapes of answer are handled:
   - JSON (C{application/json}): the whole body is collected (it is small), filtered and re-sent
@@ -18,18 +21,31 @@ from typing import Any
 
 import orjson
 
+#: Decides whether one C{tools/list} entry stays in the answer.
+Keep = Callable[[Any], bool]
 
-def filterMessage(value: Any, allows: Callable[[str], bool]) -> tuple[Any, int]:
+
+def byName(allows: Callable[[str], bool]) -> Keep:
+    """A L{Keep} from a predicate on tool names (entries without a string name are kept)."""
+
+    def keep(tool: Any) -> bool:
+        name = tool.get("name") if isinstance(tool, dict) else None
+        return not isinstance(name, str) or allows(name)
+
+    return keep
+
+
+def filterMessage(value: Any, keep: Keep) -> tuple[Any, int]:
     """
     @param value: a parsed JSON-RPC message or batch.
-    @return: the message with denied tools removed from every C{result.tools}, and how many were
-        removed (0: C{value} itself is returned).
+    @return: the message with the tools C{keep} refuses removed from every C{result.tools}, and
+        how many were removed (0: C{value} itself is returned).
     """
     if isinstance(value, list):
         total = 0
         out = []
         for item in value:
-            new, n = filterMessage(item, allows)
+            new, n = filterMessage(item, keep)
             out.append(new)
             total += n
         return (out, total) if total else (value, 0)
@@ -41,18 +57,14 @@ def filterMessage(value: Any, allows: Callable[[str], bool]) -> tuple[Any, int]:
     tools = result.get("tools")
     if not isinstance(tools, list):
         return value, 0
-    kept = [
-        t
-        for t in tools
-        if not (isinstance(t, dict) and isinstance(t.get("name"), str) and not allows(t["name"]))
-    ]
+    kept = [t for t in tools if keep(t)]
     removed = len(tools) - len(kept)
     if not removed:
         return value, 0
     return {**value, "result": {**result, "tools": kept}}, removed
 
 
-def filterJSONBody(body: bytes, allows: Callable[[str], bool]) -> tuple[bytes, int]:
+def filterJSONBody(body: bytes, keep: Keep) -> tuple[bytes, int]:
     """
     @return: the filtered body (the original bytes when nothing was removed or it is not JSON)
         and the number of tools removed.
@@ -61,7 +73,7 @@ def filterJSONBody(body: bytes, allows: Callable[[str], bool]) -> tuple[bytes, i
         value = orjson.loads(body)
     except orjson.JSONDecodeError:
         return body, 0
-    new, removed = filterMessage(value, allows)
+    new, removed = filterMessage(value, keep)
     return (orjson.dumps(new), removed) if removed else (body, 0)
 
 
@@ -71,8 +83,8 @@ class SSEFilter:
     events only; a partial event waits for its end).
     """
 
-    def __init__(self, allows: Callable[[str], bool]) -> None:
-        self._allows = allows
+    def __init__(self, keep: Keep) -> None:
+        self._keep = keep
         self._buf = b""
         self.removed = 0
 
@@ -100,7 +112,7 @@ class SSEFilter:
         lines = event.replace(b"\r\n", b"\n").split(b"\n")
         data = [ln[5:].lstrip(b" ") if ln.startswith(b"data:") else None for ln in lines]
         payload = b"\n".join(d for d in data if d is not None)
-        new, removed = filterJSONBody(payload, self._allows)
+        new, removed = filterJSONBody(payload, self._keep)
         if not removed:
             return event
         self.removed += removed
