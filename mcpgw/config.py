@@ -7,9 +7,10 @@ one L{ConfigError} listing I{every} problem found (each a L{Problem} with a dott
 and the 1-based line in the YAML), so C{mcpgw config check} can print them all at once.
 
 Rules, beyond the schema in C{DESIGN.md}:
-  - Every key of every mapping is checked: unknown keys are errors (with a "did you mean"
-    suggestion when a known key is close), duplicate keys are errors, missing required keys are
-    reported against the parent mapping. Scalars keep their YAML types: C{port: "80"} is a string
+  - Every key of every mapping is checked: unknown keys are errors reported at their own path
+    and line (C{listen.prot: unknown key; did you mean 'port'?}, with the suggestion when a known
+    key is close), duplicate keys are errors, missing required keys are reported against the
+    parent mapping. Scalars keep their YAML types: C{port: "80"} is a string
     and is rejected where an integer is expected; integers are accepted where numbers are.
   - C{null} for an optional section or key means its default.
   - C{${NAME}} (C{NAME} matching C{[A-Za-z_][A-Za-z0-9_]*}) is replaced by that environment
@@ -830,7 +831,8 @@ class _Map:
 
     def restrict(self, keys: Collection[str], what: str = "") -> None:
         """
-        Report and drop every key not in C{keys}, suggesting a close known key.
+        Report and drop every key not in C{keys}, suggesting a close known key. The problem is
+        reported at the unknown key's own path (C{listen.prot}), on its line.
 
         @param what: appended to the message, e.g. C{" for a kafka sink"}.
         """
@@ -838,7 +840,7 @@ class _Map:
             if key not in keys:
                 close = difflib.get_close_matches(key, list(keys), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                self.w.report(self.path, f"unknown key {key!r}{what}{hint}", key_node)
+                self.w.report(self.at(key), f"unknown key{what}{hint}", key_node)
                 del self.entries[key]
 
     def at(self, key: str) -> str:

@@ -682,7 +682,10 @@ class ProblemTests(ConfigTestCase):
         )
 
     def test_unknownKey(self) -> None:
-        """Unknown keys are reported at every level, with a suggestion when one is close."""
+        """
+        Unknown keys are reported at every level under their own path, on their own line, with a
+        suggestion when a known key is close.
+        """
         self.assertEqual(
             self.problems(
                 """\
@@ -696,10 +699,63 @@ class ProblemTests(ConfigTestCase):
                 """
             ),
             [
-                "listen: unknown key 'prot'; did you mean 'port'? (line 2)",
-                "upstreams[0].timeouts: unknown key 'conect'; did you mean 'connect'? (line 6)",
-                "upstreams[0].timeouts: unknown key 'zzz' (line 6)",
-                "unknown key 'polcy'; did you mean 'policy'? (line 7)",
+                "listen.prot: unknown key; did you mean 'port'? (line 2)",
+                "upstreams[0].timeouts.conect: unknown key; did you mean 'connect'? (line 6)",
+                "upstreams[0].timeouts.zzz: unknown key (line 6)",
+                "polcy: unknown key; did you mean 'policy'? (line 7)",
+            ],
+        )
+
+    def test_unknownKeyInLists(self) -> None:
+        """
+        Inside lists the path names the item and the key (C{upstreams[1].timeouts.conect}), and
+        the line is the unknown key's own, not its mapping's.
+        """
+        self.assertEqual(
+            self.problems(
+                """\
+                upstreams:
+                  - {name: a, url: "http://h/"}
+                  - name: b
+                    url: http://h/
+                    path: /b
+                    timeouts:
+                      connect: 1
+                      conect: 2
+                    hedaers: {}
+                auth:
+                  keys:
+                    - id: k
+                      hash: $argon2id$x
+                      hsh: y
+                policy:
+                  rules:
+                    - {id: a, action: allow, match: {exact: a}}
+                    - {id: b, action: allow, match: {exact: b}}
+                    - id: c
+                      action: deny
+                      mach: {exact: c}
+                      match: {exact: c}
+                audit:
+                  sinks:
+                    - type: s3
+                      name: archive
+                      bucket: b
+                      bukcet: b
+                      batch: {max_lines: 1, max_second: 2}
+                limits:
+                  input_rate_limit: {rate: 1, brust: 2}
+                """
+            ),
+            [
+                "upstreams[1].timeouts.conect: unknown key; did you mean 'connect'? (line 8)",
+                "upstreams[1].hedaers: unknown key; did you mean 'headers'? (line 9)",
+                "auth.keys[0].hsh: unknown key; did you mean 'hash'? (line 14)",
+                "policy.rules[2].mach: unknown key; did you mean 'match'? (line 21)",
+                "audit.sinks[0].bukcet: unknown key; did you mean 'bucket'? (line 28)",
+                "audit.sinks[0].batch.max_second: unknown key; did you mean 'max_seconds'? "
+                "(line 29)",
+                "limits.input_rate_limit.brust: unknown key; did you mean 'burst'? (line 31)",
             ],
         )
 
@@ -1002,7 +1058,7 @@ class ProblemTests(ConfigTestCase):
                 "policy.rules[5].match.glob: must not be empty (line 11)",
                 "policy.rules[6].match: must have exactly one of exact, prefix, glob, regex, list "
                 "(line 12)",
-                "policy.rules[6].match: unknown key 'exakt'; did you mean 'exact'? (line 12)",
+                "policy.rules[6].match.exakt: unknown key; did you mean 'exact'? (line 12)",
                 "policy.rules[7]: missing required key 'match' (line 13)",
             ],
         )
@@ -1082,10 +1138,10 @@ class ProblemTests(ConfigTestCase):
                 "audit.sinks[0].type: must be one of s3, gcs, kafka, webhook, got 's4' (line 6)",
                 "audit.sinks[1]: missing required key 'type' (line 7)",
                 "audit.sinks[2].name: may only contain letters, digits, '.', '_' and '-' (line 8)",
-                "audit.sinks[2]: unknown key 'bucket' for a kafka sink (line 8)",
+                "audit.sinks[2].bucket: unknown key for a kafka sink (line 8)",
                 "audit.sinks[2].bootstrap_servers: must not be empty (line 8)",
                 "audit.sinks[3]: missing required key 'bucket' (line 9)",
-                "audit.sinks[3]: unknown key 'bukcet'; did you mean 'bucket'? (line 9)",
+                "audit.sinks[3].bukcet: unknown key; did you mean 'bucket'? (line 9)",
                 "audit.sinks[4].object_lock: missing required key 'retain_days' (line 10)",
                 "audit.sinks[4].object_lock.mode: must be one of GOVERNANCE, COMPLIANCE, "
                 "got 'governance' (line 10)",
