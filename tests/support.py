@@ -53,6 +53,8 @@ class ScriptedUpstream(resource.Resource):
       - C{mode=big&size=N}: N bytes of body (Content-Length).
       - C{mode=tools} / C{mode=toolsse}: a tools/list answer listing L{TOOL_NAMES}, as JSON or as
         SSE (a notification event, then the answer).
+      - C{mode=xtools}: a tools/list answer listing L{ANNOTATED_TOOLS} (MCP 2026-07-28
+        C{x-mcp-header} annotations, one of them invalid).
       - C{mode=produce&size=N}: N bytes written 64 KiB at a time as the socket drains (a pull
         producer), counting what was produced in C{produced}.
     """
@@ -107,6 +109,13 @@ class ScriptedUpstream(resource.Resource):
         if mode == "big":
             request.setHeader(b"content-type", b"application/octet-stream")
             return b"x" * int(args["size"])
+        if mode == "xtools":
+            rid = json.loads(body).get("id") if body else None
+            payload = json.dumps(
+                {"jsonrpc": "2.0", "id": rid, "result": {"tools": ANNOTATED_TOOLS}}
+            ).encode()
+            request.setHeader(b"content-type", b"application/json")
+            return payload
         if mode in ("tools", "toolsse"):
             rid = json.loads(body).get("id") if body else None
             tools = [{"name": n, "inputSchema": {"type": "object"}} for n in TOOL_NAMES]
@@ -196,6 +205,37 @@ class _Producer:
     def stopProducing(self) -> None:
         self.left = 0
 
+
+#: Tools with C{x-mcp-header} annotations (C{mode=xtools}): C{bad_items} is invalid (an annotation
+#: under C{items}, not reachable through C{properties} alone).
+ANNOTATED_TOOLS: list[dict[str, Any]] = [
+    {
+        "name": "execute_sql",
+        "inputSchema": {
+            "type": "object",
+            "properties": {
+                "region": {"type": "string", "x-mcp-header": "Region"},
+                "limit": {"type": "integer", "x-mcp-header": "Limit"},
+                "dry": {"type": "boolean", "x-mcp-header": "Dry"},
+                "target": {
+                    "type": "object",
+                    "properties": {"db": {"type": "string", "x-mcp-header": "Db"}},
+                },
+                "query": {"type": "string"},
+            },
+        },
+    },
+    {
+        "name": "bad_items",
+        "inputSchema": {
+            "type": "object",
+            "properties": {
+                "names": {"type": "array", "items": {"type": "string", "x-mcp-header": "Name"}}
+            },
+        },
+    },
+    {"name": "echo", "inputSchema": {"type": "object"}},
+]
 
 #: The tools the scripted upstream lists (C{mode=tools} / C{mode=toolsse}).
 TOOL_NAMES = ("echo", "shell_exec", "admin_reset", "http_get", "search_web", "read_file")

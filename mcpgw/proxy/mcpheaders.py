@@ -140,7 +140,7 @@ def _annotation(path: tuple[str, ...] | None, node: dict[str, Any], seen: set[st
     if not isinstance(token, str) or not _TOKEN.match(token):
         raise InvalidAnnotation(f"x-mcp-header of {where!r} is not an HTTP token")
     kind = node.get("type")
-    if kind not in _TYPES:
+    if not isinstance(kind, str) or kind not in _TYPES:
         raise InvalidAnnotation(f"x-mcp-header on {where!r}, which is not a string/integer/boolean")
     low = token.lower()
     if low in seen:
