@@ -139,20 +139,22 @@ class ValueTests(SynchronousTestCase):
             )
             checkRequest(headers, msg, index)
 
-        for value, header in (
+        good: tuple[tuple[Any, bytes], ...] = (
             (42, b"42"),
             (42, b"42.0"),
             (42.0, b"42"),
             (-7, b"-7.00"),
             (2**60, b"1152921504606846976"),
-        ):
+        )
+        for value, header in good:
             check(value, header)
-        for value, header in (
+        bad: tuple[tuple[Any, bytes], ...] = (
             (42, b"43"),
             (42, b"4.2e1"),
             (42.5, b"42.5"),
             (42, b" 42"),
             (True, b"1"),
             ("42", b"42.0"),
-        ):
+        )
+        for value, header in bad:
             self.assertRaises(HeaderMismatch, check, value, header)
