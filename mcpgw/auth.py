@@ -190,12 +190,13 @@ class Authenticator:
         """
         Whether a request header value carries one of the gateway's credentials, which must never
         reach an upstream: an C{mcpgw_} key-shaped token (valid or not), the credential presented
-        in C{Authorization} (C{presented}), or (with API keys) any key this generation has
-        verified as valid, alone or after an auth scheme (C{Bearer}, C{Basic}, ...).
+        in C{Authorization} (C{presented}, when 8 characters or longer: a shorter one would match
+        too much), or (with API keys) any key this generation has verified as valid, alone or
+        after an auth scheme (C{Bearer}, C{Basic}, ...).
         """
         if b"mcpgw_" in value and _KEY_SHAPED.search(value):
             return True
-        if presented is not None and presented in value:
+        if presented is not None and len(presented) >= 8 and presented in value:
             return True
         if self.mode != "keys" or not self._cache or len(value) > 4096:
             return False
