@@ -29,6 +29,10 @@ Rules, beyond the schema in C{DESIGN.md}:
     set C{Host}, C{Content-Length}, C{Transfer-Encoding} or C{Connection}.
   - Sink names name files in C{audit.state_dir}, so they are limited to letters, digits, C{.},
     C{_} and C{-} (starting with a letter or digit).
+  - A sink's library (the C{sinks} extra: boto3, google-cloud-storage, confluent-kafka, treq)
+    must be installed: a missing one is reported at C{audit.sinks[N].type}, naming the module and
+    the extra to install. It is looked up without being imported
+    (L{mcpgw.audit.sinks.missingLibrary}).
 """
 
 from __future__ import annotations
@@ -1275,6 +1279,8 @@ def _parse_sink(w: _Walker, path: str, item: Node) -> tuple[SinkConfig, Node] | 
     kind = m.choice("type", tuple(_SINK_KEYS), "", required=True)
     if not kind:
         return None
+    if missing := _missing_library(kind):
+        w.report(m.at("type"), missing, m.get("type"))
     m.restrict(_SINK_KEYS[kind], f" for a {kind} sink")
     name = m.require_str("name")
     name_node = m.get("name")
@@ -1323,6 +1329,13 @@ def _parse_sink(w: _Walker, path: str, item: Node) -> tuple[SinkConfig, Node] | 
             batch=_parse_batch(m, kind),
         )
     return (sink, name_node) if name_node is not None and name else None
+
+
+def _missing_library(kind: str) -> str | None:
+    """Why the library of a C{kind} sink cannot be used (not installed), or C{None}."""
+    from mcpgw.audit.sinks import missingLibrary
+
+    return missingLibrary(kind)
 
 
 def _parse_batch(m: _Map, kind: str) -> BatchConfig:

@@ -29,6 +29,34 @@ def mcpgwCommand(*args: str) -> list[str]:
     return [sys.executable, "-m", "mcpgw", *args]
 
 
+#: Runs C{mcpgw ARGS...} or C{twistd ARGS...} (argv: MODULES COMMAND ARGS...) with the
+#: comma-separated MODULES not installed, as far as the process can tell: C{import} fails and
+#: C{importlib.util.find_spec} finds nothing. Nothing else differs from the real commands.
+_WITHOUT_MODULES = """\
+import sys
+modules, command, *args = sys.argv[1:]
+for name in modules.split(","):
+    sys.modules[name] = None
+sys.argv = [command, *args]
+if command == "twistd":
+    from twisted.scripts.twistd import run
+    run()
+else:
+    from mcpgw.cli import main
+    sys.exit(main(args))
+"""
+
+
+def withoutModules(modules: str, command: list[str]) -> list[str]:
+    """
+    C{command} (from L{mcpgw command<mcpgwCommand>} or the twistd path) run with the
+    comma-separated C{modules} missing.
+    """
+    name = "twistd" if command[0] == TWISTD else "mcpgw"
+    args = command[1:] if name == "twistd" else command[3:]
+    return [sys.executable, "-c", _WITHOUT_MODULES, modules, name, *args]
+
+
 def post(port: int, body: bytes) -> tuple[int, dict[str, object]]:
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/mcp",
@@ -197,6 +225,115 @@ class RunningTests(TestCase):
             # twistd prints usage errors on stdout, mcpgw on stderr
             self.assertIn("limits.max_body_bytes:", out.stdout + out.stderr)
             self.assertIn("(line 5)", out.stdout + out.stderr)
+
+    def test_sighupWithMissingSinkLibraryIsRejected(self) -> None:
+        """
+        A SIGHUP reload to a config with a sink whose library is not installed is rejected like
+        any invalid config, with the config-check message: the running generation stays.
+        """
+        proc = self.start(withoutModules("boto3", mcpgwCommand("run", "--config", self.config)))
+        self.serveOnce()
+        with open(self.config) as f:
+            text = f.read()
+        with open(self.config, "w") as f:  # audit: on line 4
+            sink = "{type: s3, name: archive, bucket: corp-mcp-audit}"
+            f.write(text.replace("fsync: always}", f"fsync: always, sinks: [{sink}]}}"))
+        os.rename(self.auditPath, self.auditPath + ".1")
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10  # the reload reopens the audit file first
+        while not os.path.exists(self.auditPath) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.serveOnce()
+        rc, out = self.stopAndCollect(proc)
+        self.assertEqual(rc, 0, out)
+        logs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        rejected = [e["msg"] for e in logs if "reload rejected" in e["msg"]]
+        self.assertEqual(len(rejected), 1, out)
+        self.assertIn("keeping generation 1", rejected[0])
+        self.assertIn(
+            "audit.sinks[0].type: the s3 sink needs the Python module 'boto3', which is not "
+            "installed: pip install 'rivano-mcpgw[sinks]' (line 4)",
+            rejected[0],
+        )
+        self.assertFalse(any("reloaded" in e["msg"] for e in logs), out)
+        self.assertFalse(any("sink archive" in e["msg"] for e in logs), out)
+        self.assertEqual(len(self.auditLines()), 1)
+
+
+class SinkLibraryCommandTests(TestCase):
+    """
+    A configured sink whose library is not installed is a config error for every command, not
+    a gateway that starts and ships nothing.
+    """
+
+    def setUp(self) -> None:
+        d = tempfile.mkdtemp(prefix="mcpgw-cli-")
+        self.path = os.path.join(d, "sinks.yaml")
+        with open(self.path, "w") as f:
+            f.write(
+                f"listen: {{port: {freePort()}}}\n"
+                "upstreams: [{name: a, url: 'http://127.0.0.1:9/mcp'}]\n"
+                f"audit:\n  path: {d}/audit.jsonl\n"
+                "  sinks:\n"
+                "    - {type: s3, name: archive, bucket: corp-mcp-audit}\n"
+                "    - {type: kafka, name: stream, topic: t, bootstrap_servers: ['k:9092']}\n"
+            )
+
+    def test_missingLibraryRefusesEveryCommand(self) -> None:
+        """
+        config check, run and twistd -n: exit 1, one line per sink naming the module and the
+        extra, at C{audit.sinks[N].type} with its line; no traceback, nothing started.
+        """
+        for argv in (
+            mcpgwCommand("config", "check", self.path),
+            mcpgwCommand("run", "--config", self.path),
+            [TWISTD, "-n", "--pidfile=", "mcpgw", "--config", self.path],
+        ):
+            out = subprocess.run(
+                withoutModules("boto3,confluent_kafka", argv),
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            both = out.stdout + out.stderr
+            self.assertEqual(out.returncode, 1, both)
+            self.assertIn(
+                "audit.sinks[0].type: the s3 sink needs the Python module 'boto3', which is not "
+                "installed: pip install 'rivano-mcpgw[sinks]' (line 6)",
+                both,
+            )
+            self.assertIn(
+                "audit.sinks[1].type: the kafka sink needs the Python module 'confluent_kafka' "
+                "(from confluent-kafka), which is not installed: pip install 'rivano-mcpgw[sinks]' "
+                "(line 7)",
+                both,
+            )
+            self.assertNotIn("Traceback", both)
+            self.assertNotIn("listening on", both)
+            self.assertNotIn("does not ship", both)
+
+    def test_installedLibrariesAreNotImported(self) -> None:
+        """C{config check} finds the sink libraries without importing them."""
+        script = (
+            "import sys\n"
+            "from mcpgw.cli import main\n"
+            "rc = main(['config', 'check', sys.argv[1]])\n"
+            "heavy = ('boto3', 'botocore', 'google.cloud.storage', 'google.auth', "
+            "'google.api_core', 'confluent_kafka', 'treq')\n"
+            "print('imported:', [m for m in heavy if m in sys.modules])\n"
+            "sys.exit(rc)\n"
+        )
+        with open(self.path, "a") as f:
+            f.write(
+                "    - {type: gcs, name: gcs, bucket: b}\n"
+                "    - {type: webhook, name: siem, url: 'https://siem.example/'}\n"
+            )
+        out = subprocess.run(
+            [sys.executable, "-c", script, self.path], capture_output=True, text=True, timeout=30
+        )
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("OK", out.stdout)
+        self.assertIn("imported: []", out.stdout)
 
 
 POLICY_YAML = """\

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import textwrap
 
 import attr
 from twisted.trial.unittest import SynchronousTestCase
 
+from mcpgw.audit import sinks
 from mcpgw.config import (
     BUILTIN_REDACTIONS,
     APIKey,
@@ -1186,6 +1188,125 @@ class ProblemTests(ConfigTestCase):
             [
                 "listen.port: invalid value: invalid literal for int() with base 10: 'eighty' "
                 "(line 4)"
+            ],
+        )
+
+
+def blockModules(test: SynchronousTestCase, *names: str) -> None:
+    """
+    Make the modules C{names} look not installed until C{test} ends: C{import} fails and
+    C{importlib.util.find_spec} finds nothing, even if they were imported already.
+    """
+    saved = {name: sys.modules[name] for name in names if name in sys.modules}
+
+    def restore() -> None:
+        for name in names:
+            if name in saved:
+                sys.modules[name] = saved[name]
+            else:
+                sys.modules.pop(name, None)
+
+    test.addCleanup(restore)
+    for name in names:
+        sys.modules[name] = None  # type: ignore[assignment]
+
+
+#: One sink of each type, each I{type} on the line of its index + 4.
+ALL_SINKS = minimalWith(
+    """\
+    audit:
+      sinks:
+        - {type: s3, name: a, bucket: b}
+        - {type: gcs, name: g, bucket: b}
+        - {type: kafka, name: k, topic: t, bootstrap_servers: [k]}
+        - {type: webhook, name: w, url: "https://siem.example/"}
+    """
+)
+
+
+class SinkLibraryTests(ConfigTestCase):
+    """A configured sink whose library (the sinks extra) is not installed is a config error."""
+
+    def test_installed(self) -> None:
+        """With the libraries installed (the dev extra has them all), every sink type is valid."""
+        self.assertEqual(len(self.parse(ALL_SINKS).audit.sinks), 4)
+
+    def test_missingLibrary(self) -> None:
+        """
+        Each sink type whose module is missing is reported at C{audit.sinks[N].type}, on the line
+        of its type, naming the module (and its distribution) and the extra to install.
+        """
+        blockModules(self, "boto3", "google.cloud.storage", "confluent_kafka", "treq")
+        install = "pip install 'rivano-mcpgw[sinks]'"
+        self.assertEqual(
+            self.problems(ALL_SINKS),
+            [
+                "audit.sinks[0].type: the s3 sink needs the Python module 'boto3', which is not "
+                f"installed: {install} (line 6)",
+                "audit.sinks[1].type: the gcs sink needs the Python module 'google.cloud.storage' "
+                f"(from google-cloud-storage), which is not installed: {install} (line 7)",
+                "audit.sinks[2].type: the kafka sink needs the Python module 'confluent_kafka' "
+                f"(from confluent-kafka), which is not installed: {install} (line 8)",
+                "audit.sinks[3].type: the webhook sink needs the Python module 'treq', which is "
+                f"not installed: {install} (line 9)",
+            ],
+        )
+
+    def test_missingLibraryOnlyForConfiguredTypes(self) -> None:
+        """Only the libraries of configured sink types are needed; others may be missing."""
+        blockModules(self, "boto3", "google.cloud.storage", "confluent_kafka")
+        config = self.parse(
+            minimalWith("audit: {sinks: [{type: webhook, name: w, url: 'https://x/'}]}")
+        )
+        self.assertEqual([s.name for s in config.audit.sinks], ["w"])
+
+    def test_missingDependencyLibrary(self) -> None:
+        """A missing library the sink imports besides its main one (botocore for s3) counts too."""
+        blockModules(self, "botocore")
+        self.assertEqual(
+            self.problems(minimalWith("audit: {sinks: [{type: s3, name: a, bucket: b}]}")),
+            [
+                "audit.sinks[0].type: the s3 sink needs the Python module 'botocore', which is "
+                "not installed: pip install 'rivano-mcpgw[sinks]' (line 4)"
+            ],
+        )
+
+    def test_missingParentPackage(self) -> None:
+        """A module whose parent package is missing is missing (no ImportError escapes)."""
+        self.patch(
+            sinks,
+            "SINK_LIBRARIES",
+            {**sinks.SINK_LIBRARIES, "gcs": (("mcpgw_test_absent.cloud.storage", "absent"),)},
+        )
+        self.assertEqual(
+            self.problems(minimalWith("audit: {sinks: [{type: gcs, name: g, bucket: b}]}")),
+            [
+                "audit.sinks[0].type: the gcs sink needs the Python module "
+                "'mcpgw_test_absent.cloud.storage' (from absent), which is not installed: "
+                "pip install 'rivano-mcpgw[sinks]' (line 4)"
+            ],
+        )
+
+    def test_reportedWithOtherProblems(self) -> None:
+        """The missing library is one problem among the others of the same sink, in line order."""
+        blockModules(self, "boto3")
+        self.assertEqual(
+            self.problems(
+                minimalWith(
+                    """\
+                    audit:
+                      sinks:
+                        - type: s3
+                          name: a
+                          bukcet: b
+                    """
+                )
+            ),
+            [
+                "audit.sinks[0]: missing required key 'bucket' (line 6)",
+                "audit.sinks[0].type: the s3 sink needs the Python module 'boto3', which is not "
+                "installed: pip install 'rivano-mcpgw[sinks]' (line 6)",
+                "audit.sinks[0].bukcet: unknown key; did you mean 'bucket'? (line 8)",
             ],
         )
 

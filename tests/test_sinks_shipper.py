@@ -5,6 +5,7 @@ failure handling (no network; the real sinks have their own test modules).
 
 from __future__ import annotations
 
+import ast
 import os
 import sys
 from typing import Any, cast
@@ -19,8 +20,11 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mcpgw.audit import shipper as shippermod
+from mcpgw.audit import sinks
 from mcpgw.audit.shipper import cursorPath
 from mcpgw.audit.sinks import (
+    SINK_LIBRARIES,
+    SINKS_INSTALL,
     Batch,
     BatchRejected,
     BatchTooLarge,
@@ -28,6 +32,7 @@ from mcpgw.audit.sinks import (
     RetryLater,
     SinkRefused,
     fileIdOf,
+    missingLibrary,
 )
 from mcpgw.config import BatchConfig, S3SinkConfig, WebhookSinkConfig
 from mcpgw.health import Readiness
@@ -324,14 +329,22 @@ class StatusLogTests(ShipperHarness, TestCase):
 
 
 class MissingLibraryTests(ShipperHarness, TestCase):
-    """A configured sink whose library is not installed (no sinks extra)."""
+    """
+    A sink whose library cannot be imported once the shipper starts it. A config naming a sink
+    whose library is not installed is refused before anything starts (see
+    C{tests.test_config.SinkLibraryTests} and C{tests.test_cli.SinkLibraryCommandTests}); this is
+    the backstop for a library that is found but fails to import (a broken install).
+    """
 
     def setUp(self) -> None:
         self.setUpHarness((S3SinkConfig(name="s3", bucket="corp-mcp-audit"),))
 
     @inlineCallbacks
     def test_unavailableSinkIsNotReady(self) -> Any:
-        """The sink is 'unavailable' with a message naming the extra, and /readyz is not ready."""
+        """
+        The sink is 'unavailable' with a message naming the module and the extra, and /readyz
+        is not ready.
+        """
         saved = {name: sys.modules.get(name) for name in ("boto3", "mcpgw.audit.sinks.s3")}
 
         def restore() -> None:
@@ -350,5 +363,69 @@ class MissingLibraryTests(ShipperHarness, TestCase):
         assert self.shipping is not None
         _, ok, detail = self.shipping.readinessCheck()
         self.assertFalse(ok)
+        self.assertIn("cannot import boto3", detail["s3"]["last_error"])
         self.assertIn("rivano-mcpgw[sinks]", detail["s3"]["last_error"])
         self.assertEqual(detail["s3"]["lag_bytes"], sum(map(len, self.written)))
+
+
+#: Top-level packages a sink module may import without listing them in SINK_LIBRARIES: mcpgw's
+#: own dependencies (setup.cfg install_requires) and mcpgw itself.
+CORE_PACKAGES = frozenset(
+    {"mcpgw", "twisted", "attr", "zope", "yaml", "httptools", "orjson", "argon2", "jwt"}
+)
+
+
+class SinkLibrariesTableTests(TestCase):
+    """L{SINK_LIBRARIES}, which config validation checks, lists what each sink really imports."""
+
+    def importedBy(self, kind: str) -> set[str]:
+        """The modules the C{kind} sink module imports at its top level, beyond the core."""
+        path = os.path.join(os.path.dirname(sinks.__file__), f"{kind}.py")
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        names: set[str] = set()
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                # "from google.cloud import storage" may import google.cloud.storage
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        return {
+            name
+            for name in names
+            if (top := name.partition(".")[0]) not in CORE_PACKAGES
+            and top not in sys.stdlib_module_names
+            and top != "__future__"
+        }
+
+    def test_everyImportIsChecked(self) -> None:
+        """Each non-core module a sink imports is, or is inside, a module the check looks for."""
+        for kind, libraries in SINK_LIBRARIES.items():
+            checked = [module for module, _ in libraries]
+            imported = self.importedBy(kind)
+            self.assertTrue(imported, kind)
+            for name in imported:
+                self.assertTrue(
+                    any(name == m or name.startswith(m + ".") for m in checked),
+                    f"{kind} imports {name}, not covered by SINK_LIBRARIES[{kind!r}] {checked}",
+                )
+
+    def test_allInstalled(self) -> None:
+        """In the dev environment (which has the sinks extra) no sink library is missing."""
+        for kind in SINK_LIBRARIES:
+            self.assertIsNone(missingLibrary(kind), kind)
+
+    def test_missing(self) -> None:
+        """A module that cannot be found, or whose parent package cannot, is reported."""
+        self.patch(
+            sinks,
+            "SINK_LIBRARIES",
+            {"s3": (("mcpgw_test_absent", "absent-dist"),), "gcs": (("json.nope.x", "json"),)},
+        )
+        self.assertEqual(
+            missingLibrary("s3"),
+            "the s3 sink needs the Python module 'mcpgw_test_absent' (from absent-dist), which "
+            f"is not installed: {SINKS_INSTALL}",
+        )
+        self.assertIn("'json.nope.x'", missingLibrary("gcs") or "")
+        self.assertIsNone(missingLibrary("kafka"))

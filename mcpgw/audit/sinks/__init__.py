@@ -17,12 +17,17 @@ Failures are told apart by exception type:
     jitter (at least L{RetryLater.delay} when given).
 
 Sink libraries (boto3, google-cloud-storage, confluent-kafka, treq) are imported only by the
-module of a sink that is configured, so the gateway runs without the C{sinks} extra.
+module of a sink that is configured, so the gateway runs without the C{sinks} extra. A configured
+sink whose library is not installed is a configuration error (L{missingLibrary}, called by
+L{mcpgw.config}, looks for the modules without importing them): a start, C{mcpgw config check}
+and a reload refuse it rather than run a sink that ships nothing. L{SinkUnavailable} remains for
+a library that is found but fails to import (a broken install).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 import attr
@@ -35,6 +40,8 @@ if TYPE_CHECKING:
     from mcpgw.config import SinkConfig
 
 __all__ = [
+    "SINKS_INSTALL",
+    "SINK_LIBRARIES",
     "Batch",
     "BatchRejected",
     "BatchTooLarge",
@@ -45,7 +52,24 @@ __all__ = [
     "SinkUnavailable",
     "fileIdOf",
     "makeSink",
+    "missingLibrary",
 ]
+
+#: How to install every sink library: the C{sinks} extra of the distribution.
+SINKS_INSTALL = "pip install 'rivano-mcpgw[sinks]'"
+
+#: For each sink type, the modules its module imports beyond mcpgw's own dependencies (all from
+#: the C{sinks} extra), each with the distribution that provides it.
+SINK_LIBRARIES: dict[str, tuple[tuple[str, str], ...]] = {
+    "s3": (("boto3", "boto3"), ("botocore", "botocore")),
+    "gcs": (
+        ("google.cloud.storage", "google-cloud-storage"),
+        ("google.auth", "google-auth"),
+        ("google.api_core", "google-api-core"),
+    ),
+    "kafka": (("confluent_kafka", "confluent-kafka"),),
+    "webhook": (("treq", "treq"),),
+}
 
 
 class SinkRefused(Exception):
@@ -166,13 +190,41 @@ class PooledSink:
         return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
 
 
+def _installed(module: str) -> bool:
+    """Whether C{module} can be imported, found without importing it (only its parents)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a parent package is missing
+        return False
+    except ValueError:  # imported already, without a __spec__
+        return True
+
+
+def missingLibrary(kind: str) -> str | None:
+    """
+    Check that the library a sink type needs is installed, without importing it.
+
+    @param kind: a sink type (C{s3}, C{gcs}, C{kafka}, C{webhook}).
+    @return: C{None} if it is, else why not: the first missing module and how to install it.
+    """
+    for module, distribution in SINK_LIBRARIES.get(kind, ()):
+        if not _installed(module):
+            source = "" if distribution == module else f" (from {distribution})"
+            return (
+                f"the {kind} sink needs the Python module {module!r}{source}, which is not "
+                f"installed: {SINKS_INSTALL}"
+            )
+    return None
+
+
 def makeSink(reactor: Any, config: SinkConfig, pool: ThreadPool) -> ISink:
     """
     Build the sink for C{config}, importing only that sink type's library.
 
     @param pool: a dedicated, bounded thread pool for the library's blocking calls; the sink
         does not start or stop it.
-    @raise SinkUnavailable: its library is not installed.
+    @raise SinkUnavailable: its library cannot be imported (a config names only sinks whose
+        library is installed, see L{missingLibrary}, so this is a broken install).
     """
     from mcpgw.config import GCSSinkConfig, KafkaSinkConfig, S3SinkConfig, WebhookSinkConfig
 
@@ -195,7 +247,6 @@ def makeSink(reactor: Any, config: SinkConfig, pool: ThreadPool) -> ISink:
             return WebhookSink(reactor, config)
     except ImportError as e:
         raise SinkUnavailable(
-            f"the {config.type} sink needs {e.name or 'a library'}: "
-            "pip install 'rivano-mcpgw[sinks]'"
+            f"the {config.type} sink cannot import {e.name or 'its library'} ({e}): {SINKS_INSTALL}"
         ) from None
     raise TypeError(f"unknown sink config {config!r}")
