@@ -15,6 +15,7 @@ from mcpgw.proxy.mcpheaders import (
     checkRequest,
     decodeValue,
     isModern,
+    lowered,
     scanTool,
 )
 
@@ -112,7 +113,9 @@ class ValueTests(SynchronousTestCase):
     def test_notificationsAndUnknownToolsNotChecked(self) -> None:
         """Notifications have no header rules; a tool never listed has no Mcp-Param-* rules."""
         headers = Headers({b"mcp-method": [b"something/else"]})
-        checkRequest(headers, {"jsonrpc": "2.0", "method": "notifications/x"}, ToolHeaders())
+        checkRequest(
+            lowered(headers), {"jsonrpc": "2.0", "method": "notifications/x"}, ToolHeaders()
+        )
         msg = {
             "jsonrpc": "2.0",
             "id": 1,
@@ -120,7 +123,7 @@ class ValueTests(SynchronousTestCase):
             "params": {"name": "t", "arguments": {"a": 1}},
         }
         ok = Headers({b"mcp-method": [b"tools/call"], b"mcp-name": [b"t"], b"mcp-param-a": [b"9"]})
-        checkRequest(ok, msg, ToolHeaders())
+        checkRequest(lowered(ok), msg, ToolHeaders())
 
     def test_numbers(self) -> None:
         """Integers compare numerically (42 == 42.0 == 42.00); floats, exponents and junk do not."""
@@ -137,7 +140,7 @@ class ValueTests(SynchronousTestCase):
             headers = Headers(
                 {b"mcp-method": [b"tools/call"], b"mcp-name": [b"t"], b"mcp-param-n": [header]}
             )
-            checkRequest(headers, msg, index)
+            checkRequest(lowered(headers), msg, index)
 
         good: tuple[tuple[Any, bytes], ...] = (
             (42, b"42"),

@@ -54,7 +54,7 @@ from mcpgw.proxy.headers import (
     connectionTokens,
     endToEnd,
 )
-from mcpgw.proxy.mcpheaders import checkRequest, isModern
+from mcpgw.proxy.mcpheaders import checkRequest, isModern, lowered
 from mcpgw.proxy.toolsfilter import SSEFilter, filterJSONBody
 from mcpgw.telemetry import (
     TARGET_METHODS,
@@ -586,10 +586,9 @@ class Gateway:
                 else:
                     x.describe(summary)
             headers = request.requestHeaders
-            for name in SINGLETONS:
-                values = headers.getRawHeaders(name)
-                if values is not None and len(values) > 1:
-                    raise DuplicateHeader(f"more than one {name.decode()} header")
+            for name, values in headers.getAllRawHeaders():
+                if len(values) > 1 and name.lower() in SINGLETONS:
+                    raise DuplicateHeader(f"more than one {name.decode('latin-1')} header")
             if route is None:
                 raise NotFound(f"no upstream at {path.decode('latin-1')!r}")
             hosts = headers.getRawHeaders(b"host")
@@ -602,7 +601,7 @@ class Gateway:
             if summary is not None and isModern(x.protocolVersion):
                 if summary.isBatch:
                     raise InvalidRequest("MCP 2026-07-28 and later have no batches")
-                checkRequest(headers, summary.messages[0], route.toolHeaders)
+                checkRequest(lowered(headers), summary.messages[0], route.toolHeaders)
             auths = headers.getRawHeaders(b"authorization")
             authorization = auths[0] if auths else None
             x.credential = bearerToken(authorization)

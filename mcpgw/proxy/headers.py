@@ -41,15 +41,17 @@ REQUEST_DROP: frozenset[bytes] = HOP_BY_HOP | {
 }
 
 #: Request headers that must appear at most once: more than one is refused (400), not guessed.
-SINGLETONS: tuple[bytes, ...] = (
-    b"authorization",
-    b"host",
-    b"origin",
-    b"content-length",
-    b"mcp-session-id",
-    b"mcp-protocol-version",
-    b"mcp-method",
-    b"mcp-name",
+SINGLETONS: frozenset[bytes] = frozenset(
+    {
+        b"authorization",
+        b"host",
+        b"origin",
+        b"content-length",
+        b"mcp-session-id",
+        b"mcp-protocol-version",
+        b"mcp-method",
+        b"mcp-name",
+    }
 )
 
 #: Response headers recomputed by the gateway's own framing.

@@ -35,6 +35,7 @@ import base64
 import binascii
 import re
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attr
@@ -53,7 +54,7 @@ _PV_META = "io.modelcontextprotocol/protocolVersion"
 NAMED = {"tools/call": "name", "resources/read": "uri", "prompts/get": "name"}
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_SAFE_VALUE = re.compile(rb"^[\x20-\x7e\t]*$")
+_UNSAFE = re.compile(rb"[^\x20-\x7e\t]")
 _DECIMAL = re.compile(r"^-?[0-9]+(?:\.[0-9]+)?$")
 _B64_START, _B64_END = b"=?base64?", b"?="
 _PARAM_PREFIX = b"mcp-param-"
@@ -202,7 +203,7 @@ def decodeValue(raw: bytes, what: str) -> str:
 
     @raise HeaderMismatch: invalid characters or a malformed sentinel.
     """
-    if not _SAFE_VALUE.match(raw):
+    if _UNSAFE.search(raw) is not None:
         raise HeaderMismatch(f"{what} contains characters not allowed in a header value")
     if raw.startswith(_B64_START) and raw.endswith(_B64_END) and len(raw) >= 11:
         payload = raw[len(_B64_START) : -len(_B64_END)]
@@ -219,8 +220,13 @@ def decodeValue(raw: bytes, what: str) -> str:
     return raw.decode("ascii")
 
 
-def _single(headers: Any, name: bytes, what: str) -> bytes | None:
-    values = headers.getRawHeaders(name)
+def lowered(headers: Any) -> dict[bytes, Sequence[bytes]]:
+    """A request's C{Headers} as lower-case name -> values, for L{checkRequest}."""
+    return {name.lower(): values for name, values in headers.getAllRawHeaders()}
+
+
+def _single(headers: Mapping[bytes, Sequence[bytes]], name: bytes, what: str) -> bytes | None:
+    values = headers.get(name)
     if not values:
         return None
     if len(values) > 1:
@@ -229,11 +235,15 @@ def _single(headers: Any, name: bytes, what: str) -> bytes | None:
     return value
 
 
-def checkRequest(headers: Any, message: dict[str, Any], annotations: ToolHeaders | None) -> None:
+def checkRequest(
+    headers: Mapping[bytes, Sequence[bytes]],
+    message: dict[str, Any],
+    annotations: ToolHeaders | None,
+) -> None:
     """
     Check a single 2026-07-28 JSON-RPC request against its headers (see the module docstring).
 
-    @param headers: the request's C{Headers}.
+    @param headers: the request's headers by lower-case name (L{lowered}).
     @param annotations: the upstream's known C{x-mcp-header} annotations.
     @raise HeaderMismatch: a required header is missing, malformed or disagrees with the body.
     """
@@ -253,7 +263,7 @@ def checkRequest(headers: Any, message: dict[str, Any], annotations: ToolHeaders
     raw = _single(headers, b"mcp-method", "Mcp-Method")
     if raw is None:
         raise HeaderMismatch("the Mcp-Method header is missing")
-    if not _SAFE_VALUE.match(raw) or raw.decode("ascii") != method:
+    if _UNSAFE.search(raw) is not None or raw.decode("ascii") != method:
         raise HeaderMismatch("Mcp-Method does not match the body's method")
     key = NAMED.get(method) if isinstance(method, str) else None
     if key is None:
@@ -271,7 +281,11 @@ def checkRequest(headers: Any, message: dict[str, Any], annotations: ToolHeaders
             _checkParams(headers, found, arguments if isinstance(arguments, dict) else {})
 
 
-def _checkParams(headers: Any, found: tuple[ParamHeader, ...], arguments: dict[str, Any]) -> None:
+def _checkParams(
+    headers: Mapping[bytes, Sequence[bytes]],
+    found: tuple[ParamHeader, ...],
+    arguments: dict[str, Any],
+) -> None:
     for p in found:
         what = "Mcp-Param-" + p.header[len(_PARAM_PREFIX) :].decode("ascii")
         raw = _single(headers, p.header, what)
