@@ -53,8 +53,8 @@ class ScriptedUpstream(resource.Resource):
       - C{mode=big&size=N}: N bytes of body (Content-Length).
       - C{mode=tools} / C{mode=toolsse}: a tools/list answer listing L{TOOL_NAMES}, as JSON or as
         SSE (a notification event, then the answer).
-      - C{mode=xtools}: a tools/list answer listing L{ANNOTATED_TOOLS} (MCP 2026-07-28
-        C{x-mcp-header} annotations, one of them invalid).
+      - C{mode=xtools} / C{mode=xtoolsse}: a tools/list answer listing L{ANNOTATED_TOOLS} (MCP
+        2026-07-28 C{x-mcp-header} annotations, one of them invalid), as JSON or as SSE.
       - C{mode=produce&size=N}: N bytes written 64 KiB at a time as the socket drains (a pull
         producer), counting what was produced in C{produced}.
     """
@@ -109,13 +109,20 @@ class ScriptedUpstream(resource.Resource):
         if mode == "big":
             request.setHeader(b"content-type", b"application/octet-stream")
             return b"x" * int(args["size"])
-        if mode == "xtools":
+        if mode in ("xtools", "xtoolsse"):
             rid = json.loads(body).get("id") if body else None
             payload = json.dumps(
                 {"jsonrpc": "2.0", "id": rid, "result": {"tools": ANNOTATED_TOOLS}}
             ).encode()
-            request.setHeader(b"content-type", b"application/json")
-            return payload
+            if mode == "xtools":
+                request.setHeader(b"content-type", b"application/json")
+                return payload
+            request.setHeader(b"content-type", b"text/event-stream")
+            return (
+                b'event: message\ndata: {"jsonrpc":"2.0","method":"x"}\n\ndata: '
+                + payload
+                + b"\n\n"
+            )
         if mode in ("tools", "toolsse"):
             rid = json.loads(body).get("id") if body else None
             tools = [{"name": n, "inputSchema": {"type": "object"}} for n in TOOL_NAMES]

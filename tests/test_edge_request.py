@@ -464,6 +464,26 @@ class HeaderValidationTests(EdgeTestCase):
         self.assertEqual(names, ["execute_sql", "bad_items", "echo"])
 
     @inlineCallbacks
+    def test_invalidAnnotationLeftOutOfSSEAnswers(self) -> Any:
+        """The same in an SSE answer: the result event rewritten, other events byte for byte."""
+        reply = yield self.call(
+            path="/mcp?mode=xtoolsse",
+            body=rpc("tools/list", {"_meta": META}),
+            headers=modernHeaders(method="tools/list"),
+        )
+        self.assertEqual(reply.status, 200)
+        events = reply.body.decode().split("\n\n")
+        self.assertEqual(events[0], 'event: message\ndata: {"jsonrpc":"2.0","method":"x"}')
+        listed = json.loads(events[1].removeprefix("data: "))
+        self.assertEqual([t["name"] for t in listed["result"]["tools"]], ["execute_sql", "echo"])
+        # and what was listed over SSE is enforced
+        reply = yield self.call(
+            body=modernCall("execute_sql", {"region": "us"}, id=3),
+            headers=modernHeaders(name="execute_sql", **{"Mcp-Param-Region": "eu"}),
+        )
+        self.assertEqual((reply.status, reply.json()["error"]["code"]), (400, -32020))
+
+    @inlineCallbacks
     def test_paramHeadersCheckedAfterListing(self) -> Any:
         """
         Once the upstream listed execute_sql with x-mcp-header annotations, its Mcp-Param-*

@@ -70,3 +70,8 @@ class RouteTests(SynchronousTestCase):
         self.assertIs(g2.routes[b"/a"].pool, a.pool)
         g3 = buildGeneration(clock, config_from_string(text.replace("9000", "9001")), 3, g2)
         self.assertIsNot(g3.routes[b"/a"].pool, a.pool)
+        # x-mcp-header annotations live as long as the pool: kept when unchanged, else dropped
+        self.assertIs(g2.routes[b"/a"].toolHeaders, a.toolHeaders)
+        self.assertIs(g2.routes[b"/b"].toolHeaders, b.toolHeaders)
+        self.assertIsNot(g3.routes[b"/a"].toolHeaders, a.toolHeaders)
+        self.assertIs(g3.routes[b"/b"].toolHeaders, b.toolHeaders)
