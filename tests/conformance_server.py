@@ -28,7 +28,7 @@ import json
 import sys
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Annotated, Any, get_args
 
 import anyio
@@ -43,7 +43,6 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import (
     MISSING_REQUIRED_CLIENT_CAPABILITY,
     AudioContent,
-    BlobResourceContents,
     CallToolResult,
     ClientCapabilities,
     Completion,
@@ -162,20 +161,12 @@ def _accepted(responses: Any, key: str, field: str) -> str | None:
     return None
 
 
-def _no_warnings() -> contextlib.AbstractContextManager[Any]:
+@contextlib.contextmanager
+def _no_warnings() -> Iterator[None]:
     """Sampling, elicitation, roots and logging are deprecated at 2026-07-28; 2025-11-25 uses them."""
-    cm = warnings.catch_warnings()
-
-    class _Quiet(contextlib.AbstractContextManager[Any]):
-        def __enter__(self) -> Any:
-            cm.__enter__()
-            warnings.simplefilter("ignore")
-            return self
-
-        def __exit__(self, *exc: Any) -> None:
-            cm.__exit__(*exc)
-
-    return _Quiet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 class LogLevels:
@@ -713,7 +704,6 @@ def build_server() -> MCPServer[Any]:
     lowlevel.add_request_handler("resources/subscribe", SubscribeRequestParams, subscribe)
     lowlevel.add_request_handler("resources/unsubscribe", UnsubscribeRequestParams, unsubscribe)
     lowlevel.add_request_handler("logging/setLevel", SetLevelRequestParams, set_level)
-    _ = BlobResourceContents  # the binary resource's wire form (built by the SDK from bytes)
     return mcp
 
 
