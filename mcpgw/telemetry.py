@@ -54,6 +54,38 @@ from twisted.python.failure import Failure
 
 from mcpgw import __version__, errors, otlp
 from mcpgw.config import TelemetryConfig, split_url
+from mcpgw.record import (
+    R_AUTH_KEY,
+    R_AUTH_RESULT,
+    R_BATCH,
+    R_BYTES_IN,
+    R_BYTES_OUT,
+    R_CLIENT_IP,
+    R_DECISION,
+    R_END,
+    R_ERROR,
+    R_FILTERED,
+    R_HTTP_METHOD,
+    R_JSONRPC_ID,
+    R_LINK,
+    R_METHOD,
+    R_PARENT,
+    R_PATH,
+    R_PROTOCOL,
+    R_REDACTED,
+    R_REQUEST_ID,
+    R_RULE,
+    R_SECURE,
+    R_SESSION,
+    R_SPAN,
+    R_START,
+    R_STATUS,
+    R_TARGET,
+    R_TOOL,
+    R_TRACE,
+    R_UPSTREAM,
+    RequestRecord,
+)
 
 log = Logger()
 
@@ -216,81 +248,6 @@ def targetOf(messages: Sequence[dict[str, Any]], method: str) -> str | None:
             value = params.get(key) if type(params) is dict else None
             return value if isinstance(value, str) else None
     return None
-
-
-#: Indexes of a span record (a plain tuple: the cheapest thing to build on the reactor).
-(
-    R_TRACE,
-    R_SPAN,
-    R_PARENT,
-    R_LINK,
-    R_START,
-    R_END,
-    R_METHOD,
-    R_TOOL,
-    R_HTTP_METHOD,
-    R_PATH,
-    R_UPSTREAM,
-    R_JSONRPC_ID,
-    R_SESSION,
-    R_PROTOCOL,
-    R_DECISION,
-    R_RULE,
-    R_AUTH_RESULT,
-    R_AUTH_KEY,
-    R_BYTES_IN,
-    R_BYTES_OUT,
-    R_STATUS,
-    R_ERROR,
-    R_CLIENT_IP,
-    R_REQUEST_ID,
-    R_SECURE,
-    R_REDACTED,
-    R_FILTERED,
-    R_BATCH,
-    R_TARGET,
-) = range(29)
-
-
-def spanRecord(x: Any, endNs: int, now: float) -> tuple[Any, ...]:
-    """
-    The values of exchange C{x}'s span, taken when it ends.
-
-    @param endNs: the end time, Unix nanoseconds.
-    @param now: the reactor's clock (C{x.started} is on the same clock).
-    """
-    route = x.route
-    return (
-        x.traceId,
-        x.spanId,
-        x.parent,
-        x.link,
-        endNs - int((now - x.started) * 1e9),
-        endNs,
-        x.method,
-        x.tool,
-        x.httpMethod,
-        x.path,
-        route.name if route is not None else None,
-        x.jsonrpcId,
-        x.sessionId,
-        x.protocolVersion,
-        x.decision,
-        x.ruleId,
-        x.authResult,
-        x.authKeyId,
-        x.bytesIn,
-        x.bytesOut,
-        x.status,
-        x.error,
-        x.clientIp,
-        x.requestId,
-        x.secure,
-        x.redacted,
-        x.filteredTools,
-        x.batchSize,
-        x.target,
-    )
 
 
 def _key(name: str) -> otlp.AttributeKey:
@@ -473,7 +430,8 @@ def _staticFields(rec: Sequence[Any]) -> bytes:
 
 def encodeSpan(rec: Sequence[Any]) -> bytes:
     """
-    The OTLP C{Span} (as a C{ScopeSpans.spans} field) of a L{spanRecord}.
+    The OTLP C{Span} (as a C{ScopeSpans.spans} field) of a request's record
+    (L{mcpgw.record.RequestRecord}; any tuple with its layout).
 
     The fields most spans share with others (name, status, method, tool, policy, auth, HTTP,
     client) are encoded once per combination and cached; only ids, times, the request and
@@ -859,24 +817,17 @@ class Tracer:
     @ivar exporter: where finished spans go.
     """
 
-    def __init__(
-        self,
-        reactor: Any,
-        config: TelemetryConfig,
-        exporter: SpanExporter,
-        clockNs: Callable[[], int] = time.time_ns,
-    ) -> None:
+    def __init__(self, reactor: Any, config: TelemetryConfig, exporter: SpanExporter) -> None:
         self._reactor = reactor
         self.config = config
         self.exporter = exporter
-        self._clockNs = clockNs
 
-    def ended(self, x: Any) -> None:
-        """Exchange C{x} ended: queue its span (unless its caller did not sample the trace)."""
-        parent = x.parent
+    def ended(self, record: RequestRecord) -> None:
+        """A request ended: queue its span (unless its caller did not sample the trace)."""
+        parent = record.parent
         if parent is not None and not parent.flags & 1:
             return
-        self.exporter.submit(spanRecord(x, self._clockNs(), self._reactor.seconds()))
+        self.exporter.submit(record)
 
 
 class Telemetry:
@@ -988,7 +939,6 @@ __all__ = [
     "metaContext",
     "parseTraceparent",
     "spanName",
-    "spanRecord",
     "targetOf",
     "traceparentOf",
     "useMetaContext",

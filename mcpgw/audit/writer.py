@@ -38,36 +38,7 @@ SYNC_INTERVAL = 1.0
 #: Lines kept in memory while the file cannot be written (then the oldest are dropped, counted).
 MAX_BACKLOG = 100_000
 
-#: Every field of the audit line, in order. Absent values are C{null}, never missing.
-FIELDS = (
-    "ts",
-    "request_id",
-    "session_id",
-    "client_ip",
-    "method",
-    "tool",
-    "upstream",
-    "decision",
-    "rule_id",
-    "error",
-    "auth_key_id",
-    "auth_result",
-    "bytes_in",
-    "bytes_out",
-    "status",
-    "duration_ms",
-    "transport",
-    # mcpgw extensions
-    "http_method",
-    "path",
-    "jsonrpc_id",
-    "batch_size",
-    "protocol_version",
-    "redacted",
-    "filtered_tools",
-    "trace_id",
-    "span_id",
-)
+#: The audit line's fields are defined once, in L{mcpgw.record.auditLine}.
 
 _tsCache: list[Any] = [-1, b""]
 

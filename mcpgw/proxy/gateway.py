@@ -25,7 +25,6 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from mcpgw.audit.writer import rfc3339ms
 from mcpgw.auth import AuthResult, bearerToken
 from mcpgw.errors import (
     DuplicateHeader,
@@ -56,6 +55,7 @@ from mcpgw.proxy.headers import (
 )
 from mcpgw.proxy.mcpheaders import checkRequest, isModern, lowered
 from mcpgw.proxy.toolsfilter import SSEFilter, filterJSONBody
+from mcpgw.record import auditLine, recordOf
 from mcpgw.telemetry import (
     TARGET_METHODS,
     TRACE_HEADERS,
@@ -474,39 +474,6 @@ class ProxyExchange:
         self.request.exchange = None
         self.gateway.exchangeEnded(self)
 
-    def auditRecord(self) -> dict[str, Any]:
-        """The audit line of this exchange (every field of DESIGN.md, nulls included)."""
-        now = self.gateway.reactor.seconds()
-        return {
-            "ts": rfc3339ms(self.gateway.wallClock()),
-            "request_id": self.requestId,
-            "session_id": self.sessionId,
-            "client_ip": self.clientIp,
-            "method": self.method,
-            "tool": self.tool,
-            "upstream": self.route.name if self.route is not None else None,
-            "decision": self.decision,
-            "rule_id": self.ruleId,
-            "error": self.error,
-            "auth_key_id": self.authKeyId,
-            "auth_result": self.authResult,
-            "bytes_in": self.bytesIn,
-            "bytes_out": self.bytesOut,
-            "status": self.status,
-            "duration_ms": round((now - self.started) * 1000.0, 3),
-            "transport": "https" if self.secure else "http",
-            "http_method": self.httpMethod.decode("latin-1"),
-            "path": self.path.decode("latin-1"),
-            "jsonrpc_id": self.jsonrpcId,
-            "batch_size": self.batchSize,
-            "protocol_version": self.protocolVersion,
-            "redacted": self.redacted,
-            "filtered_tools": self.filteredTools,
-            "client_cert": self.clientCert,
-            "trace_id": f"{self.traceId:032x}",
-            "span_id": f"{self.spanId:016x}",
-        }
-
 
 class Gateway:
     """
@@ -845,14 +812,15 @@ class Gateway:
 
     def exchangeEnded(self, x: ProxyExchange) -> None:
         self.inflight.discard(x)
+        record = recordOf(x, self.wallClock(), self.reactor.seconds())
         try:
-            self.audit.write(x.auditRecord())
+            self.audit.write(auditLine(record))
         except Exception:
             log.failure("could not write the audit line of request {id}", id=x.requestId)
         tracer = self.tracer
         if tracer is not None:
             try:
-                tracer.ended(x)
+                tracer.ended(record)
             except Exception:
                 log.failure("could not record the span of request {id}", id=x.requestId)
         if not self.inflight and self._idleWaiters:
