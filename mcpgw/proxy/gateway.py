@@ -1,19 +1,25 @@
 # -*- test-case-name: tests.test_proxy -*-
 """
-The request path: route by path, DNS-rebinding check, one JSON-RPC parse, forward over the
-upstream's keep-alive pool, relay the response (SSE event by event with backpressure), and write
-one audit line per request.
+The request path, as a sequence of stages, each in its own module:
 
-Every request gets a L{ProxyExchange}, the small per-request record that the audit line and the
-span (L{mcpgw.telemetry}) are built from, so the two can never disagree.
+  1. admission (L{mcpgw.proxy.admission}): input limit and body size, before the body is read;
+  2. inbound (L{mcpgw.proxy.inbound}): one parse, route, Host/Origin, singleton headers, MCP
+     2026-07-28 headers;
+  3. authentication (L{mcpgw.auth}), possibly off the reactor thread;
+  4. the policy verdict for the whole request (L{mcpgw.policy});
+  5. forward (L{mcpgw.proxy.outbound} builds the upstream request, L{mcpgw.proxy.upstream} sends
+     it over the keep-alive pool and parses the answer);
+  6. relay through the response transforms (L{mcpgw.proxy.exchange});
+  7. record (L{mcpgw.record}): one frozen record when the request ends, from which the audit line
+     and the span are made.
+
+Errors are L{mcpgw.errors.GatewayError}s raised by any stage and answered in one place
+(L{ProxyExchange.fail}).
 """
 
 from __future__ import annotations
 
-import base64
-import itertools
 import math
-import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,125 +28,32 @@ import orjson
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
-from zope.interface import implementer
 
 from mcpgw.auth import AuthResult, bearerToken
 from mcpgw.errors import (
-    DuplicateHeader,
     GatewayError,
     InternalError,
-    InvalidRequest,
-    MethodNotAllowed,
-    NotFound,
     PayloadTooLarge,
     PolicyDenied,
     RateLimited,
-    RequestTimeout,
     ShuttingDown,
-    Unauthenticated,
-    UpstreamBadResponse,
-    errorResponse,
-    reasonPhrase,
 )
 from mcpgw.generation import Generation, Route
-from mcpgw.interfaces import IAuditLog, IResponseSink
-from mcpgw.jsonrpc import RpcSummary, parseBody
-from mcpgw.proxy.headers import (
-    REQUEST_DROP,
-    RESPONSE_DROP,
-    SINGLETONS,
-    connectionTokens,
-    endToEnd,
-)
-from mcpgw.proxy.mcpheaders import checkRequest, isModern, lowered
-from mcpgw.proxy.toolsfilter import SSEFilter, filterJSONBody
+from mcpgw.interfaces import IAuditLog
+from mcpgw.jsonrpc import RpcSummary
+from mcpgw.proxy.admission import Admission
+from mcpgw.proxy.exchange import ProxyExchange
+from mcpgw.proxy.inbound import inspect
+from mcpgw.proxy.outbound import paramHeaderRewrites, upstreamRequest
 from mcpgw.record import auditLine, recordOf
 from mcpgw.telemetry import (
-    TARGET_METHODS,
-    TRACE_HEADERS,
-    TraceParent,
     Tracer,
-    headerContext,
     injectMeta,
-    metaContext,
-    randomBits,
-    targetOf,
-    traceparentOf,
-    useMetaContext,
 )
 
 log = Logger()
 
-_EVENT_STREAM = b"text/event-stream"
 _FORWARDED_METHODS = (b"POST", b"GET", b"DELETE")
-
-#: Headers whose values are protocol data, never credentials: not scanned for keys. Anything
-#: else a client sends is (an mcpgw key in any other header is removed before forwarding).
-_NO_CREDENTIALS = frozenset(
-    {
-        b"accept",
-        b"accept-encoding",
-        b"content-type",
-        b"mcp-protocol-version",
-        b"mcp-method",
-        b"traceparent",
-        b"tracestate",
-    }
-)
-
-
-#: A JSON (not SSE) answer is held back until it is complete or this large, so that an upstream
-#: that breaks framing early (a short body, bad chunking) still gets the client a 502.
-HOLD_BYTES = 256 * 1024
-
-_ID_PREFIX = secrets.token_hex(4)
-_idCounter = itertools.count(secrets.randbelow(1 << 32))
-
-
-_PARAM_HEADER = b"mcp-param-"
-_B64_START, _B64_END = b"=?base64?", b"?="
-
-
-def _redactParamHeaders(
-    headers: Any, policy: Any, ruleIds: list[str]
-) -> dict[tuple[bytes, bytes], bytes] | None:
-    """
-    MCP 2026-07-28 clients mirror some arguments into C{Mcp-Param-*} headers, which the server
-    checks against the body: redact every value of every such header with the rules that
-    redacted the body (each call's rule, for a batch), in the same encoding (plain or
-    C{=?base64?...?=}), so the secret does not travel in a header and the two still agree. A
-    value that cannot be decoded is scrubbed as it is.
-
-    @return: C{(lower-case name, original value)} -> new value, for the values that changed; or
-        None.
-    """
-    out: dict[tuple[bytes, bytes], bytes] = {}
-    for name, values in headers.getAllRawHeaders():
-        low = name.lower()
-        if not low.startswith(_PARAM_HEADER):
-            continue
-        for value in values:
-            encoded = value.startswith(_B64_START) and value.endswith(_B64_END)
-            text = None
-            if encoded:
-                try:
-                    text = base64.b64decode(value[len(_B64_START) : -len(_B64_END)]).decode()
-                except (ValueError, UnicodeDecodeError):
-                    encoded = False
-            if text is None:
-                text = value.decode("latin-1")
-            changed = 0
-            for ruleId in ruleIds:
-                new, n = policy.redact(ruleId, text)
-                text, changed = new, changed + n
-            if changed:
-                out[(low, value)] = (
-                    _B64_START + base64.b64encode(text.encode()) + _B64_END
-                    if encoded
-                    else text.encode("latin-1", "replace")
-                )
-    return out or None
 
 
 def _certIdentity(request: Any) -> str | None:
@@ -148,331 +61,6 @@ def _certIdentity(request: Any) -> str | None:
     from mcpgw.tls import peerIdentity
 
     return peerIdentity(request.channel.transport)
-
-
-def _newRequestId() -> str:
-    """24 hex characters: a random per-process prefix and a counter (no syscall per request)."""
-    return f"{_ID_PREFIX}{next(_idCounter) & 0xFFFFFFFFFFFFFFFF:016x}"
-
-
-@implementer(IResponseSink)
-class ProxyExchange:
-    """
-    One client request on an MCP path, from arrival to its audit line.
-    """
-
-    __slots__ = (
-        "_collected",
-        "_held",
-        "_heldBytes",
-        "_producing",
-        "_sseFilter",
-        "authKeyId",
-        "authResult",
-        "batchIds",
-        "batchSize",
-        "bytesIn",
-        "bytesOut",
-        "clientCert",
-        "clientIp",
-        "closed",
-        "credential",
-        "decision",
-        "error",
-        "filteredTools",
-        "gateway",
-        "generation",
-        "headSent",
-        "headerRewrite",
-        "httpMethod",
-        "isStream",
-        "jsonrpcId",
-        "link",
-        "listTools",
-        "metaTrace",
-        "method",
-        "parent",
-        "path",
-        "protocolVersion",
-        "redacted",
-        "request",
-        "requestId",
-        "route",
-        "ruleId",
-        "secure",
-        "sessionId",
-        "spanId",
-        "started",
-        "status",
-        "target",
-        "tool",
-        "traceId",
-        "upstream",
-    )
-
-    def __init__(self, gateway: Gateway, request: Any, generation: Generation) -> None:
-        self.gateway = gateway
-        self.request = request
-        self.generation = generation
-        self.started = gateway.reactor.seconds()
-        self.requestId = _newRequestId()
-        self.route: Route | None = None
-        self.upstream: Any = None
-        self.httpMethod: bytes = request.method
-        self.path: bytes = request.path
-        headers = request.requestHeaders
-        sid = headers.getRawHeaders(b"mcp-session-id")
-        self.sessionId = sid[0].decode("latin-1") if sid else None
-        pv = headers.getRawHeaders(b"mcp-protocol-version")
-        self.protocolVersion = pv[0].decode("latin-1") if pv else None
-        # Trace context: the header's for now; a body's params._meta one replaces it (handle).
-        tp = headers.getRawHeaders(b"traceparent")
-        parent: TraceParent | None = (
-            headerContext(tp, headers.getRawHeaders(b"tracestate")) if tp else None
-        )
-        self.parent = parent
-        self.link: TraceParent | None = None
-        self.metaTrace = False
-        self.traceId: int = parent.traceId if parent is not None else randomBits(128) or 1
-        self.spanId: int = randomBits(64) or 1
-        self.clientIp: str | None = getattr(request.client, "host", None)
-        self.secure: bool = request.isSecure()
-        self.authResult: str | None = None
-        self.authKeyId: str | None = None
-        self.clientCert: str | None = None
-        self.method: str | None = None
-        self.tool: str | None = None
-        self.target: str | None = None
-        self.jsonrpcId: Any = None
-        self.batchSize: int | None = None
-        self.batchIds: list[Any] | None = None
-        self.decision = "allow"
-        self.ruleId: str | None = None
-        self.redacted: int | None = None
-        self.listTools = False
-        self.filteredTools: int | None = None
-        self.headerRewrite: dict[tuple[bytes, bytes], bytes] | None = None
-        #: The bearer token presented in C{Authorization} (never forwarded, in any header).
-        self.credential: bytes | None = None
-        self._sseFilter: SSEFilter | None = None
-        self._collected: list[bytes] | None = None
-        self._held: list[bytes] | None = None
-        self._heldBytes = 0
-        self.bytesIn = 0
-        self.bytesOut = 0
-        self.status: int | None = None
-        self.error: str | None = None
-        self.headSent = False
-        self.isStream = False
-        self.closed = False
-        self._producing = False
-
-    # -- response side: IResponseSink ------------------------------------------------------
-
-    def upstreamResponse(
-        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], transport: Any
-    ) -> None:
-        if self.closed:
-            return
-        request = self.request
-        request.setResponseCode(status, reason or None)
-        add = request.responseHeaders.addRawHeader
-        drop = RESPONSE_DROP
-        for name, _ in headers:
-            if name.lower() == b"connection":
-                drop = drop | connectionTokens(headers)
-                break
-        hasAccel = False
-        filtering = self.listTools and status == 200
-        for name, value in headers:
-            low = name.lower()
-            if low in drop:
-                if low == b"content-length" and not filtering:
-                    add(b"Content-Length", value)  # the body is relayed unchanged
-                continue
-            if low == b"content-type" and value.startswith(_EVENT_STREAM):
-                self.isStream = True
-            elif low == b"x-accel-buffering":
-                hasAccel = True
-            elif low == b"mcp-session-id" and self.sessionId is None:
-                self.sessionId = value.decode("latin-1")
-            add(name, value)
-        self.status = status
-        self.headSent = True
-        if filtering:
-            if self.isStream:
-                self._sseFilter = SSEFilter(self._keepTool)
-            else:
-                self._collected = []
-        elif not self.isStream:
-            self._held = []
-        request.registerProducer(transport, True)
-        self._producing = True
-        if self.isStream:
-            # Events may be far apart: the head goes out now, not with the first event.
-            if not hasAccel:
-                add(b"X-Accel-Buffering", b"no")
-            request.write(b"")
-            request.channel.flushHead()
-
-    def describe(self, summary: RpcSummary) -> None:
-        """Record what a parsed POST body says (method, tool, ids, trace context)."""
-        self.method = summary.method
-        self.tool = summary.tool
-        self.jsonrpcId = summary.requestId
-        if summary.method in TARGET_METHODS:
-            self.target = targetOf(summary.messages, summary.method)
-        if summary.isBatch:
-            self.batchSize = len(summary.messages)
-            self.batchIds = [m["id"] for m in summary.messages if "method" in m and "id" in m]
-        meta = metaContext(summary.messages)
-        if meta is not None:
-            useMetaContext(self, *meta)
-
-    def _keepTool(self, tool: Any) -> bool:
-        """
-        Whether one entry of a C{tools/list} answer stays: policy would not deny it to the
-        caller, and its C{x-mcp-header} annotations are valid (recorded for the upstream;
-        an invalid one is left out for 2026-07-28 clients, logged).
-        """
-        name = tool.get("name") if isinstance(tool, dict) else None
-        if not isinstance(name, str):
-            return True
-        gen = self.generation
-        if gen.filterTools and not gen.policy.allows(name):
-            return False
-        assert self.route is not None
-        why = self.route.toolHeaders.observe(tool)
-        if why is None:
-            return True
-        log.warn(
-            "upstream {upstream} lists tool {tool!r} with an invalid x-mcp-header annotation: "
-            "{why}",
-            upstream=self.route.name,
-            tool=name,
-            why=why,
-        )
-        return not isModern(self.protocolVersion)
-
-    def upstreamData(self, data: bytes) -> None:
-        if self.closed:
-            return
-        if self._collected is not None:
-            self._collected.append(data)
-            return
-        held = self._held
-        if held is not None:
-            held.append(data)
-            self._heldBytes += len(data)
-            if self._heldBytes <= HOLD_BYTES:
-                return
-            data = b"".join(held)
-            self._held = None
-        if self._sseFilter is not None:
-            data = self._sseFilter.feed(data)
-            if not data:
-                return
-        self.bytesOut += len(data)
-        self.request.write(data)
-
-    def upstreamDone(self) -> None:
-        if self.closed:
-            return
-        request = self.request
-        if self._producing:
-            self._producing = False
-            request.unregisterProducer()
-        tail = b""
-        if self._collected is not None:
-            tail, removed = filterJSONBody(b"".join(self._collected), self._keepTool)
-            self.filteredTools = removed
-            request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(tail)])
-        elif self._held is not None:
-            tail = b"".join(self._held)
-            self._held = None
-        elif self._sseFilter is not None:
-            tail = self._sseFilter.flush()
-            self.filteredTools = self._sseFilter.removed
-        if tail:
-            self.bytesOut += len(tail)
-            request.write(tail)
-        request.finish()
-        self._end()
-
-    def upstreamFailed(self, error: Any, midResponse: bool) -> None:
-        if self.closed:
-            return
-        request = self.request
-        if self._producing:
-            self._producing = False
-            request.unregisterProducer()
-        if not request.startedWriting:
-            # Nothing has gone to the client yet (the head waits for the first body piece, and a
-            # filtered answer is collected whole): answer the error instead.
-            if self.headSent:
-                self._unsend()
-            self.respondError(error)
-            return
-        # The upstream died mid-body: no final chunk, so the client sees a truncated response.
-        self.error = (
-            "upstream_bad_response" if isinstance(error, UpstreamBadResponse) else "upstream_reset"
-        )
-        request.loseConnection()
-        self._end()
-
-    def _unsend(self) -> None:
-        """Forget an upstream response head that was set but never written."""
-        self.headSent = False
-        self.isStream = False
-        self._collected = self._held = None
-        self._sseFilter = None
-        self.request.responseHeaders = Headers()
-
-    # -- client side ---------------------------------------------------------------------
-
-    def clientGone(self) -> None:
-        """The client connection was lost before the response ended."""
-        if self.closed:
-            return
-        upstream = self.upstream
-        if upstream is not None:
-            upstream.cancel()
-        if self.error is None:
-            self.error = "client_closed"
-        if not self.headSent:
-            self.status = 499
-        self._producing = False
-        self._end()
-
-    def fail(self, error: GatewayError) -> None:
-        """Answer with C{error}, recording what it says about the request first."""
-        if self.jsonrpcId is None and error.requestId is not None:
-            self.jsonrpcId = error.requestId
-        if isinstance(error, Unauthenticated):
-            self.authResult = error.data.get("auth_result")
-        self.respondError(error)
-
-    def respondError(self, error: GatewayError) -> None:
-        """Answer the client with C{error}'s JSON-RPC error response and end the exchange."""
-        status, headers, body = errorResponse(error, self.jsonrpcId, self.batchIds)
-        self.status = status
-        self.error = error.message
-        request = self.request
-        request.setResponseCode(status, reasonPhrase(status))
-        out = request.responseHeaders
-        for name, value in headers:
-            out.setRawHeaders(name, [value])
-        self.bytesOut = len(body)
-        request.write(body)
-        request.finish()
-        self._end()
-
-    def _end(self) -> None:
-        if self._sseFilter is not None and self.filteredTools is None:
-            self.filteredTools = self._sseFilter.removed
-        self.closed = True
-        self.request.exchange = None
-        self.gateway.exchangeEnded(self)
 
 
 class Gateway:
@@ -498,6 +86,7 @@ class Gateway:
         self.readiness = readiness
         self.inflight: set[ProxyExchange] = set()
         self.connections: set[Any] = set()
+        self.admission = Admission(reactor, lambda: self.generation, self.connections)
         #: Set by L{mcpgw.telemetry.Telemetry} when spans are exported; C{None}: tracing off.
         self.tracer: Tracer | None = None
         self.draining = False
@@ -538,37 +127,9 @@ class Gateway:
         request.exchange = x
         x.route = route
         try:
-            method = request.method
-            body = b"".join(request.body) if request.body else b""
-            x.bytesIn = len(body)
-            summary = None
-            bodyError: GatewayError | None = None
-            if method == b"POST":
-                # Parsed first, so that every later refusal (404, 403, 400) carries the id and
-                # its audit line the method and tool; a body error is answered after those.
-                try:
-                    summary = parseBody(body)
-                except GatewayError as e:
-                    bodyError = e
-                else:
-                    x.describe(summary)
+            summary, body = inspect(x, request, route, gen)
+            assert route is not None  # inspect() raised NotFound otherwise
             headers = request.requestHeaders
-            for name, values in headers.getAllRawHeaders():
-                if len(values) > 1 and name.lower() in SINGLETONS:
-                    raise DuplicateHeader(f"more than one {name.decode('latin-1')} header")
-            if route is None:
-                raise NotFound(f"no upstream at {path.decode('latin-1')!r}")
-            hosts = headers.getRawHeaders(b"host")
-            origins = headers.getRawHeaders(b"origin")
-            gen.hostGuard.check(hosts[0] if hosts else None, origins[0] if origins else None)
-            if method not in _FORWARDED_METHODS:
-                raise MethodNotAllowed(f"{method.decode('latin-1')} is not an MCP method")
-            if bodyError is not None:
-                raise bodyError
-            if summary is not None and isModern(x.protocolVersion):
-                if summary.isBatch:
-                    raise InvalidRequest("MCP 2026-07-28 and later have no batches")
-                checkRequest(lowered(headers), summary.messages[0], route.toolHeaders)
             auths = headers.getRawHeaders(b"authorization")
             authorization = auths[0] if auths else None
             x.credential = bearerToken(authorization)
@@ -611,7 +172,8 @@ class Gateway:
                     body = orjson.dumps(msgs if summary.isBatch else msgs[0])
             if self.draining:
                 raise ShuttingDown("the gateway is shutting down")
-            self._forward(x, route, x.request, body)
+            data = upstreamRequest(x, route, x.request, body, self.tracer is not None)
+            x.upstream = route.pool.request(data, x)
         except GatewayError as e:
             x.fail(e)
         except Exception:
@@ -676,7 +238,7 @@ class Gateway:
         if redactions:
             # Every Mcp-Param-* value, whichever call of a batch it mirrors, and whether or not
             # the body itself held a match: a header is no place for a secret either.
-            x.headerRewrite = _redactParamHeaders(x.request.requestHeaders, policy, redactions)
+            x.headerRewrite = paramHeaderRewrites(x.request.requestHeaders, policy, redactions)
         if changed:
             return orjson.dumps(summary.messages if summary.isBatch else summary.messages[0])
         return body
@@ -693,74 +255,13 @@ class Gateway:
             return "key:" + x.authKeyId
         return "addr:" + (x.clientIp or "")
 
-    def _forward(self, x: ProxyExchange, route: Route, request: Any, body: bytes) -> None:
-        target = route.target
-        if request.query:
-            target += (b"&" if b"?" in target else b"?") + request.query
-        parts = [request.method, b" ", target, b" HTTP/1.1\r\nHost: ", route.hostHeader, b"\r\n"]
-        rh = request.requestHeaders
-        injectedNames = route.injectedNames
-        forwardedFor = None
-        originalHost = None
-        rewrite = x.headerRewrite
-        carriesKey = x.generation.auth.carriesKey
-        credential = x.credential
-        # Tracing on: the gateway's span context replaces the client's (unless the operator
-        # injects a traceparent of their own for this upstream).
-        tracing = self.tracer is not None and b"traceparent" not in injectedNames
-        for name, value in endToEnd(list(rh.getAllRawHeaders()), REQUEST_DROP):
-            low = name.lower()
-            if low in injectedNames or (tracing and low in TRACE_HEADERS):
-                continue
-            if low not in _NO_CREDENTIALS and carriesKey(value, credential):
-                continue  # the gateway's credentials never leave it
-            if low == b"x-forwarded-for":
-                forwardedFor = value if forwardedFor is None else forwardedFor + b", " + value
-                continue
-            if rewrite is not None:
-                value = rewrite.get((low, value), value)
-            parts += (name, b": ", value, b"\r\n")
-        for name, value in route.injected:
-            parts += (name, b": ", value, b"\r\n")
-        if tracing:
-            parts += (b"traceparent: ", traceparentOf(x), b"\r\n")
-            state = x.parent.traceState if x.parent is not None else None
-            if state is not None:
-                parts += (b"tracestate: ", state.encode("ascii"), b"\r\n")
-        hosts = rh.getRawHeaders(b"host")
-        if hosts:
-            originalHost = hosts[0]
-            parts += (b"X-Forwarded-Host: ", originalHost, b"\r\n")
-        client = (x.clientIp or "unknown").encode("latin-1")
-        parts += (
-            b"X-Forwarded-For: ",
-            client if forwardedFor is None else forwardedFor + b", " + client,
-            b"\r\nX-Forwarded-Proto: ",
-            b"https" if x.secure else b"http",
-            b"\r\nContent-Length: %d\r\n\r\n" % len(body),
-            body,
-        )
-        x.upstream = route.pool.request(b"".join(parts), x)
-
     def admit(self, request: Any, length: int | None) -> GatewayError | None:
-        """
-        Checks made when the headers are in, before the body is read, parsed or authenticated:
-        the per-address input rate limit, then the declared body size.
-
-        @return: the error to answer with, or C{None}.
-        """
-        limit = self.generation.inputLimit
-        if limit is not None:
-            wait = limit.take(getattr(request.client, "host", ""), self.reactor.seconds())
-            if wait is not None:
-                return RateLimited(retryAfter=max(1, math.ceil(wait)), scope="input")
-        if length is not None and length > self.generation.maxBodyBytes:
-            return self.tooLarge()
-        return None
+        """Admission checks when the headers are in (L{Admission.admit})."""
+        return self.admission.admit(request, length)
 
     def tooLarge(self) -> PayloadTooLarge:
         """The 413 for a body over C{limits.max_body_bytes}."""
-        return PayloadTooLarge(f"the request body exceeds {self.maxBodyBytes} bytes")
+        return self.admission.tooLarge()
 
     def rejectEarly(self, request: Any, error: GatewayError) -> None:
         """
@@ -777,20 +278,8 @@ class Gateway:
         x.respondError(error)
 
     def sweepSlowClients(self) -> None:
-        """
-        Called about once a second: answer 408 and close connections whose request headers or
-        body are arriving too slowly (C{limits.header_timeout}, C{limits.body_timeout}).
-        """
-        limits = self.generation.config.limits
-        now = self.reactor.seconds()
-        for channel in list(self.connections):
-            head, body = channel.headStarted, channel.bodyStarted
-            if head is not None and now - head > limits.header_timeout:
-                channel.reject(
-                    RequestTimeout(f"headers not received within {limits.header_timeout:g}s")
-                )
-            elif body is not None and now - body > limits.body_timeout:
-                channel.reject(RequestTimeout(f"body not received within {limits.body_timeout:g}s"))
+        """Called about once a second (L{Admission.sweepSlowClients})."""
+        self.admission.sweepSlowClients()
 
     def internalError(self, request: Any, failure: Failure) -> None:
         """An unexpected exception escaped the request path: log it, answer 500 if possible."""

@@ -1,0 +1,378 @@
+# -*- test-case-name: tests.test_proxy -*-
+"""
+One client request on an MCP path, from arrival to its record: L{ProxyExchange} holds what the
+request path learns about the request (the facts the record is frozen from when it ends) and
+relays the upstream's answer to the client (L{IResponseSink}): JSON held until complete, SSE
+event by event with backpressure, each through the response transforms.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+
+from mcpgw.errors import (
+    GatewayError,
+    Unauthenticated,
+    UpstreamBadResponse,
+    errorResponse,
+    reasonPhrase,
+)
+from mcpgw.generation import Generation, Route
+from mcpgw.interfaces import IResponseSink
+from mcpgw.jsonrpc import RpcSummary
+from mcpgw.proxy.headers import (
+    RESPONSE_DROP,
+    connectionTokens,
+)
+from mcpgw.proxy.mcpheaders import isModern
+from mcpgw.proxy.toolsfilter import SSEFilter, filterJSONBody
+from mcpgw.telemetry import (
+    TARGET_METHODS,
+    TraceParent,
+    headerContext,
+    metaContext,
+    randomBits,
+    targetOf,
+    useMetaContext,
+)
+
+log = Logger()
+
+_EVENT_STREAM = b"text/event-stream"
+#: A JSON (not SSE) answer is held back until it is complete or this large, so that an upstream
+#: that breaks framing early (a short body, bad chunking) still gets the client a 502.
+HOLD_BYTES = 256 * 1024
+
+_ID_PREFIX = secrets.token_hex(4)
+_idCounter = itertools.count(secrets.randbelow(1 << 32))
+
+
+def _newRequestId() -> str:
+    """24 hex characters: a random per-process prefix and a counter (no syscall per request)."""
+    return f"{_ID_PREFIX}{next(_idCounter) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+@implementer(IResponseSink)
+class ProxyExchange:
+    """
+    One client request on an MCP path, from arrival to its audit line.
+    """
+
+    __slots__ = (
+        "_collected",
+        "_held",
+        "_heldBytes",
+        "_producing",
+        "_sseFilter",
+        "authKeyId",
+        "authResult",
+        "batchIds",
+        "batchSize",
+        "bytesIn",
+        "bytesOut",
+        "clientCert",
+        "clientIp",
+        "closed",
+        "credential",
+        "decision",
+        "error",
+        "filteredTools",
+        "gateway",
+        "generation",
+        "headSent",
+        "headerRewrite",
+        "httpMethod",
+        "isStream",
+        "jsonrpcId",
+        "link",
+        "listTools",
+        "metaTrace",
+        "method",
+        "parent",
+        "path",
+        "protocolVersion",
+        "redacted",
+        "request",
+        "requestId",
+        "route",
+        "ruleId",
+        "secure",
+        "sessionId",
+        "spanId",
+        "started",
+        "status",
+        "target",
+        "tool",
+        "traceId",
+        "upstream",
+    )
+
+    def __init__(self, gateway: Any, request: Any, generation: Generation) -> None:
+        self.gateway = gateway
+        self.request = request
+        self.generation = generation
+        self.started = gateway.reactor.seconds()
+        self.requestId = _newRequestId()
+        self.route: Route | None = None
+        self.upstream: Any = None
+        self.httpMethod: bytes = request.method
+        self.path: bytes = request.path
+        headers = request.requestHeaders
+        sid = headers.getRawHeaders(b"mcp-session-id")
+        self.sessionId = sid[0].decode("latin-1") if sid else None
+        pv = headers.getRawHeaders(b"mcp-protocol-version")
+        self.protocolVersion = pv[0].decode("latin-1") if pv else None
+        # Trace context: the header's for now; a body's params._meta one replaces it (handle).
+        tp = headers.getRawHeaders(b"traceparent")
+        parent: TraceParent | None = (
+            headerContext(tp, headers.getRawHeaders(b"tracestate")) if tp else None
+        )
+        self.parent = parent
+        self.link: TraceParent | None = None
+        self.metaTrace = False
+        self.traceId: int = parent.traceId if parent is not None else randomBits(128) or 1
+        self.spanId: int = randomBits(64) or 1
+        self.clientIp: str | None = getattr(request.client, "host", None)
+        self.secure: bool = request.isSecure()
+        self.authResult: str | None = None
+        self.authKeyId: str | None = None
+        self.clientCert: str | None = None
+        self.method: str | None = None
+        self.tool: str | None = None
+        self.target: str | None = None
+        self.jsonrpcId: Any = None
+        self.batchSize: int | None = None
+        self.batchIds: list[Any] | None = None
+        self.decision = "allow"
+        self.ruleId: str | None = None
+        self.redacted: int | None = None
+        self.listTools = False
+        self.filteredTools: int | None = None
+        self.headerRewrite: dict[tuple[bytes, bytes], bytes] | None = None
+        #: The bearer token presented in C{Authorization} (never forwarded, in any header).
+        self.credential: bytes | None = None
+        self._sseFilter: SSEFilter | None = None
+        self._collected: list[bytes] | None = None
+        self._held: list[bytes] | None = None
+        self._heldBytes = 0
+        self.bytesIn = 0
+        self.bytesOut = 0
+        self.status: int | None = None
+        self.error: str | None = None
+        self.headSent = False
+        self.isStream = False
+        self.closed = False
+        self._producing = False
+
+    # -- response side: IResponseSink ------------------------------------------------------
+
+    def upstreamResponse(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], transport: Any
+    ) -> None:
+        if self.closed:
+            return
+        request = self.request
+        request.setResponseCode(status, reason or None)
+        add = request.responseHeaders.addRawHeader
+        drop = RESPONSE_DROP
+        for name, _ in headers:
+            if name.lower() == b"connection":
+                drop = drop | connectionTokens(headers)
+                break
+        hasAccel = False
+        filtering = self.listTools and status == 200
+        for name, value in headers:
+            low = name.lower()
+            if low in drop:
+                if low == b"content-length" and not filtering:
+                    add(b"Content-Length", value)  # the body is relayed unchanged
+                continue
+            if low == b"content-type" and value.startswith(_EVENT_STREAM):
+                self.isStream = True
+            elif low == b"x-accel-buffering":
+                hasAccel = True
+            elif low == b"mcp-session-id" and self.sessionId is None:
+                self.sessionId = value.decode("latin-1")
+            add(name, value)
+        self.status = status
+        self.headSent = True
+        if filtering:
+            if self.isStream:
+                self._sseFilter = SSEFilter(self._keepTool)
+            else:
+                self._collected = []
+        elif not self.isStream:
+            self._held = []
+        request.registerProducer(transport, True)
+        self._producing = True
+        if self.isStream:
+            # Events may be far apart: the head goes out now, not with the first event.
+            if not hasAccel:
+                add(b"X-Accel-Buffering", b"no")
+            request.write(b"")
+            request.channel.flushHead()
+
+    def describe(self, summary: RpcSummary) -> None:
+        """Record what a parsed POST body says (method, tool, ids, trace context)."""
+        self.method = summary.method
+        self.tool = summary.tool
+        self.jsonrpcId = summary.requestId
+        if summary.method in TARGET_METHODS:
+            self.target = targetOf(summary.messages, summary.method)
+        if summary.isBatch:
+            self.batchSize = len(summary.messages)
+            self.batchIds = [m["id"] for m in summary.messages if "method" in m and "id" in m]
+        meta = metaContext(summary.messages)
+        if meta is not None:
+            useMetaContext(self, *meta)
+
+    def _keepTool(self, tool: Any) -> bool:
+        """
+        Whether one entry of a C{tools/list} answer stays: policy would not deny it to the
+        caller, and its C{x-mcp-header} annotations are valid (recorded for the upstream;
+        an invalid one is left out for 2026-07-28 clients, logged).
+        """
+        name = tool.get("name") if isinstance(tool, dict) else None
+        if not isinstance(name, str):
+            return True
+        gen = self.generation
+        if gen.filterTools and not gen.policy.allows(name):
+            return False
+        assert self.route is not None
+        why = self.route.toolHeaders.observe(tool)
+        if why is None:
+            return True
+        log.warn(
+            "upstream {upstream} lists tool {tool!r} with an invalid x-mcp-header annotation: "
+            "{why}",
+            upstream=self.route.name,
+            tool=name,
+            why=why,
+        )
+        return not isModern(self.protocolVersion)
+
+    def upstreamData(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self._collected is not None:
+            self._collected.append(data)
+            return
+        held = self._held
+        if held is not None:
+            held.append(data)
+            self._heldBytes += len(data)
+            if self._heldBytes <= HOLD_BYTES:
+                return
+            data = b"".join(held)
+            self._held = None
+        if self._sseFilter is not None:
+            data = self._sseFilter.feed(data)
+            if not data:
+                return
+        self.bytesOut += len(data)
+        self.request.write(data)
+
+    def upstreamDone(self) -> None:
+        if self.closed:
+            return
+        request = self.request
+        if self._producing:
+            self._producing = False
+            request.unregisterProducer()
+        tail = b""
+        if self._collected is not None:
+            tail, removed = filterJSONBody(b"".join(self._collected), self._keepTool)
+            self.filteredTools = removed
+            request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(tail)])
+        elif self._held is not None:
+            tail = b"".join(self._held)
+            self._held = None
+        elif self._sseFilter is not None:
+            tail = self._sseFilter.flush()
+            self.filteredTools = self._sseFilter.removed
+        if tail:
+            self.bytesOut += len(tail)
+            request.write(tail)
+        request.finish()
+        self._end()
+
+    def upstreamFailed(self, error: Any, midResponse: bool) -> None:
+        if self.closed:
+            return
+        request = self.request
+        if self._producing:
+            self._producing = False
+            request.unregisterProducer()
+        if not request.startedWriting:
+            # Nothing has gone to the client yet (the head waits for the first body piece, and a
+            # filtered answer is collected whole): answer the error instead.
+            if self.headSent:
+                self._unsend()
+            self.respondError(error)
+            return
+        # The upstream died mid-body: no final chunk, so the client sees a truncated response.
+        self.error = (
+            "upstream_bad_response" if isinstance(error, UpstreamBadResponse) else "upstream_reset"
+        )
+        request.loseConnection()
+        self._end()
+
+    def _unsend(self) -> None:
+        """Forget an upstream response head that was set but never written."""
+        self.headSent = False
+        self.isStream = False
+        self._collected = self._held = None
+        self._sseFilter = None
+        self.request.responseHeaders = Headers()
+
+    # -- client side ---------------------------------------------------------------------
+
+    def clientGone(self) -> None:
+        """The client connection was lost before the response ended."""
+        if self.closed:
+            return
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.cancel()
+        if self.error is None:
+            self.error = "client_closed"
+        if not self.headSent:
+            self.status = 499
+        self._producing = False
+        self._end()
+
+    def fail(self, error: GatewayError) -> None:
+        """Answer with C{error}, recording what it says about the request first."""
+        if self.jsonrpcId is None and error.requestId is not None:
+            self.jsonrpcId = error.requestId
+        if isinstance(error, Unauthenticated):
+            self.authResult = error.data.get("auth_result")
+        self.respondError(error)
+
+    def respondError(self, error: GatewayError) -> None:
+        """Answer the client with C{error}'s JSON-RPC error response and end the exchange."""
+        status, headers, body = errorResponse(error, self.jsonrpcId, self.batchIds)
+        self.status = status
+        self.error = error.message
+        request = self.request
+        request.setResponseCode(status, reasonPhrase(status))
+        out = request.responseHeaders
+        for name, value in headers:
+            out.setRawHeaders(name, [value])
+        self.bytesOut = len(body)
+        request.write(body)
+        request.finish()
+        self._end()
+
+    def _end(self) -> None:
+        if self._sseFilter is not None and self.filteredTools is None:
+            self.filteredTools = self._sseFilter.removed
+        self.closed = True
+        self.request.exchange = None
+        self.gateway.exchangeEnded(self)
