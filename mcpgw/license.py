@@ -533,11 +533,14 @@ class LicenseService(Service):
         self.announce()
 
     def watch(self) -> None:
-        """After a reload: verify the new config's license; log it if it changed."""
+        """Poll C{currentConfig} (when given) for a reloaded config (see L{configChanged})."""
         assert self._currentConfig is not None
         config = self._currentConfig()
-        if config is self._seenConfig:
-            return
+        if config is not self._seenConfig:
+            self.configChanged(config)
+
+    def configChanged(self, config: Config) -> None:
+        """A reload published C{config}: verify its license; log it if it changed."""
         self._seenConfig = config
         previous = self.state
         path = config.license.file

@@ -1,21 +1,32 @@
 # -*- test-case-name: tests.test_service -*-
 """
-The gateway's lifecycle as a twistd service: listen, reload on SIGHUP, drain on stop.
+The gateway's services, as L{mcpgw.tap.makeService} composes them: each is an C{IService} with
+one job, handed what it needs.
 
-Stop order (one sequential C{stopService}; C{MultiService} would stop children all at once):
+  - L{AuditService}: the canonical audit file (open at start; flushed and synced at stop);
+  - the audit sinks (L{mcpgw.audit.shipper.ShippingService});
+  - L{PoolService}: the Argon2 thread pool;
+  - span export (L{mcpgw.telemetry.Telemetry});
+  - the license log (L{mcpgw.license.LicenseService});
+  - L{Reloader}: SIGHUP re-reads the config, builds a new generation and publishes it to whoever
+    subscribed (the gateway, the sinks, telemetry, the license), no polling;
+  - L{ListenerService}: the listening port, the slow-client sweep, and the drain at stop.
+
+L{GatewayService} is the root. C{MultiService} stops its children all at once; a gateway must not:
 stop listening -> end server-stream GETs and wait for in-flight requests (up to
 L{SHUTDOWN_GRACE}) -> close client connections after their queued bytes are flushed -> close
-upstream connections -> flush and sync the audit file. Waiting for requests alone is not enough:
-a finished request's bytes may still sit in the transport's buffer.
+upstream connections -> flush and sync the audit file -> ship what is left -> export the last
+spans. So the root starts its children in order and stops them one after another in
+L{GatewayService.stopOrder}.
 """
 
 from __future__ import annotations
 
 import signal
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
-from twisted.application.service import MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer, tcp
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall
@@ -23,14 +34,12 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from mcpgw import __version__
-from mcpgw.audit.shipper import ShippingService, WriterSource
 from mcpgw.audit.writer import AuditWriter
-from mcpgw.config import Config, ConfigError, load_config
+from mcpgw.config import ConfigError, ListenConfig, load_config
 from mcpgw.generation import Generation, buildGeneration
 from mcpgw.health import Readiness
 from mcpgw.proxy.gateway import Gateway
 from mcpgw.proxy.server import GatewaySite
-from mcpgw.telemetry import Telemetry
 from mcpgw.tls import ServerTLSFactory, SwappableServerTLS, TLSError
 
 log = Logger()
@@ -47,85 +56,87 @@ AUTH_THREADS = 1
 BACKLOG = 1024
 
 
-class GatewayService(MultiService):
-    """
-    The root service: owns the listener, the audit writer and the current generation.
+class AuditService(Service):
+    """The canonical audit file: opened at start, flushed and synced at stop."""
 
-    @ivar port: the listening port once started.
+    name = "audit"
+
+    def __init__(self, writer: AuditWriter) -> None:
+        self.writer = writer
+
+    def startService(self) -> None:
+        self.writer.open()
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.writer.close()
+
+
+class PoolService(Service):
+    """A thread pool started and stopped with the gateway (named after the pool)."""
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+        self.name = pool.name.removeprefix("mcpgw-") if pool.name else "pool"
+
+    def startService(self) -> None:
+        self.pool.start()
+        super().startService()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+class Reloader(Service):
+    """
+    SIGHUP: reopen the audit file (logrotate), re-read the config, build a complete new
+    generation off to the side and publish it to every subscriber in the same reactor turn. A
+    broken config or certificate is rejected with one log line and the current generation stays.
+    HUPs that arrive during a reload coalesce into one more reload.
     """
 
-    def __init__(self, reactor: Any, configPath: str | None, config: Config) -> None:
-        super().__init__()
+    name = "reloader"
+
+    def __init__(
+        self,
+        reactor: Any,
+        configPath: str | None,
+        current: Callable[[], Generation],
+        authPool: ThreadPool,
+        tlsCreator: SwappableServerTLS | None,
+    ) -> None:
         self.reactor = reactor
         self.configPath = configPath
-        self.audit = AuditWriter(reactor, config.audit.path, config.audit.fsync)
-        # Argon2 verifications: a dedicated pool of one thread (one verify already uses the
-        # cores), never the reactor's shared pool, which also resolves host names.
-        self.authPool = ThreadPool(0, AUTH_THREADS, "mcpgw-argon2")
-        self.readiness = Readiness(reactor)
-        # Audit sinks: owned here but started after the audit file is open and stopped
-        # after its final flush (see stopService), so not a MultiService child.
-        self.shipping = ShippingService(reactor, config.audit, WriterSource(self.audit))
-        self.readiness.extraChecks.append(self.shipping.readinessCheck)
-        self.gateway = Gateway(
-            reactor,
-            buildGeneration(reactor, config, authPool=self.authPool),
-            self.audit,
-            self.readiness,
-        )
-        self.site = GatewaySite(self.gateway, reactor, CLIENT_IDLE_TIMEOUT)
-        # Spans: an exporter thread of its own when telemetry.otlp_endpoint is set.
-        self.telemetry = Telemetry(reactor, self.gateway, config.telemetry)
-        # With tls: the listener's connection creator; a reload swaps its certificate.
-        tls = self.generation.tls
-        self.tlsCreator = SwappableServerTLS(tls) if tls is not None else None
-        self.port: Any = None
+        self._current = current
+        self._authPool = authPool
+        self._tlsCreator = tlsCreator
+        self._subscribers: list[Callable[[Generation], object]] = []
+        self._reopeners: list[Callable[[], object]] = []
         self._previousHup: Any = None
         self._reloading = False
         self._reloadAgain = False
         self._hupScheduled = False
-        self._sweeper: LoopingCall | None = None
 
-    @property
-    def generation(self) -> Generation:
-        """The current generation."""
-        return self.gateway.generation
+    def subscribe(self, listener: Callable[[Generation], object]) -> None:
+        """Call C{listener} with every new generation, in subscription order."""
+        self._subscribers.append(listener)
+
+    def onReopen(self, listener: Callable[[], object]) -> None:
+        """Call C{listener} on every SIGHUP, before the config is read (audit file reopen)."""
+        self._reopeners.append(listener)
 
     def startService(self) -> None:
-        config = self.generation.config
-        self.audit.open()
-        self.shipping.startService()
-        self.authPool.start()
-        self.telemetry.start()
-        self._sweeper = LoopingCall(self.gateway.sweepSlowClients)
-        self._sweeper.clock = self.reactor
-        self._sweeper.start(1.0, now=False)
-        listen = config.listen
-        factory: Any = self.site
-        if self.tlsCreator is not None:
-            factory = ServerTLSFactory(self.tlsCreator, self.site)
-        if listen.reuse_port:
-            binding = tcp.makeBinding(listen.host, listen.port, reuseAddress=True, reusePort=True)
-            self.port = self.reactor.listenTCP(binding, factory, BACKLOG)
-        else:
-            self.port = self.reactor.listenTCP(listen.port, factory, BACKLOG, interface=listen.host)
         super().startService()
         if self.configPath is not None:
             self._previousHup = signal.signal(signal.SIGHUP, self._onSIGHUP)
-        addr = self.port.getHost()
-        host = f"[{addr.host}]" if ":" in addr.host else addr.host
-        log.info(
-            "mcpgw {version} listening on {scheme}://{host}:{port} "
-            "(generation {gen}; upstreams: {ups})",
-            version=__version__,
-            scheme="http" if self.tlsCreator is None else "https",
-            host=host,
-            port=addr.port,
-            gen=self.generation.number,
-            ups=", ".join(f"{r.name} at {p.decode()}" for p, r in self.generation.routes.items()),
-        )
-        if self.tlsCreator is not None:
-            log.info("tls: {tls}", tls=self.tlsCreator.current.describe())
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previousHup is not None:
+            signal.signal(signal.SIGHUP, self._previousHup)
+            self._previousHup = None
 
     def _onSIGHUP(self, signum: int, frame: Any) -> None:
         # A signal handler only schedules; the work runs at a clean point in the reactor thread.
@@ -139,101 +150,243 @@ class GatewayService(MultiService):
         self.reload()
 
     def reload(self) -> None:
-        """
-        Reopen the audit file (logrotate) and rebuild the generation from the config file. A
-        broken config is rejected with one log line and the current generation stays. HUPs that
-        arrive during a reload coalesce into one more reload.
-        """
+        """Reopen, re-read and publish (see the class docstring)."""
         if self._reloading:
             self._reloadAgain = True
             return
         self._reloading = True
         try:
-            self.audit.reopen()
-            self.shipping.auditReopened()
-            old = self.generation
-            try:
-                config = load_config(self.configPath)  # type: ignore[arg-type]
-            except ConfigError as e:
-                log.error(
-                    "reload rejected, keeping generation {gen}: {problems}",
-                    gen=old.number,
-                    problems="; ".join(str(p) for p in e.problems),
-                )
-                return
-            if (config.tls is None) != (self.tlsCreator is None):
-                log.error(
-                    "reload rejected, keeping generation {gen}: tls cannot be turned {onoff} by "
-                    "a reload; restart mcpgw to change the listener between http and https",
-                    gen=old.number,
-                    onoff="off" if config.tls is None else "on",
-                )
-                return
-            try:
-                new = buildGeneration(
-                    self.reactor, config, old.number + 1, previous=old, authPool=self.authPool
-                )
-                if self.tlsCreator is not None and new.tls is not None:
-                    # Same reactor turn as the generation swap: new connections get the new
-                    # certificate and CA from here on; open ones keep theirs.
-                    self.tlsCreator.swap(new.tls)
-            except TLSError as e:
-                log.error("reload rejected, keeping generation {gen}: {e}", gen=old.number, e=e)
-                return
-            except Exception:
-                log.failure("reload rejected, keeping generation {gen}", gen=old.number)
-                return
-            self.gateway.generation = new
-            self.shipping.reconfigure(config.audit)
-            self.telemetry.reconfigure(config.telemetry)
-            if new.tls is not None and new.tls is not old.tls:
-                log.info("tls: {tls}", tls=new.tls.describe())
-            log.info(
-                "reloaded {path}: generation {old} -> {gen}",
-                path=self.configPath,
-                old=old.number,
-                gen=new.number,
-            )
+            for reopen in self._reopeners:
+                reopen()
+            new = self._build()
+            if new is not None:
+                for listener in self._subscribers:
+                    listener(new)
         finally:
             self._reloading = False
             if self._reloadAgain:
                 self._reloadAgain = False
                 self.reactor.callLater(0, self.reload)
 
+    def _build(self) -> Generation | None:
+        old = self._current()
+        try:
+            config = load_config(self.configPath)  # type: ignore[arg-type]
+        except ConfigError as e:
+            log.error(
+                "reload rejected, keeping generation {gen}: {problems}",
+                gen=old.number,
+                problems="; ".join(str(p) for p in e.problems),
+            )
+            return None
+        if (config.tls is None) != (self._tlsCreator is None):
+            log.error(
+                "reload rejected, keeping generation {gen}: tls cannot be turned {onoff} by "
+                "a reload; restart mcpgw to change the listener between http and https",
+                gen=old.number,
+                onoff="off" if config.tls is None else "on",
+            )
+            return None
+        try:
+            new = buildGeneration(
+                self.reactor, config, old.number + 1, previous=old, authPool=self._authPool
+            )
+            if self._tlsCreator is not None and new.tls is not None:
+                # Same reactor turn as the generation swap: new connections get the new
+                # certificate and CA from here on; open ones keep theirs.
+                self._tlsCreator.swap(new.tls)
+        except TLSError as e:
+            log.error("reload rejected, keeping generation {gen}: {e}", gen=old.number, e=e)
+            return None
+        except Exception:
+            log.failure("reload rejected, keeping generation {gen}", gen=old.number)
+            return None
+        if new.tls is not None and new.tls is not old.tls:
+            log.info("tls: {tls}", tls=new.tls.describe())
+        log.info(
+            "reloaded {path}: generation {old} -> {gen}",
+            path=self.configPath,
+            old=old.number,
+            gen=new.number,
+        )
+        return new
+
+
+class ListenerService(Service):
+    """
+    The listening port and the requests it brings: listens at start (plain or TLS, optionally
+    with SO_REUSEPORT), sweeps slow clients every second, and at stop drains: stop listening,
+    end server-stream GETs, wait for in-flight requests, close client connections once flushed,
+    close upstream connections.
+    """
+
+    name = "listener"
+
+    def __init__(
+        self,
+        reactor: Any,
+        gateway: Gateway,
+        site: GatewaySite,
+        readiness: Readiness,
+        tlsCreator: SwappableServerTLS | None,
+    ) -> None:
+        self.reactor = reactor
+        self.gateway = gateway
+        self.site = site
+        self.readiness = readiness
+        self.tlsCreator = tlsCreator
+        self.port: Any = None
+        self._sweeper: LoopingCall | None = None
+
+    def startService(self) -> None:
+        self._sweeper = LoopingCall(self.gateway.sweepSlowClients)
+        self._sweeper.clock = self.reactor
+        self._sweeper.start(1.0, now=False)
+        listen: ListenConfig = self.gateway.generation.config.listen
+        factory: Any = self.site
+        if self.tlsCreator is not None:
+            factory = ServerTLSFactory(self.tlsCreator, self.site)
+        if listen.reuse_port:
+            binding = tcp.makeBinding(listen.host, listen.port, reuseAddress=True, reusePort=True)
+            self.port = self.reactor.listenTCP(binding, factory, BACKLOG)
+        else:
+            self.port = self.reactor.listenTCP(listen.port, factory, BACKLOG, interface=listen.host)
+        super().startService()
+        generation = self.gateway.generation
+        addr = self.port.getHost()
+        host = f"[{addr.host}]" if ":" in addr.host else addr.host
+        log.info(
+            "mcpgw {version} listening on {scheme}://{host}:{port} "
+            "(generation {gen}; upstreams: {ups})",
+            version=__version__,
+            scheme="http" if self.tlsCreator is None else "https",
+            host=host,
+            port=addr.port,
+            gen=generation.number,
+            ups=", ".join(f"{r.name} at {p.decode()}" for p, r in generation.routes.items()),
+        )
+        if self.tlsCreator is not None:
+            log.info("tls: {tls}", tls=self.tlsCreator.current.describe())
+
     @inlineCallbacks
     def stopService(self) -> Generator[Deferred[Any], Any, None]:
-        if self._previousHup is not None:
-            signal.signal(signal.SIGHUP, self._previousHup)
-            self._previousHup = None
+        super().stopService()
+        gateway = self.gateway
         log.info(
             "stopping: {n} requests in flight, {c} connections open",
-            n=len(self.gateway.inflight),
-            c=len(self.gateway.connections),
+            n=len(gateway.inflight),
+            c=len(gateway.connections),
         )
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
         if self.port is not None:
             yield defer.maybeDeferred(self.port.stopListening)
         self.readiness.draining = True
-        self.gateway.startDraining()
+        gateway.startDraining()
         try:
-            yield self.gateway.whenIdle().addTimeout(SHUTDOWN_GRACE, self.reactor)
+            yield gateway.whenIdle().addTimeout(SHUTDOWN_GRACE, self.reactor)
         except defer.TimeoutError:
             log.warn(
                 "stop: {n} requests still running after {s}s; closing them",
-                n=len(self.gateway.inflight),
+                n=len(gateway.inflight),
                 s=SHUTDOWN_GRACE,
             )
         try:
-            yield self.gateway.closeConnections().addTimeout(CLOSE_GRACE, self.reactor)
+            yield gateway.closeConnections().addTimeout(CLOSE_GRACE, self.reactor)
         except defer.TimeoutError:
-            for channel in list(self.gateway.connections):
+            for channel in list(gateway.connections):
                 if channel.transport is not None:
                     channel.transport.abortConnection()
-        yield defer.gatherResults([p.close() for p in self.generation.pools])
-        yield super().stopService()
-        yield self.audit.close()
-        yield self.shipping.stopService()  # ships what is left, saves the cursors
-        yield self.telemetry.stop()  # exports the last spans on the exporter's thread
-        self.authPool.stop()
+        yield defer.gatherResults([p.close() for p in gateway.generation.pools])
+
+
+class GatewayService(MultiService):
+    """
+    The root service (see the module docstring for the stop order). Built by
+    L{mcpgw.tap.makeService}; the attributes are the parts it was handed.
+
+    @ivar stopOrder: child names, stopped one after another in this order (children not named
+        are stopped last, in reverse order of addition).
+    """
+
+    stopOrder = ("listener", "reloader", "license", "audit", "shipping", "telemetry", "argon2")
+
+    def __init__(
+        self,
+        reactor: Any,
+        gateway: Gateway,
+        reloader: Reloader,
+        listener: ListenerService,
+        audit: AuditService,
+        shipping: Any,
+        telemetry: Any,
+        readiness: Readiness,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.gateway = gateway
+        self.reloader = reloader
+        self.listener = listener
+        self.audit = audit.writer
+        self.shipping = shipping
+        self.telemetry = telemetry
+        self.readiness = readiness
+
+    @property
+    def generation(self) -> Generation:
+        """The current generation."""
+        return self.gateway.generation
+
+    @property
+    def configPath(self) -> str | None:
+        """The config file a reload reads."""
+        return self.reloader.configPath
+
+    @configPath.setter
+    def configPath(self, path: str | None) -> None:
+        self.reloader.configPath = path
+
+    @property
+    def port(self) -> Any:
+        """The listening port once started."""
+        return self.listener.port
+
+    @property
+    def tlsCreator(self) -> SwappableServerTLS | None:
+        """The listener's swappable TLS connection creator (C{None} without tls)."""
+        return self.listener.tlsCreator
+
+    def reload(self) -> None:
+        """What SIGHUP does (L{Reloader.reload})."""
+        self.reloader.reload()
+
+    @inlineCallbacks
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
+        Service.stopService(self)
+        children: list[IService] = list(self)
+        named = {c.name: c for c in children}
+        ordered = [named[n] for n in self.stopOrder if n in named]
+        ordered += [c for c in reversed(children) if c not in ordered]
+        for child in ordered:
+            if child.running:
+                yield defer.maybeDeferred(child.stopService)
         log.info("stopped; {n} audit lines written", n=self.audit.linesWritten)
+
+
+def argon2Pool() -> ThreadPool:
+    """
+    The Argon2 verification pool: a dedicated pool of L{AUTH_THREADS} (one verification already
+    uses the cores), never the reactor's shared pool, which also resolves host names.
+    """
+    return ThreadPool(0, AUTH_THREADS, "mcpgw-argon2")
+
+
+__all__ = [
+    "CLIENT_IDLE_TIMEOUT",
+    "AuditService",
+    "GatewayService",
+    "ListenerService",
+    "PoolService",
+    "Reloader",
+    "argon2Pool",
+]

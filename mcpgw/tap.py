@@ -6,13 +6,15 @@ service through L{makeService}.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from twisted.application.service import IService
 from twisted.python import usage
 
 from mcpgw.config import Config, ConfigError, Problem, load_config
 from mcpgw.license import LicenseService, LicenseState, licenseState
+
+if TYPE_CHECKING:
+    from mcpgw.service import GatewayService
 
 
 def loadChecked(path: str) -> tuple[Config, LicenseState]:
@@ -49,11 +51,13 @@ class Options(usage.Options):
             raise usage.UsageError(f"invalid configuration {self['config']}:\n{e}") from None
 
 
-def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IService:
+def makeService(options: Options | dict[str, Any], reactor: Any = None) -> GatewayService:
     """
-    Build the gateway service from parsed options.
+    Build the gateway: every service it runs, each handed what it needs (the only place that
+    wires them together).
 
-    @param options: L{Options} (or a dict with C{config} and optionally C{loaded}, the parsed
+    @param options: L{Options} (or a dict with C{config}, the config file's path or C{None} for
+        a config that is not reloaded, and optionally C{loaded}, the parsed
         L{mcpgw.config.Config}, and C{license}, its verified L{mcpgw.license.LicenseState}).
     @param reactor: the reactor; the global one when C{None}.
     """
@@ -61,10 +65,65 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> IServ
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
-    from mcpgw.service import GatewayService
+    from mcpgw.audit.shipper import ShippingService, WriterSource
+    from mcpgw.audit.writer import AuditWriter
+    from mcpgw.generation import buildGeneration
+    from mcpgw.health import Readiness
+    from mcpgw.proxy.gateway import Gateway
+    from mcpgw.proxy.server import GatewaySite
+    from mcpgw.service import (
+        CLIENT_IDLE_TIMEOUT,
+        AuditService,
+        GatewayService,
+        ListenerService,
+        PoolService,
+        Reloader,
+        argon2Pool,
+    )
+    from mcpgw.telemetry import Telemetry
+    from mcpgw.tls import SwappableServerTLS
 
-    config = options.get("loaded") or load_config(options["config"])
+    path: str | None = options.get("config")
+    config = options.get("loaded")
+    if config is None:
+        assert path is not None, "makeService needs a config file or a parsed config"
+        config = load_config(path)
     state = options.get("license") or licenseState(config)
-    service = GatewayService(reactor, options["config"], config)
-    LicenseService(reactor, state, lambda: service.generation.config).setServiceParent(service)
-    return service
+
+    writer = AuditWriter(reactor, config.audit.path, config.audit.fsync)
+    audit = AuditService(writer)
+    pool = argon2Pool()
+    readiness = Readiness(reactor)
+    shipping = ShippingService(reactor, config.audit, WriterSource(writer))
+    shipping.setName("shipping")
+    readiness.extraChecks.append(shipping.readinessCheck)
+    gateway = Gateway(reactor, buildGeneration(reactor, config, authPool=pool), writer, readiness)
+    site = GatewaySite(gateway, reactor, CLIENT_IDLE_TIMEOUT)
+    telemetry = Telemetry(reactor, gateway, config.telemetry)
+    tls = gateway.generation.tls
+    tlsCreator = SwappableServerTLS(tls) if tls is not None else None
+    reloader = Reloader(reactor, path, lambda: gateway.generation, pool, tlsCreator)
+    license = LicenseService(reactor, state)
+
+    # What a reload reaches: the audit file first (logrotate), then the new generation.
+    reloader.onReopen(writer.reopen)
+    reloader.onReopen(shipping.auditReopened)
+    reloader.subscribe(gateway.publish)
+    reloader.subscribe(lambda g: shipping.reconfigure(g.config.audit))
+    reloader.subscribe(lambda g: telemetry.reconfigure(g.config.telemetry))
+    reloader.subscribe(lambda g: license.configChanged(g.config))
+
+    root = GatewayService(
+        reactor,
+        gateway=gateway,
+        reloader=reloader,
+        listener=ListenerService(reactor, gateway, site, readiness, tlsCreator),
+        audit=audit,
+        shipping=shipping,
+        telemetry=telemetry,
+        readiness=readiness,
+    )
+    # Started in this order; stopped in GatewayService.stopOrder.
+    for child in (audit, shipping, PoolService(pool), telemetry, license, reloader, root.listener):
+        child.setServiceParent(root)
+    return root

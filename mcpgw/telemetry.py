@@ -48,6 +48,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attr
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -830,7 +831,7 @@ class Tracer:
         self.exporter.submit(record)
 
 
-class Telemetry:
+class Telemetry(Service):
     """
     Owns the exporter for the service and plugs the L{Tracer} into the gateway (or none when
     C{telemetry.otlp_endpoint} is unset). Survives reloads: a changed C{telemetry} section
@@ -859,8 +860,11 @@ class Telemetry:
         exporter = self._factory(self._reactor, config.otlp_endpoint, resourceAttributes(config))
         return Tracer(self._reactor, config, exporter)
 
-    def start(self) -> None:
+    name = "telemetry"
+
+    def startService(self) -> None:
         """Start exporting (when an endpoint is configured)."""
+        super().startService()
         self._install(self._build(self._config))
 
     def _install(self, tracer: Tracer | None) -> None:
@@ -894,8 +898,9 @@ class Telemetry:
             return succeed(None)
         return self.tracer.exporter.flush()
 
-    def stop(self) -> Deferred[None]:
+    def stopService(self) -> Deferred[None]:
         """Export what is left, off the reactor; fires when the export thread has ended."""
+        super().stopService()
         tracer, self.tracer = self.tracer, None
         self._gateway.tracer = None
         waits = list(self._retiring)

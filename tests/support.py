@@ -23,7 +23,7 @@ from twisted.web import resource, server
 from zope.interface import implementer
 
 from mcpgw.config import config_from_string
-from mcpgw.service import GatewayService
+from mcpgw.tap import makeService
 
 
 @attr.s(auto_attribs=True)
@@ -299,7 +299,7 @@ class GatewayTestCase(TestCase):
 
     def startGateway(self, text: str) -> Deferred[None]:
         config = config_from_string(text, source="test.yaml", base_dir=self.tmp)
-        self.service = GatewayService(reactor, None, config)
+        self.service = makeService({"config": None, "loaded": config}, reactor)
         self.service.startService()
         self.port = portOf(self.service.port)
         self.addCleanup(self._stopGateway)

@@ -119,13 +119,55 @@ class ReusePortTests(GatewayTestCase):
     def test_twoServicesShareThePort(self) -> Any:
         """A second service binds the same port with SO_REUSEPORT, and both serve."""
         from mcpgw.config import config_from_string
-        from mcpgw.service import GatewayService
+        from mcpgw.tap import makeService
 
-        second = GatewayService(
-            reactor, None, config_from_string(self.configText(), base_dir=self.tmp)
+        second = makeService(
+            {"config": None, "loaded": config_from_string(self.configText(), base_dir=self.tmp)},
+            reactor,
         )
         second.startService()
         self.addCleanup(second.stopService)
         self.assertEqual(second.port.getHost().port, self.fixedPort)
         reply = yield self.call(body=rpc("ping"))
         self.assertEqual(reply.status, 200)
+
+
+class CompositionTests(GatewayTestCase):
+    """makeService is the one composition root; a reload is published, not polled for."""
+
+    reloadable = True
+
+    def test_everyServiceIsAChild(self) -> None:
+        """Audit, sinks, Argon2 pool, telemetry, license, reloader and listener, in start order."""
+        self.assertEqual(
+            [child.name for child in self.service],
+            ["audit", "shipping", "argon2", "telemetry", "license", "reloader", "listener"],
+        )
+        self.assertTrue(all(child.running for child in self.service))
+
+    def test_reloadIsPublished(self) -> None:
+        """A reload hands the new generation to every subscriber in the same turn."""
+        seen: list[Any] = []
+        self.service.reloader.subscribe(seen.append)
+        before = self.service.generation
+        self.service.reload()
+        self.assertEqual([g.number for g in seen], [before.number + 1])
+        self.assertIs(self.service.generation, seen[0])
+
+    @inlineCallbacks
+    def test_stopOrder(self) -> Any:
+        """Children stop one after another: listener (drain) first, the audit file before sinks."""
+        stopped: list[str] = []
+        for child in self.service:
+            original = child.stopService
+
+            def record(original: Any = original, name: str = child.name) -> Any:
+                stopped.append(name)
+                return original()
+
+            child.stopService = record
+        yield self.service.stopService()
+        self.assertEqual(
+            stopped,
+            ["listener", "reloader", "license", "audit", "shipping", "telemetry", "argon2"],
+        )

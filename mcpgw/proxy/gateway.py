@@ -93,6 +93,10 @@ class Gateway:
         self._idleWaiters: list[Deferred[None]] = []
         self._connWaiters: list[Deferred[None]] = []
 
+    def publish(self, generation: Generation) -> None:
+        """A reload's new generation: new requests get it, requests in flight keep theirs."""
+        self.generation = generation
+
     @property
     def maxBodyBytes(self) -> int:
         """C{limits.max_body_bytes} of the current generation."""
