@@ -184,6 +184,8 @@ def micro(sinkPort: int | None) -> dict[str, Any]:
         batchSize=None,
         target=None,
         clientCert=None,
+        principal=None,
+        redactedResults=None,
     )
     bits = telemetry.randomBits
     messages = [

@@ -60,6 +60,8 @@ class RequestRecord(NamedTuple):
     clientCert: str | None
     durationMs: float
     endedAt: float
+    principal: str | None
+    redactedResults: int | None
 
 
 #: Indexes of the fields the span encoder reads (a tuple index is the cheapest access).
@@ -94,6 +96,13 @@ class RequestRecord(NamedTuple):
     R_BATCH,
     R_TARGET,
 ) = range(29)
+#: Fields added after the original span layout.
+R_PRINCIPAL = 32
+R_REDACTED_RESULTS = 33
+
+
+assert RequestRecord._fields[R_PRINCIPAL] == "principal"
+assert RequestRecord._fields[R_REDACTED_RESULTS] == "redactedResults"
 
 
 def recordOf(x: Any, endedAt: float, now: float) -> RequestRecord:
@@ -139,6 +148,8 @@ def recordOf(x: Any, endedAt: float, now: float) -> RequestRecord:
         x.clientCert,
         round(duration * 1000.0, 3),
         endedAt,
+        x.principal,
+        x.redactedResults,
     )
 
 
@@ -175,12 +186,15 @@ def auditLine(r: RequestRecord) -> dict[str, Any]:
         "client_cert": r.clientCert,
         "trace_id": f"{r.traceId:032x}",
         "span_id": f"{r.spanId:016x}",
+        "principal": r.principal,
+        "redacted_results": r.redactedResults,
+        "target": r.target,
     }
 
 
 _EXAMPLE = RequestRecord(
     1, 1, None, None, 0, 0, None, None, b"", b"", None, None, None, None, "allow", None, None,
-    None, 0, 0, None, None, None, "", False, None, None, None, None, None, 0.0, 0.0,
+    None, 0, 0, None, None, None, "", False, None, None, None, None, None, 0.0, 0.0, None, None,
 )  # fmt: skip
 
 #: The audit line's field names, in order.

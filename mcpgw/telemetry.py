@@ -72,8 +72,10 @@ from mcpgw.record import (
     R_METHOD,
     R_PARENT,
     R_PATH,
+    R_PRINCIPAL,
     R_PROTOCOL,
     R_REDACTED,
+    R_REDACTED_RESULTS,
     R_REQUEST_ID,
     R_RULE,
     R_SECURE,
@@ -276,6 +278,10 @@ A_AUTH_KEY = _key("mcp.auth.key_id")
 A_AUTH_RESULT = _key("mcp.auth.result")
 A_ERROR_KIND = _key("mcp.error.kind")
 A_REDACTED = _key("mcp.policy.redacted")
+A_REDACTED_RESULTS = _key("mcp.policy.redacted_results")
+#: The caller policy saw (key id, certificate, external or OAuth identity): OpenTelemetry's
+#: C{enduser.id} ("a username, email address, or other identifier").
+A_PRINCIPAL = _key("enduser.id")
 A_FILTERED = _key("mcp.tools.filtered")
 A_BATCH = _key("jsonrpc.batch.size")
 A_ERROR_TYPE = _key("error.type")
@@ -310,7 +316,7 @@ ERROR_CODES.setdefault(errors.GatewayError.message, errors.GatewayError.code)
 
 #: Errors that are the gateway's or the upstream's failure (span status ERROR) even though the
 #: HTTP status the client saw is not a 5xx (the response had started).
-_SERVER_FAULTS = frozenset({"upstream_reset", "internal_error"})
+_SERVER_FAULTS = frozenset({"upstream_reset", "upstream_bad_response", "internal_error"})
 #: Outcomes that leave the span's status UNSET although the gateway answered with an error:
 #: the gateway working as intended (policy and auth refusals, client mistakes, client gone).
 _AUTH_FAILED = frozenset({"missing", "invalid"})
@@ -364,6 +370,7 @@ def _staticKey(rec: Sequence[Any]) -> tuple[Any, ...]:
         rec[R_CLIENT_IP],
         rec[R_SECURE],
         rec[R_TARGET] if rec[R_METHOD] == "prompts/get" else None,
+        rec[R_PRINCIPAL],
     )
 
 
@@ -403,6 +410,8 @@ def _staticFields(rec: Sequence[Any]) -> bytes:
         add(A_AUTH_KEY.string(rec[R_AUTH_KEY]))
     if rec[R_AUTH_RESULT] is not None:
         add(A_AUTH_RESULT.string(rec[R_AUTH_RESULT]))
+    if rec[R_PRINCIPAL] is not None:
+        add(A_PRINCIPAL.string(rec[R_PRINCIPAL]))
     add(A_HTTP_METHOD.string(rec[R_HTTP_METHOD].decode("latin-1")))
     add(A_URL_PATH.string(rec[R_PATH].decode("latin-1")))
     add(_SCHEMES[bool(rec[R_SECURE])])
@@ -462,6 +471,8 @@ def encodeSpan(rec: Sequence[Any]) -> bytes:
         fields.append(A_REDACTED.integer(rec[R_REDACTED]))
     if rec[R_FILTERED] is not None:
         fields.append(A_FILTERED.integer(rec[R_FILTERED]))
+    if rec[R_REDACTED_RESULTS] is not None:
+        fields.append(A_REDACTED_RESULTS.integer(rec[R_REDACTED_RESULTS]))
     if rec[R_BATCH] is not None:
         fields.append(A_BATCH.integer(rec[R_BATCH]))
     parent = rec[R_PARENT]

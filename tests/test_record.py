@@ -52,6 +52,8 @@ def exchange(**changes: Any) -> Any:
         batchSize=None,
         target=None,
         clientCert=None,
+        principal="ci-bot",
+        redactedResults=2,
     )
     x.__dict__.update(changes)
     return x
@@ -98,3 +100,5 @@ class RecordTests(SynchronousTestCase):
         self.assertEqual(attrs["request_id"], line["request_id"])
         self.assertEqual(attrs["mcp.payload.bytes_in"], line["bytes_in"])
         self.assertEqual(attrs["mcp.auth.key_id"], line["auth_key_id"])
+        self.assertEqual(attrs["enduser.id"], line["principal"])
+        self.assertEqual(attrs["mcp.policy.redacted_results"], line["redacted_results"])

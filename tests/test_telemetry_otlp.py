@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mcpgw import otlp, telemetry
 from mcpgw.config import TelemetryConfig
+from mcpgw.record import RequestRecord
 from mcpgw.telemetry import TraceParent, parseTraceparent
 from tests.otlpreceiver import anyValue, spansOf
 
@@ -63,12 +64,14 @@ def record(**changes: Any) -> tuple[Any, ...]:
         "R_FILTERED": None,
         "R_BATCH": None,
         "R_TARGET": None,
+        "R_PRINCIPAL": None,
+        "R_REDACTED_RESULTS": None,
     }
     values.update(changes)
-    out: list[Any] = [None] * len(values)
+    out: list[Any] = [None] * len(RequestRecord._fields)
     for name, value in values.items():
         out[getattr(telemetry, name)] = value
-    return tuple(out)
+    return RequestRecord(*out)
 
 
 def attributes(span: Span) -> dict[str, Any]:

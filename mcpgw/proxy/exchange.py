@@ -96,8 +96,10 @@ class ProxyExchange:
         "method",
         "parent",
         "path",
+        "principal",
         "protocolVersion",
         "redacted",
+        "redactedResults",
         "request",
         "requestId",
         "route",
@@ -152,6 +154,9 @@ class ProxyExchange:
         self.decision = "allow"
         self.ruleId: str | None = None
         self.redacted: int | None = None
+        self.redactedResults: int | None = None
+        #: Who policy saw: key id, certificate or external identity; None when anonymous.
+        self.principal: str | None = None
         self.listTools = False
         self.filteredTools: int | None = None
         self.headerRewrite: dict[tuple[bytes, bytes], bytes] | None = None
