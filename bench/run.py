@@ -9,6 +9,8 @@ Starts (each in its own process group, all stopped at the end, also on Ctrl-C or
   twisted-proxy  bench/twisted_proxy.py, the reference stand-in (twisted.web + Agent) in front of it
   mcpgw          python -m mcpgw run --config <generated YAML> in front of it, audit line on
   mcpgw-auth     the same with API keys on
+  mcpgw-full     API key on (cached), 20 policy rules with caller conditions (keys, identities,
+                 clients), the deciding one conditional on the key, audit line on: the issue #12 bar
   mcpgw-otel     the same with span export on (telemetry.otlp_endpoint = a local OTLP sink,
                  bench/telemetry_bench.py --receiver, in its own process)
 
@@ -49,7 +51,7 @@ import loadgen  # noqa: E402  (vendored beside this file)
 #: venv for the upstream when the running interpreter has no uvloop (override: MCPGW_BENCH_VENV).
 UPSTREAM_VENV = Path(os.environ.get("MCPGW_BENCH_VENV", "/tmp/mcpgw-bench-venv"))
 UPSTREAM_SPEC = ["uvloop==0.23.0", "httptools==0.9.0", "orjson==3.13.0"]
-SYSTEMS = ("direct", "twisted-proxy", "mcpgw", "mcpgw-auth", "mcpgw-otel")
+SYSTEMS = ("direct", "twisted-proxy", "mcpgw", "mcpgw-auth", "mcpgw-otel", "mcpgw-full")
 STANDIN = "twisted-proxy"
 #: The issue's bar: mcpgw added p50 / stand-in added p50 <= 0.5; mcpgw / stand-in req/s at C=32 >= 2.
 BAR_P50 = 0.5
@@ -79,6 +81,25 @@ def policy_yaml(n: int) -> str:
     for i in range(n):
         action = "deny" if i % 2 == 0 else "allow"
         lines.append(f"    - {{id: r{i}, action: {action}, match: {kinds[i % 5].format(i=i)}}}")
+    return "\n".join(lines) + "\n"
+
+
+def full_policy_yaml() -> str:
+    """The policy of C{mcpgw-full}: 19 rules with caller conditions that do not hold for the
+    bench's caller, each on a target C{echo} matches, then the allow for the bench's key; default
+    deny. Every call checks every caller condition before its own rule decides."""
+    lines = ["policy:", "  default_action: deny", "  rules:"]
+    whens = [
+        "{{keys: [other-{i}, 'team-{i}-*']}}",
+        "{{identities: ['spiffe://corp.example/team-{i}/*']}}",
+        "{{clients: [10.{i}.0.0/16]}}",
+    ]
+    for i in range(19):
+        when = whens[i % 3].format(i=i)
+        lines.append(f"    - {{id: c{i}, action: allow, match: {{glob: 'ech*'}}, when: {when}}}")
+    lines.append(
+        "    - {id: bench-echo, action: allow, match: {exact: echo}, when: {keys: [bench]}}"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -821,7 +842,10 @@ def main() -> int:
             systems["mcpgw"] = System("mcpgw", f"http://127.0.0.1:{port}/mcp", p)
 
         def spawn_mcpgw(
-            name: str, extra_yaml: str, headers: tuple[tuple[str, str], ...] = ()
+            name: str,
+            extra_yaml: str,
+            headers: tuple[tuple[str, str], ...] = (),
+            rules: bool = True,
         ) -> None:
             """A variant of the mcpgw system: its own port, audit file and extra config."""
             port = free_port()
@@ -830,7 +854,7 @@ def main() -> int:
                 MCPGW_CONFIG.format(port=port, upstream=up_url, tmp=tmp).replace(
                     "audit.jsonl", f"audit-{name}.jsonl"
                 )
-                + policy_yaml(a.policy_rules)
+                + (policy_yaml(a.policy_rules) if rules else "")
                 + extra_yaml
             )
             p = procs.spawn(
@@ -847,6 +871,18 @@ def main() -> int:
                 "mcpgw-auth",
                 f"auth:\n  enabled: true\n  keys: [{{id: bench, hash: '{hashKey(key)}'}}]\n",
                 (("Authorization", f"Bearer {key}"),),
+            )
+        if "mcpgw-full" in names:
+            # API key on and cached, 20 caller-conditioned rules, audit line: the #12 bar
+            from mcpgw.auth import generateKey, hashKey
+
+            key = generateKey()
+            spawn_mcpgw(
+                "mcpgw-full",
+                f"auth:\n  enabled: true\n  keys: [{{id: bench, hash: '{hashKey(key)}'}}]\n"
+                + full_policy_yaml(),
+                (("Authorization", f"Bearer {key}"),),
+                rules=False,
             )
         if "mcpgw-otel" in names:
             # the same gateway exporting one span per request to a local OTLP/HTTP sink
