@@ -60,3 +60,27 @@ class IAuditLog(Interface):
 
     def close() -> Deferred[None]:
         """Flush, sync and close; fires when the data is on disk."""
+
+
+class IAuthenticator(Interface):
+    """Who the caller is, for one generation (L{mcpgw.auth.Authenticator})."""
+
+    mode = Attribute("C{keys}, C{mtls} or C{external}.")
+
+    def authenticate(
+        authorization: bytes | None, clientAddress: str, certIdentity: str | None
+    ) -> Any:
+        """
+        An L{mcpgw.auth.AuthResult} now, or a Deferred of one (a key verified off the reactor).
+        Raises (or fails with) L{mcpgw.errors.Unauthenticated} or L{mcpgw.errors.RateLimited}.
+        """
+
+    def carriesKey(value: bytes, presented: bytes | None) -> bool:
+        """Whether a request header value carries one of the gateway's credentials."""
+
+
+class ITracer(Interface):
+    """Where ended requests' records go to become spans (L{mcpgw.telemetry.Tracer})."""
+
+    def ended(record: Any) -> None:
+        """A request ended: its L{mcpgw.record.RequestRecord}. Never blocks."""

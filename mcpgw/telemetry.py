@@ -52,9 +52,11 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mcpgw import __version__, errors, otlp
 from mcpgw.config import TelemetryConfig, split_url
+from mcpgw.interfaces import ITracer
 from mcpgw.record import (
     R_AUTH_KEY,
     R_AUTH_RESULT,
@@ -821,6 +823,7 @@ class SpanExporter:
 # -- the reactor side -------------------------------------------------------------------------
 
 
+@implementer(ITracer)
 class Tracer:
     """
     What the gateway's request path calls when tracing is on.

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from mcpgw.interfaces import IAuditLog, IResponseSink
+from mcpgw.audit.sinks import Batch, ISink, SinkRefused
+from mcpgw.auth import EXTERNAL, AuthResult
+from mcpgw.interfaces import IAuditLog, IAuthenticator, IResponseSink, ITracer
 
-__all__ = ["MemoryAuditLog", "RecordingSink"]
+__all__ = ["MemoryAuditLog", "MemorySink", "MemoryTracer", "RecordingSink", "StaticAuthenticator"]
 
 
 @implementer(IAuditLog)
@@ -75,3 +78,88 @@ class RecordingSink:
     def upstreamFailed(self, error: Any, midResponse: bool) -> None:
         self.error, self.midResponse = error, midResponse
         self.done.callback(self)
+
+
+@implementer(ITracer)
+class MemoryTracer:
+    """
+    Keeps the records of ended requests instead of exporting spans.
+
+    @ivar records: every L{mcpgw.record.RequestRecord} received, in order.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+
+    def ended(self, record: Any) -> None:
+        self.records.append(record)
+
+
+@implementer(IAuthenticator)
+class StaticAuthenticator:
+    """
+    Answers every request with the same L{AuthResult} (or raises the same error), and counts.
+
+    @ivar calls: the C{(authorization, clientAddress, certIdentity)} of every call.
+    """
+
+    mode = "external"
+
+    def __init__(self, result: AuthResult | Exception = EXTERNAL) -> None:
+        self.result = result
+        self.calls: list[tuple[bytes | None, str, str | None]] = []
+
+    def authenticate(
+        self, authorization: bytes | None, clientAddress: str, certIdentity: str | None
+    ) -> AuthResult:
+        self.calls.append((authorization, clientAddress, certIdentity))
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+    def carriesKey(self, value: bytes, presented: bytes | None) -> bool:
+        return presented is not None and presented in value
+
+
+@implementer(ISink)
+class MemorySink:
+    """
+    An audit sink keeping every acknowledged batch.
+
+    @ivar failures: exceptions raised by the next ship() calls, in order.
+    @ivar refuse: when set, start() refuses with this reason (L{SinkRefused}).
+    @ivar hold: when set, ship() returns this Deferred's result (tests fire it).
+    """
+
+    def __init__(self, config: Any) -> None:
+        self.name = config.name
+        self.maxLines = config.batch.max_lines
+        self.maxSeconds = config.batch.max_seconds
+        self.batches: list[Batch] = []
+        self.attempts: list[Batch] = []
+        self.failures: list[Exception] = []
+        self.refuse: str | None = None
+        self.hold: Deferred[None] | None = None
+        self.stopped = False
+
+    def start(self) -> Deferred[None]:
+        if self.refuse:
+            return defer.fail(SinkRefused(self.refuse))
+        return defer.succeed(None)
+
+    def ship(self, batch: Batch) -> Deferred[None]:
+        self.attempts.append(batch)
+        if self.failures:
+            return defer.fail(self.failures.pop(0))
+        if self.hold is not None:
+            return self.hold
+        self.batches.append(batch)
+        return defer.succeed(None)
+
+    def stop(self) -> Deferred[None]:
+        self.stopped = True
+        return defer.succeed(None)
+
+    def data(self) -> bytes:
+        """Every shipped byte, in order."""
+        return b"".join(b.data for b in self.batches)

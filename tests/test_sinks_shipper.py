@@ -11,12 +11,11 @@ import sys
 from typing import Any, cast
 
 import orjson
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from mcpgw.audit import shipper as shippermod
@@ -25,60 +24,17 @@ from mcpgw.audit.shipper import cursorPath
 from mcpgw.audit.sinks import (
     SINK_LIBRARIES,
     SINKS_INSTALL,
-    Batch,
     BatchRejected,
     BatchTooLarge,
     ISink,
     RetryLater,
-    SinkRefused,
     fileIdOf,
     missingLibrary,
 )
 from mcpgw.config import BatchConfig, S3SinkConfig, WebhookSinkConfig
 from mcpgw.health import Readiness
+from mcpgw.testing import MemorySink
 from tests.sinkservers import ShipperHarness
-
-
-@implementer(ISink)
-class MemorySink:
-    """
-    A sink keeping every acknowledged batch.
-
-    @ivar failures: exceptions raised by the next ship() calls, in order.
-    @ivar hold: when set, ship() returns this Deferred's result (tests fire it).
-    """
-
-    def __init__(self, config: Any) -> None:
-        self.name = config.name
-        self.maxLines = config.batch.max_lines
-        self.maxSeconds = config.batch.max_seconds
-        self.batches: list[Batch] = []
-        self.attempts: list[Batch] = []
-        self.failures: list[Exception] = []
-        self.refuse: str | None = None
-        self.hold: Deferred[None] | None = None
-        self.stopped = False
-
-    def start(self) -> Deferred[None]:
-        if self.refuse:
-            return defer.fail(SinkRefused(self.refuse))
-        return defer.succeed(None)
-
-    def ship(self, batch: Batch) -> Deferred[None]:
-        self.attempts.append(batch)
-        if self.failures:
-            return defer.fail(self.failures.pop(0))
-        if self.hold is not None:
-            return self.hold
-        self.batches.append(batch)
-        return defer.succeed(None)
-
-    def stop(self) -> Deferred[None]:
-        self.stopped = True
-        return defer.succeed(None)
-
-    def data(self) -> bytes:
-        return b"".join(b.data for b in self.batches)
 
 
 def sinkConfig(name: str = "mem", lines: int = 100, seconds: float = 0.2) -> WebhookSinkConfig:
