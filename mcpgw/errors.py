@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_errors -*-
+# -*- test-case-name: tests.test_proxy -*-
 """
 Named gateway errors and the one place that turns them into HTTP responses.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_health -*-
+# -*- test-case-name: tests.test_proxy -*-
 """
 C{GET /healthz} (the process is alive) and C{GET /readyz} (a config is loaded and every upstream
 accepts TCP connections). The upstream check runs at most once per L{CACHE_SECONDS}, never per

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.test_service -*-
 """
 The composition root: C{twistd mcpgw} options and L{makeService}. C{mcpgw run} builds the same
 service through L{makeService}.

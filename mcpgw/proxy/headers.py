@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_headers -*-
+# -*- test-case-name: tests.test_proxy -*-
 """
 Which headers cross the gateway.
 
