@@ -1,20 +1,23 @@
-# -*- test-case-name: tests.test_cli -*-
+# -*- test-case-name: tests.test_cli,tests.test_cli_policy -*-
 """
-The C{mcpgw} command: C{run}, C{config check}, C{policy explain}, C{key generate},
-C{license show}, C{--version}.
+The C{mcpgw} command: C{run}, C{config check}, C{policy explain}, C{policy test},
+C{key generate}, C{license show}, C{--version}.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+import attr
+
 from mcpgw import __version__
-from mcpgw.config import Config, ConfigError, load_config
-from mcpgw.policy import Policy, shadowedRules
+from mcpgw.config import POLICY_METHODS, Config, ConfigError, load_config
+from mcpgw.policy import LISTED_BY, Caller, Decision, Policy, shadowedRules, unknownKeys
 
 if TYPE_CHECKING:
     from mcpgw.license import LicenseState
@@ -38,9 +41,44 @@ def _parser() -> argparse.ArgumentParser:
     psub = policy.add_subparsers(dest="policy_command", metavar="SUBCOMMAND")
     explain = psub.add_parser("explain", help="which rule decides a call, and why")
     explain.add_argument("--config", "-c", default="/etc/mcpgw/mcpgw.yaml", help="YAML config file")
-    explain.add_argument("tool", help="the tool name (params.name of tools/call)")
+    explain.add_argument(
+        "target",
+        metavar="TARGET",
+        help="the tool name, resource URI or prompt name (params.name or params.uri)",
+    )
     explain.add_argument("--method", "-m", default="tools/call", help="JSON-RPC method")
     explain.add_argument("--key-id", "-k", default=None, help="authenticated API key id")
+    explain.add_argument(
+        "--identity",
+        "-i",
+        default=None,
+        help="the principal: certificate or external identity (default: the key id)",
+    )
+    explain.add_argument("--client", default=None, type=_address, help="client IP address")
+    explain.add_argument(
+        "--arg",
+        "-a",
+        dest="args",
+        action="append",
+        default=[],
+        type=_argument,
+        metavar="NAME=VALUE",
+        help="a call argument (NAME may be a dotted path); repeat for several",
+    )
+    test = psub.add_parser(
+        "test", help="replay audited calls through a config's policy; print what would change"
+    )
+    test.add_argument("--config", "-c", default="/etc/mcpgw/mcpgw.yaml", help="YAML config file")
+    test.add_argument(
+        "--against",
+        nargs="+",
+        required=True,
+        metavar="AUDIT.jsonl",
+        help="audit files (rotated ones too, .gz accepted), oldest first",
+    )
+    test.add_argument(
+        "--fail-on-change", action="store_true", help="exit 1 if any decision would change"
+    )
     lic = sub.add_parser("license", help="license tools")
     lsub = lic.add_subparsers(dest="license_command", metavar="SUBCOMMAND")
     show = lsub.add_parser("show", help="verify a license offline and print its claims")
@@ -48,38 +86,87 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _ruleLines(path: str) -> list[int | None]:
-    """The 1-based line of each C{policy.rules} entry in the YAML file (for warnings)."""
-    import yaml
+def _address(text: str) -> str:
+    """An IP address (argparse type)."""
+    import ipaddress
 
     try:
-        with open(path, encoding="utf-8") as f:
-            root = yaml.compose(f, Loader=yaml.SafeLoader)
-    except (OSError, yaml.YAMLError):
-        return []
-    node: Any = root
-    for key in ("policy", "rules"):
-        if not isinstance(node, yaml.MappingNode):
-            return []
-        node = next((v for k, v in node.value if getattr(k, "value", None) == key), None)
-    if not isinstance(node, yaml.SequenceNode):
-        return []
-    return [item.start_mark.line + 1 for item in node.value]
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {text!r}") from None
+    return text
+
+
+def _argument(text: str) -> tuple[str, str]:
+    """C{NAME=VALUE} (argparse type)."""
+    name, eq, value = text.partition("=")
+    if not eq or not name or not all(name.split(".")):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def _arguments(pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """C{--arg} values as a C{params.arguments} object: dotted names become nested objects."""
+    arguments: dict[str, Any] = {}
+    for name, value in pairs:
+        *parents, last = name.split(".")
+        node = arguments
+        for key in parents:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = node[key] = {}
+            node = child
+        node[last] = value
+    return arguments
+
+
+class _Lines:
+    """The 1-based lines of nodes of a YAML file, by config path (for warnings)."""
+
+    def __init__(self, path: str) -> None:
+        import yaml
+
+        self._root: Any = None
+        try:
+            with open(path, encoding="utf-8") as f:
+                self._root = yaml.compose(f, Loader=yaml.SafeLoader)
+        except (OSError, yaml.YAMLError):
+            pass
+
+    def of(self, *path: str | int) -> int | None:
+        """The line of the node at C{path} (mapping keys and list indices), if there is one."""
+        import yaml
+
+        node = self._root
+        for step in path:
+            if isinstance(step, int) and isinstance(node, yaml.SequenceNode):
+                node = node.value[step] if step < len(node.value) else None
+            elif isinstance(step, str) and isinstance(node, yaml.MappingNode):
+                node = next((v for k, v in node.value if getattr(k, "value", None) == step), None)
+            else:
+                return None
+        return None if node is None else node.start_mark.line + 1
 
 
 def policyWarnings(path: str, config: Config) -> list[str]:
     """
-    Warnings that do not make a config invalid: rules that can never match.
+    Warnings that do not make a config invalid: rules that can never match, and C{when.keys}
+    entries that name no configured API key.
 
-    @return: lines in the C{path.in.yaml: what is wrong (line N)} shape.
+    @return: lines in the C{path.in.yaml: what is wrong (line N)} shape, in rule order.
     """
-    lines = _ruleLines(path)
-    out = []
+    lines = _Lines(path)
+    found: list[tuple[int, int, str]] = []
     for index, message in shadowedRules(config.policy):
-        line = lines[index] if index < len(lines) else None
+        line = lines.of("policy", "rules", index)
         where = f" (line {line})" if line is not None else ""
-        out.append(f"policy.rules[{index}]: {message}{where}")
-    return out
+        found.append((index, -1, f"policy.rules[{index}]: {message}{where}"))
+    keyIds = [key.id for key in config.auth.keys] if config.auth.enabled else []
+    for index, entry, message in unknownKeys(config.policy, keyIds):
+        line = lines.of("policy", "rules", index, "when", "keys", entry)
+        where = f" (line {line})" if line is not None else ""
+        found.append((index, entry, f"policy.rules[{index}].when.keys[{entry}]: {message}{where}"))
+    return [text for _, _, text in sorted(found)]
 
 
 def _loadOrReport(path: str, summary: bool = False) -> tuple[Config, LicenseState] | None:
@@ -128,35 +215,236 @@ def keyGenerate(keyId: str | None) -> int:
     return 0
 
 
-def policyExplain(path: str, tool: str, method: str, keyId: str | None) -> int:
-    """Print which rule decides a call of C{tool} and why; 1 if the config is invalid."""
+def _loadPolicyConfig(path: str) -> Config | None:
+    """The config at C{path}, or C{None} after printing its problems on stderr."""
     try:
-        config = load_config(path)
+        return load_config(path)
     except ConfigError as e:
         for problem in e.problems:
             print(f"{path}: {problem}", file=sys.stderr)
+        return None
+
+
+def policyExplain(
+    path: str,
+    target: str,
+    method: str,
+    keyId: str | None,
+    identity: str | None = None,
+    client: str | None = None,
+    arguments: Sequence[tuple[str, str]] = (),
+) -> int:
+    """
+    Print which rule decides a call of C{method} on C{target} by that caller with those
+    arguments, every rule checked before it and why it did not match; 1 if the config is invalid.
+    """
+    config = _loadPolicyConfig(path)
+    if config is None:
         return 1
     policy = Policy.fromConfig(config.policy)
-    if method != "tools/call":
+    if method not in POLICY_METHODS:
         print(f"method: {method}")
-        print("decision: allow (policy applies to tools/call only; other methods pass, audited)")
-        return 0
-    print(policy.explain(tool).render())
-    decision = policy.decide(tool)
-    if decision.action == "rate_limit":
-        key = f"key id {keyId}" if keyId else "the authenticated key id"
         print(
-            f"rate limit bucket: per rule {decision.rule_id} and session: the Mcp-Session-Id, "
-            f"else {key}, else the client address"
+            f"decision: allow (policy decides {', '.join(POLICY_METHODS)} only; other methods "
+            "pass, audited)"
         )
+        return 0
+    caller = Caller(keyId=keyId, principal=identity or keyId, client=client)
+    args = _arguments(arguments) if arguments else None
+    print(policy.explain(method, target, caller, args).render())
+    decision = policy.decide(method, target, caller, args)
+    if decision.action == "rate_limit":
+        assert decision.rule_id is not None
+        print(f"rate limit bucket: {_bucketText(config, decision.rule_id, keyId, identity)}")
     elif decision.action == "deny":
         print(
             "answer: HTTP 403, JSON-RPC error -32001 policy_denied; the upstream is not contacted"
         )
+    if decision.redact_results:
+        print(f"results: scrubbed by redact_results of rule {decision.rule_id}")
     if config.policy.filter_tools_list:
-        shown = "shown" if policy.allows(tool) else "hidden"
-        print(f"tools/list: {shown}")
+        listing = next(m for m, called in LISTED_BY.items() if called == method)
+        shown = "shown" if policy.allows(method, target, caller) else "hidden"
+        print(f"{listing}: {shown}")
     return 0
+
+
+def _bucketText(config: Config, ruleId: str, keyId: str | None, identity: str | None) -> str:
+    """Whose token bucket a call decided by the C{rate_limit} rule C{ruleId} takes from."""
+    rule = next(r for r in config.policy.rules if r.id == ruleId)
+    per = rule.rate_limit.per if rule.rate_limit is not None else "session"
+    key = f"key id {keyId}" if keyId else "the authenticated key id"
+    who = f"principal {identity or keyId}" if identity or keyId else "the principal"
+    return {
+        "session": f"per rule {ruleId} and session: the Mcp-Session-Id, else {key}, "
+        "else the client address",
+        "key": f"per rule {ruleId} and API key: {key}, else the client address",
+        "identity": f"per rule {ruleId} and identity: {who}, else the client address",
+        "client": f"per rule {ruleId} and client address",
+        "global": f"per rule {ruleId}: one bucket for every caller",
+    }[per]
+
+
+#: Audit C{error} values of requests policy decided (the others were refused before it, or are
+#: policy's own refusals, recognised by their decision).
+_AFTER_POLICY = frozenset(
+    {None, "upstream_unavailable", "upstream_bad_response", "upstream_timeout"}
+)
+
+
+@attr.frozen
+class _Replayed:
+    """One audited call whose decision would change."""
+
+    where: str
+    line: dict[str, Any]
+    method: str
+    target: str
+    caller: Caller
+    new: Decision
+
+
+def _auditLines(path: str) -> Iterator[tuple[int, str]]:
+    """The numbered lines of an audit file (gzip-compressed when its name ends in .gz)."""
+    import gzip
+
+    opener: Any = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        yield from enumerate(f, 1)
+
+
+def _parseLine(text: str) -> dict[str, Any] | None:
+    """One audit line as an object, or C{None} (blank, truncated or not an object)."""
+    try:
+        line = json.loads(text)
+    except ValueError:
+        return None
+    return line if isinstance(line, dict) else None
+
+
+def _callerOf(line: dict[str, Any]) -> Caller:
+    """
+    The caller of an audited request: the key id of an API-key request, the principal (or, in
+    lines written before C{principal} existed, the key or certificate identity), the address and
+    the session.
+    """
+    result = line.get("auth_result")
+    keyId = line.get("auth_key_id")
+    principal = line.get("principal")
+    if "principal" not in line and result in ("ok", "mtls"):
+        principal = keyId
+    return Caller(
+        keyId=keyId if result == "ok" else None,
+        principal=principal,
+        client=line.get("client_ip"),
+        session=line.get("session_id"),
+    )
+
+
+def _changes(old: str | None, oldRule: str | None, new: Decision) -> bool:
+    """
+    Whether an audited decision differs from the new one. A rate-limited call that got a token
+    was audited as C{allow} with the rule's id, so the same rule rate-limiting it is no change;
+    nor is another rate limit for a call that was refused by one (that depends on traffic).
+    """
+    if new.action == "rate_limit":
+        return not (old == "rate_limit" or (old == "allow" and oldRule == new.rule_id))
+    return old != new.action
+
+
+def policyTest(path: str, audits: Sequence[str], failOnChange: bool) -> int:
+    """
+    Replay the calls of audit files through the policy of the config at C{path} and print, grouped
+    by the rule that would decide and the caller, every call whose decision would change.
+
+    @return: 0; 1 with C{failOnChange} if a decision would change; 2 if the config is invalid or
+        an audit file cannot be read.
+    """
+    config = _loadPolicyConfig(path)
+    if config is None:
+        return 2
+    policy = Policy.fromConfig(config.policy)
+    replayed = 0
+    changed: dict[tuple[str, str], list[_Replayed]] = {}
+    needArguments: dict[str, int] = {}
+    skipped = {"unreadable": 0, "batch": 0, "refused before policy": 0, "without a target": 0}
+    for audit in audits:
+        try:
+            for number, text in _auditLines(audit):
+                line = _parseLine(text)
+                if line is None:
+                    skipped["unreadable"] += bool(text.strip())
+                    continue
+                method = line.get("method")
+                if method not in POLICY_METHODS:
+                    continue
+                decision = line.get("decision")
+                if line.get("batch_size") is not None:
+                    skipped["batch"] += 1
+                    continue
+                if line.get("error") not in _AFTER_POLICY and decision not in (
+                    "deny",
+                    "rate_limit",
+                ):
+                    skipped["refused before policy"] += 1
+                    continue
+                target = line.get("target") if line.get("target") is not None else line.get("tool")
+                if target is None and method == "tools/call":
+                    target = ""  # decided as the empty name, as the gateway does
+                if not isinstance(target, str):
+                    skipped["without a target"] += 1
+                    continue
+                caller = _callerOf(line)
+                new = policy.decideWithoutArguments(method, target, caller)
+                if new is None:
+                    blocking = _argumentRule(policy, method, target, caller)
+                    needArguments[blocking] = needArguments.get(blocking, 0) + 1
+                    continue
+                replayed += 1
+                if _changes(decision, line.get("rule_id"), new):
+                    group = (new.rule_id or "", caller.describe())
+                    changed.setdefault(group, []).append(
+                        _Replayed(f"{audit}:{number}", line, method, target, caller, new)
+                    )
+        except (OSError, EOFError) as e:
+            print(f"mcpgw: cannot read {audit}: {e}", file=sys.stderr)
+            return 2
+    total = sum(len(calls) for calls in changed.values())
+    print(
+        f"replayed {replayed} call(s) from {len(audits)} audit file(s) through {path}: "
+        f"{total} would change, {replayed - total} unchanged"
+    )
+    if needArguments:
+        rules = ", ".join(f"{rule} ({n})" for rule, n in sorted(needArguments.items()))
+        print(
+            f"not replayed: {sum(needArguments.values())} call(s): a rule with argument "
+            f"conditions would need their arguments, which the audit does not keep: {rules}"
+        )
+    notes = [f"{n} {what}" for what, n in skipped.items() if n]
+    if notes:
+        print(f"skipped lines: {', '.join(notes)}")
+    for (ruleId, who), calls in sorted(changed.items()):
+        first = calls[0].new
+        rule = f"rule {ruleId}" if ruleId else "default_action"
+        print(f"\n{rule} ({first.action}), caller {who}: {len(calls)} call(s)")
+        for c in calls:
+            was = c.line.get("decision")
+            oldRule = c.line.get("rule_id")
+            by = f"rule {oldRule}" if oldRule else "default"
+            print(
+                f"  {c.line.get('ts')} {c.line.get('request_id')} {c.method} {c.target}: "
+                f"was {was} ({by}), would be {c.new.action}  [{c.where}]"
+            )
+    return 1 if failOnChange and total else 0
+
+
+def _argumentRule(policy: Policy, method: str, target: str, caller: Caller) -> str:
+    """The first rule with argument conditions a call would have to be decided by."""
+    explanation = policy.explain(method, target, caller)
+    for (ruleId, _), reason in zip(explanation.checked, explanation.reasons, strict=True):
+        if reason.startswith("when.arguments."):
+            return ruleId
+    return explanation.decision.rule_id or "?"
 
 
 def licenseShow(path: str) -> int:
@@ -216,7 +504,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "key" and args.key_command == "generate":
         return keyGenerate(args.id)
     if args.command == "policy" and args.policy_command == "explain":
-        return policyExplain(args.config, args.tool, args.method, args.key_id)
+        return policyExplain(
+            args.config,
+            args.target,
+            args.method,
+            args.key_id,
+            args.identity,
+            args.client,
+            args.args,
+        )
+    if args.command == "policy" and args.policy_command == "test":
+        return policyTest(args.config, args.against, args.fail_on_change)
     if args.command == "license" and args.license_command == "show":
         return licenseShow(args.file)
     _parser().print_help(sys.stderr)

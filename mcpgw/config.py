@@ -38,11 +38,12 @@ Rules, beyond the schema in C{DESIGN.md}:
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import ipaddress
 import math
 import os
 import re
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import ClassVar, TypeAlias, TypeVar
 from urllib.parse import quote, urlsplit
 
@@ -53,12 +54,16 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 __all__ = [
     "BUILTIN_REDACTIONS",
+    "POLICY_METHODS",
+    "RATE_LIMIT_PER",
     "APIKey",
     "AuditConfig",
     "AuthConfig",
     "BatchConfig",
+    "Conditions",
     "Config",
     "ConfigError",
+    "ExternalAuthConfig",
     "GCSSinkConfig",
     "InputRateLimit",
     "KafkaSinkConfig",
@@ -90,6 +95,25 @@ BUILTIN_REDACTIONS: frozenset[str] = frozenset({"bearer", "openai_key", "aws_acc
 MATCH_KINDS = ("exact", "prefix", "glob", "regex", "list")
 #: Policy rule actions.
 ACTIONS = ("allow", "deny", "redact", "rate_limit")
+#: The methods policy decides, each by its target: the tool name (C{params.name}), the resource
+#: URI (C{params.uri}), the prompt name (C{params.name}). A rule's C{method} is one of them.
+POLICY_METHODS = ("tools/call", "resources/read", "prompts/get")
+#: Whose token bucket a C{rate_limit} rule takes from (C{rate_limit.per}).
+RATE_LIMIT_PER = ("session", "key", "identity", "client", "global")
+#: Headers an auth proxy cannot name as C{auth.external.identity_header}: credentials, framing,
+#: and the client-address headers the gateway itself rewrites or drops.
+RESERVED_IDENTITY_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "forwarded",
+        "x-real-ip",
+    }
+)
 #: Gateway paths answered by the gateway itself, so no upstream may use them.
 RESERVED_PATHS = frozenset({"/healthz", "/readyz"})
 #: Headers the gateway owns; configured header injection may not set them.
@@ -221,11 +245,29 @@ class APIKey:
 
 
 @attr.frozen
+class ExternalAuthConfig:
+    """
+    C{auth.external}: the caller's identity as an auth proxy in front of mcpgw names it.
+
+    @ivar identity_header: the proxy's header naming the caller (as written in the config).
+    @ivar trusted_proxies: networks (normalised CIDR text) whose peers may set it; from any other
+        peer the header is ignored (and removed before forwarding).
+    """
+
+    identity_header: str
+    trusted_proxies: tuple[str, ...]
+
+
+@attr.frozen
 class AuthConfig:
-    """C{auth}: API-key authentication (off: an external proxy authenticates)."""
+    """
+    C{auth}: API-key authentication (off: an external proxy authenticates, and C{external} may
+    say how it names the caller).
+    """
 
     enabled: bool = False
     keys: tuple[APIKey, ...] = ()
+    external: ExternalAuthConfig | None = None
 
 
 @attr.frozen
@@ -243,10 +285,38 @@ class MatchSpec:
 
 @attr.frozen
 class RateLimitSpec:
-    """A token bucket: C{rate} tokens a second, holding at most C{burst}."""
+    """
+    A token bucket: C{rate} tokens a second, holding at most C{burst}, one per C{per} value.
+
+    @ivar per: one of L{RATE_LIMIT_PER}: whose bucket a call takes from.
+    """
 
     rate: float
     burst: float
+    per: str = "session"
+
+
+@attr.frozen
+class Conditions:
+    """
+    A policy rule's C{when}: every condition given must hold for the rule to match; an empty one
+    is not a condition.
+
+    @ivar keys: globs on the authenticated API key id.
+    @ivar identities: globs on the principal (key id, certificate or external identity).
+    @ivar clients: networks (normalised CIDR text) the client address must be in.
+    @ivar arguments: C{(path, matcher)}: the argument at the dotted path, as text, must match.
+    """
+
+    keys: tuple[str, ...] = ()
+    identities: tuple[str, ...] = ()
+    clients: tuple[str, ...] = ()
+    arguments: tuple[tuple[str, MatchSpec], ...] = ()
+
+    @property
+    def onCaller(self) -> bool:
+        """Whether a condition is about the caller (who, from where)."""
+        return bool(self.keys or self.identities or self.clients)
 
 
 @attr.frozen
@@ -257,6 +327,10 @@ class PolicyRule:
     @ivar redact: built-in names (L{BUILTIN_REDACTIONS}) or regular expressions; non-empty
         exactly when C{action} is C{redact}.
     @ivar rate_limit: set exactly when C{action} is C{rate_limit}.
+    @ivar method: one of L{POLICY_METHODS}: the rule only matches calls of that method.
+    @ivar when: conditions on the caller and the arguments, or C{None}.
+    @ivar redact_results: built-in names or regular expressions scrubbed from the results of the
+        calls this rule decides (any action).
     """
 
     id: str
@@ -264,15 +338,35 @@ class PolicyRule:
     match: MatchSpec
     redact: tuple[str, ...] = ()
     rate_limit: RateLimitSpec | None = None
+    method: str = "tools/call"
+    when: Conditions | None = None
+    redact_results: tuple[str, ...] = ()
 
 
 @attr.frozen
 class PolicyConfig:
-    """C{policy}: rules in order (first match wins), else C{default_action}."""
+    """
+    C{policy}: rules in order (first match wins), else the default action of the call's method.
+
+    @ivar default_action: the default for C{tools/call}. Written as one action it is that, and
+        C{resources/read} and C{prompts/get} default to C{allow} (the part-1 meaning).
+    @ivar default_actions: C{(method, action)} for each method of L{POLICY_METHODS} when
+        C{default_action} was written as a map (a method left out: C{allow}); C{None} when it
+        was one action.
+    """
 
     default_action: str = "allow"
     filter_tools_list: bool = True
     rules: tuple[PolicyRule, ...] = ()
+    default_actions: tuple[tuple[str, str], ...] | None = None
+
+    def defaultFor(self, method: str) -> str:
+        """
+        @return: the action for a call of C{method} (one of L{POLICY_METHODS}) no rule matches.
+        """
+        if self.default_actions is None:
+            return self.default_action if method == "tools/call" else "allow"
+        return dict(self.default_actions).get(method, "allow")
 
 
 @attr.frozen
@@ -669,10 +763,14 @@ class _Walker:
         return value
 
     def choice(self, node: Node, path: str, choices: Sequence[str]) -> str | None:
-        """One of C{choices}."""
+        """One of C{choices} (a close one is suggested)."""
         value = self.string(node, path, nonempty=False)
         if value is not None and value not in choices:
-            self.report(path, f"must be one of {', '.join(choices)}, got {value!r}", node)
+            self.report(
+                path,
+                f"must be one of {', '.join(choices)}, got {value!r}{_hint(value, choices)}",
+                node,
+            )
             return None
         return value
 
@@ -804,6 +902,12 @@ class _Walker:
         return tuple(result) if ok else None
 
 
+def _hint(value: str, known: Iterable[str]) -> str:
+    """C{"; did you mean 'x'?"} when a known value is close to C{value}, else C{""}."""
+    close = difflib.get_close_matches(value, list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def _latin1(value: str) -> bool:
     try:
         value.encode("latin-1")
@@ -842,9 +946,7 @@ class _Map:
         """
         for key, (key_node, _) in list(self.entries.items()):
             if key not in keys:
-                close = difflib.get_close_matches(key, list(keys), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                self.w.report(self.at(key), f"unknown key{what}{hint}", key_node)
+                self.w.report(self.at(key), f"unknown key{what}{_hint(key, keys)}", key_node)
                 del self.entries[key]
 
     def at(self, key: str) -> str:
@@ -978,6 +1080,10 @@ def _check_unique(w: _Walker, items: Sequence[tuple[str, str, Node]], what: str)
 # -- Sections ---------------------------------------------------------------------------------
 
 _TOP_KEYS = tuple(key for key in attr.fields_dict(Config) if key != "source")
+_POLICY_KEYS = ("default_action", "filter_tools_list", "rules")
+_AUTH_KEYS = ("enabled", "keys", "external")
+_RULE_KEYS = tuple(attr.fields_dict(PolicyRule))
+_CONDITION_KEYS = tuple(attr.fields_dict(Conditions))
 
 
 def _parse_config(w: _Walker, root: Node, source: str) -> Config:
@@ -991,7 +1097,7 @@ def _parse_config(w: _Walker, root: Node, source: str) -> Config:
         tls=tls,
         upstreams=_parse_upstreams(w, m),
         auth=auth,
-        policy=_parse_policy(w, m.section("policy", attr.fields_dict(PolicyConfig))),
+        policy=_parse_policy(w, m.section("policy", _POLICY_KEYS)),
         audit=_parse_audit(w, m.section("audit", attr.fields_dict(AuditConfig))),
         telemetry=_parse_telemetry(m.section("telemetry", attr.fields_dict(TelemetryConfig))),
         limits=_parse_limits(w, m.section("limits", attr.fields_dict(LimitsConfig))),
@@ -1110,7 +1216,7 @@ def _route(w: _Walker, node: Node, path: str) -> str | None:
 
 
 def _parse_auth(w: _Walker, root: _Map, tls: TLSConfig | None) -> AuthConfig:
-    m = root.section("auth", ("enabled", "keys"))
+    m = root.section("auth", _AUTH_KEYS)
     if m is None:
         return AuthConfig()
     keys = []
@@ -1130,7 +1236,53 @@ def _parse_auth(w: _Walker, root: _Map, tls: TLSConfig | None) -> AuthConfig:
     enabled = m.bool_or("enabled", False)
     if enabled and not keys and (tls is None or tls.client_ca is None):
         w.report(m.at("enabled"), "true but no keys are configured", m.get("enabled"))
-    return AuthConfig(enabled=enabled, keys=tuple(keys))
+    external = _parse_external(w, m.section("external", ("identity_header", "trusted_proxies")))
+    if external is not None and enabled:
+        w.report(
+            m.at("external"),
+            "is only used with auth.enabled: false (an auth proxy authenticates the caller)",
+            m.get("external"),
+        )
+    return AuthConfig(enabled=enabled, keys=tuple(keys), external=external)
+
+
+def _parse_external(w: _Walker, m: _Map | None) -> ExternalAuthConfig | None:
+    if m is None:
+        return None
+    header = m.require_str("identity_header")
+    node = m.get("identity_header")
+    if header and not _TOKEN.fullmatch(header):
+        w.report(m.at("identity_header"), f"invalid header name {header!r}", node)
+    elif header and (
+        header.lower() in RESERVED_IDENTITY_HEADERS
+        or header.lower() in FORBIDDEN_HEADERS
+        or header.lower().startswith("mcp-")
+    ):
+        w.report(
+            m.at("identity_header"),
+            f"{header!r} cannot name the caller: the gateway or the protocol owns it",
+            node,
+        )
+    proxies = m.strings("trusted_proxies", required=True, nonempty=True, check=_check_network)
+    return ExternalAuthConfig(header, tuple(_network_text(p) for p in proxies))
+
+
+def _check_network(text: str) -> str | None:
+    """An IP address or a network in CIDR notation (without host bits)."""
+    try:
+        ipaddress.ip_network(text)
+    except ValueError:
+        try:
+            network = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            return f"must be an IP address or a network (CIDR, e.g. 10.0.0.0/8), got {text!r}"
+        return f"{text!r} has host bits set; did you mean '{network}'?"
+    return None
+
+
+def _network_text(text: str) -> str:
+    """The normalised text of a network L{_check_network} accepted (C{10.0.0.1} -> C{/32})."""
+    return str(ipaddress.ip_network(text))
 
 
 def _parse_policy(w: _Walker, m: _Map | None) -> PolicyConfig:
@@ -1139,7 +1291,7 @@ def _parse_policy(w: _Walker, m: _Map | None) -> PolicyConfig:
     rules = []
     ids: list[tuple[str, str, Node]] = []
     for path, item in m.items("rules"):
-        r = w.mapping(item, path, attr.fields_dict(PolicyRule))
+        r = w.mapping(item, path, _RULE_KEYS)
         if r is None:
             continue
         rule = _parse_rule(w, r)
@@ -1147,16 +1299,36 @@ def _parse_policy(w: _Walker, m: _Map | None) -> PolicyConfig:
             ids.append((rule.id, r.at("id"), n))
         rules.append(rule)
     _check_unique(w, ids, "rule id")
+    default, defaults = _parse_default_action(w, m)
     return PolicyConfig(
-        default_action=m.choice("default_action", ("allow", "deny"), "allow"),
+        default_action=default,
         filter_tools_list=m.bool_or("filter_tools_list", True),
         rules=tuple(rules),
+        default_actions=defaults,
     )
+
+
+def _parse_default_action(w: _Walker, m: _Map) -> tuple[str, tuple[tuple[str, str], ...] | None]:
+    """
+    C{default_action}: one action (the part-1 meaning: it decides C{tools/call}), or a map from
+    method to action (a method left out: C{allow}).
+    """
+    node = m.get("default_action")
+    if node is None or not isinstance(node, MappingNode):
+        return m.choice("default_action", ("allow", "deny"), "allow"), None
+    d = w.mapping(node, m.at("default_action"), POLICY_METHODS)
+    if d is None:
+        return "allow", None
+    defaults = tuple(
+        (method, d.choice(method, ("allow", "deny"), "allow")) for method in POLICY_METHODS
+    )
+    return dict(defaults)["tools/call"], defaults
 
 
 def _parse_rule(w: _Walker, r: _Map) -> PolicyRule:
     rule_id = r.require_str("id")
     action = r.choice("action", ACTIONS, "", required=True)
+    method = r.choice("method", POLICY_METHODS, "tools/call")
     match = _parse_match(w, r)
     redact: tuple[str, ...] = ()
     if r.get("redact") is not None:
@@ -1165,45 +1337,103 @@ def _parse_rule(w: _Walker, r: _Map) -> PolicyRule:
         redact = r.strings("redact", nonempty=True, check=_check_redaction)
     elif action == "redact":
         r.get("redact", required=True)
+    if action == "redact" and method == "resources/read":
+        w.report(
+            r.at("action"), "redact rewrites arguments: resources/read has none", r.get("action")
+        )
     rate_limit = None
     if r.get("rate_limit") is not None:
         if action and action != "rate_limit":
             w.report(
                 r.at("rate_limit"), "is only allowed with action: rate_limit", r.get("rate_limit")
             )
-        rate_limit = _parse_bucket(r.section("rate_limit", ("rate", "burst")))
+        section = r.section("rate_limit", ("rate", "burst", "per"))
+        bucket = _parse_bucket(section)
+        per = section.choice("per", RATE_LIMIT_PER, "session") if section is not None else ""
+        rate_limit = RateLimitSpec(*bucket, per) if bucket else None
     elif action == "rate_limit":
         r.get("rate_limit", required=True)
+    when = _parse_conditions(w, r.section("when", _CONDITION_KEYS))
+    if when is not None and when.arguments and method == "resources/read":
+        w.report(r.at("when.arguments"), "resources/read has no arguments", r.get("when"))
     return PolicyRule(
         id=rule_id,
         action=action,
         match=match,
         redact=redact,
-        rate_limit=RateLimitSpec(*rate_limit) if rate_limit else None,
+        rate_limit=rate_limit,
+        method=method,
+        when=when,
+        redact_results=r.strings("redact_results", nonempty=True, check=_check_redaction),
     )
 
 
-def _parse_match(w: _Walker, r: _Map) -> MatchSpec:
-    invalid = MatchSpec("exact", "")
-    m = r.section("match", MATCH_KINDS, required=True)
+def _parse_conditions(w: _Walker, m: _Map | None) -> Conditions | None:
+    """C{when}: at least one condition; globs, networks and argument matchers checked."""
     if m is None:
-        return invalid
+        return None
+    if not m.entries:
+        w.report(m.path, f"must have at least one of {', '.join(_CONDITION_KEYS)}", m.node)
+        return None
+    arguments = []
+    a = m.get("arguments")
+    if a is not None:
+        entries = w.pairs(a, m.at("arguments"))
+        if entries is not None and not entries:
+            w.report(m.at("arguments"), "must not be empty", a)
+        for name, path, key_node, value_node in entries or ():
+            if not all(name.split(".")):
+                w.report(path, f"invalid argument path {name!r} (dots separate keys)", key_node)
+                continue
+            matcher = w.mapping(value_node, path, MATCH_KINDS)
+            if matcher is not None:
+                spec = _parse_matcher(w, matcher)
+                if spec is not None:
+                    arguments.append((name, spec))
+    return Conditions(
+        keys=m.strings("keys", nonempty=True, check=_check_glob),
+        identities=m.strings("identities", nonempty=True, check=_check_glob),
+        clients=tuple(
+            _network_text(c) for c in m.strings("clients", nonempty=True, check=_check_network)
+        ),
+        arguments=tuple(arguments),
+    )
+
+
+def _check_glob(pattern: str) -> str | None:
+    """A glob that can match something (C{[z-a]} cannot)."""
+    if "(?!)" in fnmatch.translate(pattern):
+        return f"glob {pattern!r} can never match (an empty range)"
+    return None
+
+
+def _parse_match(w: _Walker, r: _Map) -> MatchSpec:
+    m = r.section("match", MATCH_KINDS, required=True)
+    spec = _parse_matcher(w, m) if m is not None else None
+    return MatchSpec("exact", "") if spec is None else spec
+
+
+def _parse_matcher(w: _Walker, m: _Map) -> MatchSpec | None:
+    """Exactly one of L{MATCH_KINDS}: regexes compile, globs can match, lists are not empty."""
     if len(m.entries) != 1:
         got = f", got {', '.join(m.entries)}" if m.entries else ""
         w.report(m.path, f"must have exactly one of {', '.join(MATCH_KINDS)}{got}", m.node)
-        return invalid
+        return None
     (kind,) = m.entries
     if kind == "list":
         names = m.strings("list", required=True, nonempty=True)
-        return MatchSpec("list", names) if names else invalid
+        return MatchSpec("list", names) if names else None
     pattern = m.require_str(kind)
     if kind == "regex" and pattern:
         try:
             re.compile(pattern)
         except re.error as e:
             w.report(m.at(kind), f"invalid regular expression: {e}", m.get(kind))
-            return invalid
-    return MatchSpec(kind, pattern) if pattern else invalid
+            return None
+    if kind == "glob" and pattern and (problem := _check_glob(pattern)):
+        w.report(m.at(kind), problem, m.get(kind))
+        return None
+    return MatchSpec(kind, pattern) if pattern else None
 
 
 def _check_redaction(entry: str) -> str | None:

@@ -1,45 +1,73 @@
-# -*- test-case-name: tests.test_policy -*-
+# -*- test-case-name: tests.test_policy,tests.test_policy_conditions -*-
 """
-The policy engine: which rule decides a C{tools/call}, redaction of its arguments, and the
-per-(rule, session) token buckets of C{rate_limit} rules.
+The policy engine: which rule decides a C{tools/call}, C{resources/read} or C{prompts/get} for a
+given caller and arguments, the verdict on a whole request (batches), redaction of arguments and
+of results, and the token buckets of C{rate_limit} rules.
 
 Pure logic: no I/O and no reactor; time is passed in as C{now} (seconds, any monotonic clock).
 One L{Policy} is compiled per config generation by L{Policy.fromConfig}.
 
-Matching, by the tool name in C{params.name}, first rule that matches wins:
-  - C{exact}: the name equals the value; C{list}: the name is one of the values.
-  - C{prefix}: the name starts with the value.
+A rule matches a call when its C{method} is the call's method, its matcher matches the call's
+target (the tool name, the resource URI, the prompt name) and every C{when} condition holds:
+  - C{exact}: the target equals the value; C{list}: the target is one of the values.
+  - C{prefix}: the target starts with the value.
   - C{glob}: L{fnmatch.fnmatchcase} semantics (case-sensitive; C{*}, C{?}, C{[seq]}, C{[!seq]}).
-  - C{regex}: L{re.search}: a regex matches if it matches anywhere in the name; anchors
+  - C{regex}: L{re.search}: a regex matches if it matches anywhere in the target; anchors
     (C{^...$}) are the author's to write.
+  - C{when.keys} / C{when.identities}: a glob matches the API key id / the principal;
+    C{when.clients}: the client address is in one of the networks; C{when.arguments}: the
+    argument at each dotted path, as text (strings as they are, numbers and booleans as their
+    JSON text), matches its matcher. A condition about something absent (no key, no principal, no
+    address, no such argument, a null, an object or an array) never holds.
+The first rule that matches decides, whether or not it has conditions; else the default action of
+the call's method (L{PolicyConfig.defaultFor}).
 
-Cost: exact and list names are one dict lookup; prefixes are one dict lookup per distinct prefix
-length; a glob that is a literal or a literal followed by one C{*} is indexed like an exact or a
-prefix rule. Only the remaining globs and regexes are scanned, and only those before the best
-indexed match. Decisions are memoised per tool name in a bounded cache (tool names are a small set
-in practice), so a warm decision costs one dict lookup however many rules there are.
+Cost: the rules of each method are indexed by target: exact and list names are one dict lookup,
+prefixes one dict lookup per distinct prefix length, a glob that is a literal or a literal followed
+by one C{*} is indexed like an exact or a prefix rule; only the remaining globs and regexes are
+scanned, and only those before the first unconditional indexed match. Conditions are only
+evaluated for rules whose method and target already matched, caller conditions before argument
+conditions. Decisions are memoised per (method, target) and, when some rule has caller conditions,
+per the parts of the caller rules look at, in a bounded cache; when argument-conditioned rules
+match the target, what is memoised is the short list of them left to try in order, so a warm
+decision costs one dict lookup (plus one matcher per argument-conditioned candidate).
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
+import ipaddress
+import json
+import math
+import operator
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping, Sequence
+from functools import lru_cache
+from typing import Any, TypeAlias
 
 import attr
 from zope.interface import Attribute, Interface, implementer
 
 from mcpgw.buckets import TokenBuckets
-from mcpgw.config import PolicyConfig, PolicyRule
+from mcpgw.config import POLICY_METHODS, Conditions, MatchSpec, PolicyConfig, PolicyRule
+from mcpgw.errors import GatewayError, PolicyDenied, RateLimited
 
 __all__ = [
+    "ANONYMOUS",
     "BUILTIN_PATTERNS",
+    "LISTED_BY",
+    "POLICY_METHODS",
     "REDACTED",
+    "Caller",
     "Decision",
     "Explanation",
     "IPolicy",
     "Policy",
+    "Verdict",
+    "addressIn",
     "shadowedRules",
+    "unknownKeys",
 ]
 
 #: What a redacted match is replaced with.
@@ -57,29 +85,100 @@ BUILTIN_PATTERNS: dict[str, str] = {
     "jwt": r"\beyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*",
 }
 
+#: The listing methods, and the method whose policy decides what their answers show.
+LISTED_BY: dict[str, str] = {
+    "tools/list": "tools/call",
+    "resources/list": "resources/read",
+    "resources/templates/list": "resources/read",
+    "prompts/list": "prompts/get",
+}
+
+#: The C{params} member naming the target of each method policy decides.
+_TARGET_PARAM = {"tools/call": "name", "resources/read": "uri", "prompts/get": "name"}
+
 _DEFAULT_CACHE_SIZE = 4096
 _DEFAULT_MAX_BUCKETS = 1_000_000
+#: Distinct (method, caller) listing memos kept before they are all dropped.
+_MAX_LISTING_CALLERS = 1024
 _GLOB_SPECIALS = frozenset("*?[")
+
+Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@attr.frozen
+class Caller:
+    """
+    Who makes a call, as policy sees it. Build it from the request's authentication
+    (L{mcpgw.auth.AuthResult.caller}).
+
+    @ivar keyId: the authenticated API key id (C{when.keys}).
+    @ivar principal: the identity C{when.identities} matches: the key id, the verified client
+        certificate identity, the identity an auth proxy vouched for (later: the OAuth principal).
+    @ivar client: the client address (C{when.clients}).
+    @ivar session: the MCP session id (the C{session} rate-limit bucket).
+    @ivar claims: reserved for OAuth token claims (not used yet).
+    @ivar scopes: reserved for OAuth token scopes (not used yet).
+    """
+
+    keyId: str | None = None
+    principal: str | None = None
+    client: str | None = None
+    session: str | None = None
+    claims: Mapping[str, object] | None = attr.field(default=None, hash=False)
+    scopes: frozenset[str] = frozenset()
+
+    def describe(self) -> str:
+        """
+        @return: human text, e.g. C{"key ci-bot, principal ci-bot, client 10.0.0.1"}.
+        """
+        parts = [
+            f"{label} {value}"
+            for label, value in (
+                ("key", self.keyId),
+                ("principal", self.principal),
+                ("client", self.client),
+            )
+            if value is not None
+        ]
+        return ", ".join(parts) or "anonymous"
+
+
+#: The caller of a request nothing is known about.
+ANONYMOUS = Caller()
 
 
 class IPolicy(Interface):
     """The compiled policy of one config generation."""
 
-    defaultAction = Attribute("C{'allow'} or C{'deny'}: the action when no rule matches.")
-    filterToolsList = Attribute("Whether C{tools/list} answers leave out denied tools.")
+    defaultAction = Attribute("C{'allow'} or C{'deny'}: tools/call's action when no rule matches.")
+    filterToolsList = Attribute("Whether listing answers leave out what policy would deny.")
+    dependsOnCaller = Attribute("Whether some rule has C{keys}, C{identities} or C{clients}.")
     ruleIds = Attribute("The rule ids, in order.")
 
-    def decide(tool: str) -> Decision:
-        """The L{Decision} for a C{tools/call} of C{tool}."""
+    def decide(
+        method: str, target: str | None = None, caller: Caller = ANONYMOUS, arguments: object = None
+    ) -> Decision:
+        """
+        The L{Decision} for a call of C{method} on C{target} by C{caller} with C{arguments};
+        C{decide(tool)} is a C{tools/call} of C{tool} by an anonymous caller.
+        """
 
-    def allows(tool: str) -> bool:
-        """Whether C{tool} is listed in C{tools/list} (not denied)."""
+    def allows(method: str, target: str | None = None, caller: Caller = ANONYMOUS) -> bool:
+        """Whether C{target} is listed for C{caller}; C{allows(tool)}: a tool, anonymously."""
 
-    def explain(tool: str) -> Explanation:
-        """Why C{tool} gets the decision it gets."""
+    def verdict(messages: Sequence[Any], caller: Caller, now: float) -> Verdict:
+        """The decision on a whole request (one message or a batch)."""
+
+    def explain(
+        method: str, target: str | None = None, caller: Caller = ANONYMOUS, arguments: object = None
+    ) -> Explanation:
+        """Why a call gets the decision it gets."""
 
     def redact(rule_id: str, arguments: object) -> tuple[object, int]:
         """A redacted copy of C{arguments} and the number of string values changed."""
+
+    def redactResult(rule_id: str, result: object) -> tuple[object, int]:
+        """A copy of a call's C{result} scrubbed by the rule's C{redact_results}, and the count."""
 
     def rateLimit(rule_id: str, session: str, now: float) -> float | None:
         """Take a token: C{None} if allowed, else the seconds until one is available."""
@@ -88,16 +187,51 @@ class IPolicy(Interface):
 @attr.frozen
 class Decision:
     """
-    What policy says about one tool name.
+    What policy says about one call.
 
     @ivar action: C{allow}, C{deny}, C{redact} or C{rate_limit}.
     @ivar rule_id: the deciding rule, or C{None} when the default action decided.
     @ivar matcher: what matched, e.g. C{"prefix 'admin_'"}; C{None} for the default.
+    @ivar redact_results: the deciding rule has C{redact_results}: the call's result must be
+        scrubbed with L{Policy.redactResult}C{(rule_id, ...)}.
     """
 
     action: str
     rule_id: str | None
     matcher: str | None
+    redact_results: bool = False
+
+
+#: The decision for a method policy does not decide.
+PASS = Decision("allow", None, None)
+
+
+@attr.frozen(eq=False)
+class Verdict:
+    """
+    Policy's decision on a whole request: one message, or every message of a batch.
+
+    @ivar decision: the audit line's C{decision}: the refusing call's, else C{redact} if any
+        call was redacted, else the first decided call's (C{allow} when no call was decided).
+    @ivar ruleId: the rule of that decision (C{None} for a default action).
+    @ivar refusal: the error answering the whole request (L{PolicyDenied} or L{RateLimited},
+        carrying C{rule_id} and C{Retry-After}), or C{None} to forward it.
+    @ivar changed: some call's C{params.arguments} was rewritten in place (re-serialise).
+    @ivar redacted: how many strings were redacted in arguments; C{None} when no redact rule
+        decided a call (the audit field stays null).
+    @ivar redactRules: the C{redact} rules that decided calls, in order: every C{Mcp-Param-*}
+        header value must be scrubbed with them too.
+    @ivar resultRules: JSON-RPC request id -> the rule whose C{redact_results} must scrub that
+        call's result.
+    """
+
+    decision: str = "allow"
+    ruleId: str | None = None
+    refusal: GatewayError | None = None
+    changed: bool = False
+    redacted: int | None = None
+    redactRules: tuple[str, ...] = ()
+    resultRules: dict[Any, str] = attr.Factory(dict)
 
 
 @attr.frozen
@@ -105,15 +239,24 @@ class Explanation:
     """
     The answer of C{mcpgw policy explain}.
 
+    @ivar tool: the call's target (the tool name, resource URI or prompt name).
     @ivar checked: the rules checked (and not matching) before the deciding one, in order, each
         as C{(rule id, matcher text)}; every rule when the default decided.
     @ivar default_used: no rule matched.
+    @ivar method: the call's method.
+    @ivar reasons: why each rule of C{checked} did not match, in the same order.
+    @ivar caller: who called.
+    @ivar conditions: the deciding rule's C{when}, as text (L{conditionsText}).
     """
 
     tool: str
     decision: Decision
     checked: tuple[tuple[str, str], ...]
     default_used: bool
+    method: str = "tools/call"
+    reasons: tuple[str, ...] = ()
+    caller: Caller = ANONYMOUS
+    conditions: str | None = None
 
     def render(self) -> str:
         """
@@ -124,25 +267,58 @@ class Explanation:
             decided = f"{d.action} (default_action; no rule matched)"
         else:
             decided = f"{d.action} (rule {d.rule_id}, action {d.action})"
-        before = ", ".join(f"{rule_id} ({text})" for rule_id, text in self.checked)
-        return "\n".join(
-            [
-                f"tool: {self.tool}",
-                f"decision: {decided}",
-                f"matched: {d.matcher or '(no rule)'}",
-                f"checked before: {before or '(none)'}",
-            ]
-        )
+        noun = {"tools/call": "tool", "resources/read": "resource", "prompts/get": "prompt"}
+        lines = [
+            f"{noun.get(self.method, 'target')}: {self.tool}",
+            f"method: {self.method}",
+            f"caller: {self.caller.describe()}",
+            f"decision: {decided}",
+        ]
+        matched = d.matcher or "(no rule)"
+        if self.conditions:
+            matched += f", when {self.conditions}"
+        lines.append(f"matched: {matched}")
+        if not self.checked:
+            lines.append("checked before: (none)")
+        else:
+            lines.append("checked before:")
+            reasons = self.reasons or ("",) * len(self.checked)
+            for (rule_id, text), reason in zip(self.checked, reasons, strict=True):
+                lines.append(f"  {rule_id} ({text}){': ' + reason if reason else ''}")
+        return "\n".join(lines)
 
 
 def matcherText(rule: PolicyRule) -> str:
     """
     @return: human text for a rule's matcher: C{"glob 'http_*'"}, C{"list [a, b]"}.
     """
-    kind, value = rule.match.kind, rule.match.value
+    return _specText(rule.match)
+
+
+def _specText(spec: MatchSpec) -> str:
+    kind, value = spec.kind, spec.value
     if isinstance(value, tuple):
         return f"{kind} [{', '.join(value)}]"
     return f"{kind} '{value}'"
+
+
+def conditionsText(when: Conditions | None) -> str | None:
+    """
+    @return: human text for a rule's C{when}, e.g. C{"keys [ci-bot], clients [10.0.0.0/8]"}.
+    """
+    if when is None:
+        return None
+    parts = [
+        f"{name} [{', '.join(values)}]"
+        for name, values in (
+            ("keys", when.keys),
+            ("identities", when.identities),
+            ("clients", when.clients),
+        )
+        if values
+    ]
+    parts += [f"argument {path} {_specText(spec)}" for path, spec in when.arguments]
+    return ", ".join(parts)
 
 
 def _names(rule: PolicyRule) -> tuple[str, ...]:
@@ -165,21 +341,174 @@ def _indexedAs(rule: PolicyRule) -> tuple[str, str] | None:
     return None
 
 
-def _predicate(rule: PolicyRule) -> Callable[[str], bool]:
-    """A function telling whether the rule matches a tool name."""
-    kind, value = rule.match.kind, rule.match.value
+def _matcher(spec: MatchSpec) -> Callable[[str], bool]:
+    """A function telling whether a matcher matches a text."""
+    kind, value = spec.kind, spec.value
     if isinstance(value, tuple):
         names = frozenset(value)
         return names.__contains__
     if kind == "exact":
         return value.__eq__
     if kind == "prefix":
-        return lambda tool: tool.startswith(value)
+        return lambda text: text.startswith(value)
     if kind == "glob":
         match = re.compile(fnmatch.translate(value)).match
     else:
         match = re.compile(value).search
-    return lambda tool: match(tool) is not None
+    return lambda text: match(text) is not None
+
+
+def _predicate(rule: PolicyRule) -> Callable[[str], bool]:
+    """A function telling whether the rule's matcher matches a target."""
+    return _matcher(rule.match)
+
+
+def _globs(patterns: Sequence[str]) -> Callable[[str | None], bool]:
+    """One compiled test: the text matches one of the globs (C{None} never does)."""
+    match = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match
+    return lambda text: text is not None and match(text) is not None
+
+
+@lru_cache(maxsize=4096)
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client address, an IPv4-mapped IPv6 address as its IPv4 one; C{None} if not one."""
+    try:
+        address = ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def addressIn(address: str | None, networks: Sequence[Network]) -> bool:
+    """
+    Whether a client address (text, as Twisted gives it) is in one of C{networks}; C{::ffff:a.b.c.d}
+    counts as C{a.b.c.d}. No address, or text that is not one, is in none.
+    """
+    if address is None:
+        return False
+    parsed = _address(address)
+    return parsed is not None and any(parsed in network for network in networks)
+
+
+def networks(texts: Sequence[str]) -> tuple[Network, ...]:
+    """The networks of validated CIDR texts (L{mcpgw.config} normalised them)."""
+    return tuple(ipaddress.ip_network(text) for text in texts)
+
+
+_ABSENT = object()
+
+
+def argumentText(arguments: object, path: Sequence[str]) -> str | None:
+    """
+    The argument at C{path} (keys of nested objects) as text: a string as it is, a number or a
+    boolean as its JSON text; C{None} when absent, null, an object or an array.
+    """
+    value: object = arguments
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key, _ABSENT)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return json.dumps(value)
+    return None
+
+
+class _Rule:
+    """One compiled rule: its decision, and its conditions as fast tests."""
+
+    __slots__ = ("arguments", "decision", "index", "onCaller", "rule", "unconditional")
+
+    def __init__(self, index: int, rule: PolicyRule) -> None:
+        self.index = index
+        self.rule = rule
+        self.decision = Decision(rule.action, rule.id, matcherText(rule), bool(rule.redact_results))
+        when = rule.when
+        self.onCaller: Callable[[Caller], bool] | None = None
+        self.arguments: tuple[tuple[tuple[str, ...], Callable[[str], bool]], ...] = ()
+        if when is not None:
+            if when.onCaller:
+                self.onCaller = _callerTest(when)
+            self.arguments = tuple(
+                (tuple(path.split(".")), _matcher(spec)) for path, spec in when.arguments
+            )
+        self.unconditional = self.onCaller is None and not self.arguments
+
+    def argumentsMatch(self, arguments: object) -> bool:
+        for path, matches in self.arguments:
+            text = argumentText(arguments, path)
+            if text is None or not matches(text):
+                return False
+        return True
+
+
+def _callerTest(when: Conditions) -> Callable[[Caller], bool]:
+    """One function testing every caller condition of a C{when}."""
+    tests: list[Callable[[Caller], bool]] = []
+    if when.keys:
+        keys = _globs(when.keys)
+        tests.append(lambda caller: keys(caller.keyId))
+    if when.identities:
+        identities = _globs(when.identities)
+        tests.append(lambda caller: identities(caller.principal))
+    if when.clients:
+        nets = networks(when.clients)
+        tests.append(lambda caller: addressIn(caller.client, nets))
+    if len(tests) == 1:
+        return tests[0]
+    return lambda caller: all(test(caller) for test in tests)
+
+
+class _ArgumentPlan:
+    """
+    What is left to decide once the method, the target and the caller are known: the rules with
+    argument conditions still in the running, in order, and the decision if none of them holds.
+    """
+
+    __slots__ = ("fallback", "steps")
+
+    def __init__(self, steps: tuple[_Rule, ...], fallback: Decision) -> None:
+        self.steps = steps
+        self.fallback = fallback
+
+    def decide(self, arguments: object) -> Decision:
+        for step in self.steps:
+            if step.argumentsMatch(arguments):
+                return step.decision
+        return self.fallback
+
+
+class _Index:
+    """The rules of one method, indexed by target (see the module docstring)."""
+
+    __slots__ = ("exact", "prefixLengths", "prefixes", "scan")
+
+    def __init__(self) -> None:
+        self.exact: dict[str, list[int]] = {}
+        self.prefixes: dict[str, list[int]] = {}
+        self.prefixLengths: list[int] = []
+        self.scan: list[tuple[int, Callable[[str], bool]]] = []
+
+
+def _callerKeyOf(rules: Sequence[PolicyRule]) -> Callable[[Caller], object] | None:
+    """
+    The parts of a caller that some rule's conditions look at, as a function (the decision
+    cache's key part); C{None} when no rule looks at the caller.
+    """
+    parts = []
+    whens = [rule.when for rule in rules if rule.when is not None]
+    if any(when.keys for when in whens):
+        parts.append("keyId")
+    if any(when.identities for when in whens):
+        parts.append("principal")
+    if any(when.clients for when in whens):
+        parts.append("client")
+    return operator.attrgetter(*parts) if parts else None
 
 
 @implementer(IPolicy)
@@ -189,8 +518,10 @@ class Policy:
 
     Not thread-safe (the reactor thread uses it).
 
-    @ivar defaultAction: C{allow} or C{deny}.
-    @ivar filterToolsList: C{tools/list} answers leave out tools L{allows} refuses.
+    @ivar defaultAction: C{allow} or C{deny}: the default for C{tools/call}.
+    @ivar filterToolsList: listing answers leave out what L{allows} refuses.
+    @ivar dependsOnCaller: some rule has caller conditions, so what is listed (and a listing
+        answer's cacheability) depends on the caller.
     """
 
     def __init__(
@@ -206,28 +537,33 @@ class Policy:
         """
         self.defaultAction = config.default_action
         self.filterToolsList = config.filter_tools_list
+        self._config = config
         self._cacheSize = cacheSize
-        self._cache: dict[str, Decision] = {}
+        self._cache: dict[object, Decision | _ArgumentPlan] = {}
+        self._listing: dict[object, dict[str, bool]] = {}
         rules = config.rules
         self._rules = rules
-        self._decisions = [Decision(r.action, r.id, matcherText(r)) for r in rules]
-        self._decisions.append(Decision(config.default_action, None, None))
-        self._exact: dict[str, int] = {}
-        self._prefixes: dict[str, int] = {}
-        self._scan: list[tuple[int, Callable[[str], bool]]] = []
+        self._compiled = [_Rule(i, rule) for i, rule in enumerate(rules)]
+        self._defaults = {m: Decision(config.defaultFor(m), None, None) for m in POLICY_METHODS}
+        self._indexes = {m: _Index() for m in POLICY_METHODS}
+        self._callerKey = _callerKeyOf(rules)
+        self.dependsOnCaller = self._callerKey is not None
         self._redactions: dict[str, Callable[[str], str]] = {}
+        self._resultRedactions: dict[str, Callable[[str], str]] = {}
         self._limits: dict[str, TokenBuckets] = {}
+        self._per: dict[str, str] = {}
         old = previous._limitsBySettings() if previous is not None else {}
         for i, rule in enumerate(rules):
+            index = self._indexes[rule.method]
             indexed = _indexedAs(rule)
             if rule.match.kind == "list":
-                for name in _names(rule):
-                    self._exact.setdefault(name, i)
+                for name in dict.fromkeys(_names(rule)):
+                    index.exact.setdefault(name, []).append(i)
             elif indexed is not None:
-                table = self._exact if indexed[0] == "exact" else self._prefixes
-                table.setdefault(indexed[1], i)
+                table = index.exact if indexed[0] == "exact" else index.prefixes
+                table.setdefault(indexed[1], []).append(i)
             else:
-                self._scan.append((i, _predicate(rule)))
+                index.scan.append((i, _predicate(rule)))
             if rule.action == "redact":
                 self._redactions[rule.id] = _redactor(rule.redact)
             elif rule.action == "rate_limit" and rule.rate_limit is not None:
@@ -236,7 +572,11 @@ class Policy:
                 if buckets is None:
                     buckets = TokenBuckets(spec.rate, spec.burst, maxBuckets)
                 self._limits[rule.id] = buckets
-        self._prefixLengths = sorted({len(p) for p in self._prefixes})
+                self._per[rule.id] = spec.per
+            if rule.redact_results:
+                self._resultRedactions[rule.id] = _redactor(rule.redact_results)
+        for index in self._indexes.values():
+            index.prefixLengths = sorted({len(p) for p in index.prefixes})
 
     @classmethod
     def fromConfig(cls, config: PolicyConfig, previous: Policy | None = None) -> Policy:
@@ -244,7 +584,8 @@ class Policy:
         Compile a policy.
 
         @param previous: the policy of the generation being replaced: the rate-limit buckets of
-            its rules whose id, match, rate and burst are unchanged carry over (shared).
+            its rules whose id, method, match, rate, burst and C{per} are unchanged carry over
+            (shared).
         """
         return cls(config, previous)
 
@@ -253,52 +594,273 @@ class Policy:
         """The rule ids, in order."""
         return tuple(rule.id for rule in self._rules)
 
+    def defaultFor(self, method: str) -> str:
+        """
+        @return: the action for a call of C{method} no rule matches (C{allow} for a method policy
+            does not decide).
+        """
+        return self._defaults.get(method, PASS).action
+
+    def canDeny(self, method: str) -> bool:
+        """
+        Whether some call of C{method} can be denied (a deny rule, or a deny default): when not,
+        its listing answers need no filtering.
+        """
+        return self.defaultFor(method) == "deny" or any(
+            rule.method == method and rule.action == "deny" for rule in self._rules
+        )
+
     def _limitsBySettings(self) -> dict[tuple[object, ...], TokenBuckets]:
         return {_settings(r): self._limits[r.id] for r in self._rules if r.id in self._limits}
 
-    def _index(self, tool: str) -> int:
-        """The index of the deciding rule; C{len(rules)} for the default."""
-        best = self._exact.get(tool, len(self._rules))
-        prefixes = self._prefixes
-        for length in self._prefixLengths:
-            if length > len(tool):
-                break
-            i = prefixes.get(tool[:length])
-            if i is not None and i < best:
-                best = i
-        for i, matches in self._scan:
-            if i >= best:
-                break
-            if matches(tool):
-                return i
-        return best
+    # -- Deciding ------------------------------------------------------------------------------
 
-    def decide(self, tool: str) -> Decision:
+    def _candidates(self, method: str, target: str) -> list[_Rule]:
         """
-        @return: the decision of the first rule matching C{tool}, else the default action.
+        The rules of C{method} whose matcher matches C{target}, in order, up to the first one
+        without conditions (which always decides).
         """
-        decision = self._cache.get(tool)
-        if decision is None:
-            decision = self._decisions[self._index(tool)]
+        index = self._indexes.get(method)
+        if index is None:
+            return []
+        compiled = self._compiled
+        found = list(index.exact.get(target, ()))
+        prefixes = index.prefixes
+        for length in index.prefixLengths:
+            if length > len(target):
+                break
+            hits = prefixes.get(target[:length])
+            if hits is not None:
+                found += hits
+        bound = min((i for i in found if compiled[i].unconditional), default=len(compiled))
+        for i, matches in index.scan:
+            if i >= bound:
+                break
+            if matches(target):
+                found.append(i)
+                if compiled[i].unconditional:
+                    bound = i
+                    break
+        return [compiled[i] for i in sorted({i for i in found if i <= bound})]
+
+    def _plan(self, method: str, target: str, caller: Caller) -> Decision | _ArgumentPlan:
+        """The decision, or what is left to decide by the arguments."""
+        steps: list[_Rule] = []
+        fallback = self._defaults.get(method, PASS)
+        for rule in self._candidates(method, target):
+            if rule.onCaller is not None and not rule.onCaller(caller):
+                continue
+            if rule.arguments:
+                steps.append(rule)
+                continue
+            fallback = rule.decision
+            break
+        return _ArgumentPlan(tuple(steps), fallback) if steps else fallback
+
+    def _entry(self, method: str, target: str, caller: Caller) -> Decision | _ArgumentPlan:
+        callerKey = self._callerKey
+        key: object
+        if callerKey is None:
+            key = target if method == "tools/call" else (method, target)
+        else:
+            key = (method, target, callerKey(caller))
+        entry = self._cache.get(key)
+        if entry is None:
+            entry = self._plan(method, target, caller)
             if self._cacheSize:
                 if len(self._cache) >= self._cacheSize:
                     self._cache.clear()
-                self._cache[tool] = decision
-        return decision
+                self._cache[key] = entry
+        return entry
 
-    def allows(self, tool: str) -> bool:
+    def decide(
+        self,
+        method: str,
+        target: str | None = None,
+        caller: Caller = ANONYMOUS,
+        arguments: object = None,
+    ) -> Decision:
         """
-        @return: C{False} iff C{tool} is denied (redacted and rate-limited tools are listed).
+        @param method: the call's method; or, alone, the tool name of an anonymous
+            C{tools/call} (the part-1 shape C{decide(tool)}).
+        @param target: the tool name, resource URI or prompt name.
+        @param arguments: the call's C{params.arguments} (only read by rules with argument
+            conditions, and only when their method, target and caller conditions hold).
+        @return: the decision of the first rule matching the call, else the method's default
+            action (C{allow} for a method policy does not decide).
         """
-        return self.decide(tool).action != "deny"
+        if target is None:
+            method, target = "tools/call", method
+        entry = self._entry(method, target, caller)
+        if isinstance(entry, Decision):
+            return entry
+        return entry.decide(arguments)
 
-    def explain(self, tool: str) -> Explanation:
+    def decideWithoutArguments(
+        self, method: str, target: str, caller: Caller = ANONYMOUS
+    ) -> Decision | None:
         """
-        @return: the decision for C{tool}, and the rules checked before the deciding one.
+        The decision for a call whose arguments are unknown (replaying an audit log).
+
+        @return: the decision, or C{None} when a rule with argument conditions would need them.
         """
-        index = self._index(tool)
-        checked = tuple((rule.id, matcherText(rule)) for rule in self._rules[:index])
-        return Explanation(tool, self._decisions[index], checked, index == len(self._rules))
+        entry = self._entry(method, target, caller)
+        return entry if isinstance(entry, Decision) else None
+
+    def allows(self, method: str, target: str | None = None, caller: Caller = ANONYMOUS) -> bool:
+        """
+        Whether a listing answer shows C{target} to C{caller}: C{False} iff every call of it by
+        that caller would be denied, whatever its arguments. A rule with argument conditions
+        never hides anything (a deny one is passed over; an allow, redact or rate_limit one shows
+        the target). Redacted and rate-limited targets are listed. Memoised per
+        (method, caller).
+
+        @param method: the method that calls what is listed (L{LISTED_BY}), or alone the tool
+            name of an anonymous C{tools/call} (the part-1 shape C{allows(tool)}).
+        """
+        if target is None:
+            method, target = "tools/call", method
+        return self.lister(method, caller)(target)
+
+    def lister(self, method: str, caller: Caller = ANONYMOUS) -> Callable[[str], bool]:
+        """
+        L{allows} for one method and caller, as a function: what a listing answer calls for
+        each entry (memoised, so a list of 100 tools costs 100 dict lookups when warm).
+        """
+        if not self._cacheSize:
+            return lambda target: self._listable(method, target, caller)
+        key = (method, self._callerKey(caller) if self._callerKey is not None else None)
+        table = self._listing.get(key)
+        if table is None:
+            if len(self._listing) >= _MAX_LISTING_CALLERS:
+                self._listing.clear()
+            table = self._listing[key] = {}
+        size = self._cacheSize
+        listable = self._listable
+
+        def shown(target: str) -> bool:
+            answer = table.get(target)
+            if answer is None:
+                answer = listable(method, target, caller)
+                if len(table) >= size:
+                    table.clear()
+                table[target] = answer
+            return answer
+
+        return shown
+
+    def _listable(self, method: str, target: str, caller: Caller) -> bool:
+        for rule in self._candidates(method, target):
+            if rule.onCaller is not None and not rule.onCaller(caller):
+                continue
+            if rule.arguments:
+                if rule.decision.action != "deny":
+                    return True
+                continue
+            return rule.decision.action != "deny"
+        return self.defaultFor(method) != "deny"
+
+    # -- A whole request -----------------------------------------------------------------------
+
+    def verdict(
+        self, messages: Sequence[Any], caller: Caller = ANONYMOUS, now: float = 0.0
+    ) -> Verdict:
+        """
+        Decide every C{tools/call}, C{resources/read} and C{prompts/get} of a request (each call
+        of a batch). A denied or rate-limited call refuses the whole request: a denied call is
+        never forwarded, not even with the rest of its batch, and forwarding the rest would split
+        what the client sent as one. A C{redact} decision rewrites that call's
+        C{params.arguments} in place (C{messages} is changed; L{Verdict.changed} says so). A
+        C{rate_limit} call that gets a token is forwarded as it is (audited as C{allow} with the
+        rule's id).
+
+        @param messages: the parsed JSON-RPC messages of the body (responses and other methods
+            are passed over).
+        @param now: the current time in seconds, for token buckets.
+        """
+        decision, ruleId, decided = "allow", None, False
+        changed = False
+        redacted: int | None = None
+        redactRules: list[str] = []
+        resultRules: dict[Any, str] = {}
+        for msg in messages:
+            if not isinstance(msg, dict):
+                continue
+            method = msg.get("method")
+            param = _TARGET_PARAM.get(method) if isinstance(method, str) else None
+            if param is None:
+                continue
+            assert isinstance(method, str)
+            params = msg.get("params")
+            target = params.get(param) if isinstance(params, dict) else None
+            arguments = params.get("arguments") if isinstance(params, dict) else None
+            d = self.decide(method, target if isinstance(target, str) else "", caller, arguments)
+            action = d.action
+            refusal: GatewayError | None = None
+            if action == "deny":
+                refusal = PolicyDenied(rule_id=d.rule_id)
+            elif action == "rate_limit":
+                assert d.rule_id is not None
+                wait = self._limits[d.rule_id].take(self.bucketKey(d.rule_id, caller), now)
+                if wait is not None:
+                    refusal = RateLimited(retryAfter=max(1, math.ceil(wait)), rule_id=d.rule_id)
+                action = "allow"  # a token was available: forwarded as is
+            elif action == "redact" and isinstance(params, dict):
+                assert d.rule_id is not None
+                new, n = self.redact(d.rule_id, arguments)
+                if n:
+                    params["arguments"] = new
+                    changed = True
+                if d.rule_id not in redactRules:
+                    redactRules.append(d.rule_id)
+                redacted = (redacted or 0) + n
+            if refusal is not None:
+                return Verdict(d.action, d.rule_id, refusal, changed, redacted, tuple(redactRules))
+            if d.redact_results and _isRequestId(msg.get("id")):
+                assert d.rule_id is not None
+                resultRules[msg["id"]] = d.rule_id
+            if not decided or (action == "redact" and decision != "redact"):
+                decision, ruleId, decided = action, d.rule_id, True
+        return Verdict(decision, ruleId, None, changed, redacted, tuple(redactRules), resultRules)
+
+    # -- Explaining ----------------------------------------------------------------------------
+
+    def explain(
+        self,
+        method: str,
+        target: str | None = None,
+        caller: Caller = ANONYMOUS,
+        arguments: object = None,
+    ) -> Explanation:
+        """
+        @param method: as for L{decide} (C{explain(tool)}: an anonymous C{tools/call}).
+        @return: the decision, every rule checked before the deciding one and why it did not
+            match.
+        """
+        if target is None:
+            method, target = "tools/call", method
+        checked: list[tuple[str, str]] = []
+        reasons: list[str] = []
+        for compiled in self._compiled:
+            rule = compiled.rule
+            reason = _whyNot(compiled, method, target, caller, arguments)
+            if reason is None:
+                return Explanation(
+                    target,
+                    compiled.decision,
+                    tuple(checked),
+                    False,
+                    method,
+                    tuple(reasons),
+                    caller,
+                    conditionsText(rule.when),
+                )
+            checked.append((rule.id, matcherText(rule)))
+            reasons.append(reason)
+        decision = self._defaults.get(method, PASS)
+        return Explanation(target, decision, tuple(checked), True, method, tuple(reasons), caller)
+
+    # -- Redaction -----------------------------------------------------------------------------
 
     def redact(self, rule_id: str, arguments: object) -> tuple[object, int]:
         """
@@ -310,27 +872,75 @@ class Policy:
         @return: a redacted copy (C{arguments} is not changed) and how many strings changed.
         @raise KeyError: C{rule_id} is not a C{redact} rule of this policy.
         """
-        scrub = self._redactions[rule_id]
-        changed = 0
+        return _scrubJSON(self._redactions[rule_id], arguments)
 
-        def walk(value: object) -> object:
-            nonlocal changed
-            if isinstance(value, str):
-                new = scrub(value)
-                changed += new != value
-                return new
-            if isinstance(value, dict):
-                return {walk(key): walk(item) for key, item in value.items()}
-            if isinstance(value, list):
-                return [walk(item) for item in value]
-            return value
+    def redactResult(self, rule_id: str, result: object) -> tuple[object, int]:
+        """
+        Scrub a call's C{result} with the rule's C{redact_results}: every string (object keys
+        too, nested) of C{structuredContent}, and the C{text} of each C{content[]} item (and of
+        an embedded C{resource}); for C{resources/read} results the C{text} of each
+        C{contents[]} item, for C{prompts/get} results each C{messages[].content} item's. Other
+        members (C{type}, C{mimeType}, base64 C{data}, C{_meta}, ...) are left alone.
 
-        return walk(arguments), changed
+        @param rule_id: a rule with C{redact_results} (L{Decision.redact_results}).
+        @return: a scrubbed copy (C{result} is not changed; the same object when nothing changed)
+            and how many strings changed.
+        @raise KeyError: C{rule_id} has no C{redact_results}.
+        """
+        scrub = self._resultRedactions[rule_id]
+        if not isinstance(result, dict):
+            return result, 0
+        new = dict(result)
+        count = 0
+        for key in ("content", "contents"):
+            items = result.get(key)
+            if isinstance(items, list):
+                scrubbed = [_scrubItem(scrub, item) for item in items]
+                new[key] = [item for item, _ in scrubbed]
+                count += sum(n for _, n in scrubbed)
+        messages = result.get("messages")
+        if isinstance(messages, list):
+            out = []
+            for message in messages:
+                if isinstance(message, dict) and "content" in message:
+                    item, n = _scrubItem(scrub, message["content"])
+                    if n:
+                        message = {**message, "content": item}
+                        count += n
+                out.append(message)
+            new["messages"] = out
+        if "structuredContent" in result:
+            new["structuredContent"], n = _scrubJSON(scrub, result["structuredContent"])
+            count += n
+        return (new, count) if count else (result, 0)
+
+    # -- Rate limits ---------------------------------------------------------------------------
+
+    def bucketKey(self, rule_id: str, caller: Caller) -> str:
+        """
+        Whose bucket a call decided by the C{rate_limit} rule C{rule_id} takes from, by the
+        rule's C{per}: C{session}: the MCP session, else the API key id, else the client address;
+        C{key}: the key id, else the address; C{identity}: the principal, else the address;
+        C{client}: the address; C{global}: one bucket for all.
+
+        @raise KeyError: C{rule_id} is not a C{rate_limit} rule of this policy.
+        """
+        per = self._per[rule_id]
+        if per == "global":
+            return "global"
+        if per == "session" and caller.session is not None:
+            return "session:" + caller.session
+        if per in ("session", "key") and caller.keyId is not None:
+            return "key:" + caller.keyId
+        if per == "identity" and caller.principal is not None:
+            return "id:" + caller.principal
+        return "addr:" + (caller.client or "")
 
     def rateLimit(self, rule_id: str, session: str, now: float) -> float | None:
         """
         Take one token from the bucket of (C{rule_id}, C{session}); a new bucket starts full.
 
+        @param session: the bucket's key (L{bucketKey}).
         @param now: the current time in seconds.
         @return: C{None} if a token was taken, else the seconds until one is available (the caller
             rounds up for C{Retry-After}).
@@ -340,26 +950,59 @@ class Policy:
 
     def bucketCount(self, rule_id: str) -> int:
         """
-        @return: how many session buckets the C{rate_limit} rule C{rule_id} holds.
+        @return: how many buckets the C{rate_limit} rule C{rule_id} holds.
         """
         return len(self._limits[rule_id].buckets)
 
 
+def _isRequestId(value: object) -> bool:
+    """A JSON-RPC request id usable as a dict key (a string or a number, never a boolean)."""
+    return isinstance(value, str | int | float) and not isinstance(value, bool)
+
+
 def _settings(rule: PolicyRule) -> tuple[object, ...]:
     """What must be unchanged for a rule's buckets to carry over to a new generation."""
-    return (rule.id, rule.match, rule.rate_limit)
+    return (rule.id, rule.method, rule.match, rule.rate_limit)
 
 
-# -- Shadowed rules ---------------------------------------------------------------------------
+def _whyNot(
+    compiled: _Rule, method: str, target: str, caller: Caller, arguments: object
+) -> str | None:
+    """Why a rule does not match a call (human text), or C{None} if it does."""
+    rule = compiled.rule
+    if rule.method != method:
+        return f"applies to {rule.method}"
+    if not _predicate(rule)(target):
+        return f"{target!r} does not match"
+    when = rule.when
+    if when is None:
+        return None
+    if when.keys and not _globs(when.keys)(caller.keyId):
+        if caller.keyId is None:
+            return "when.keys: no API key"
+        return f"when.keys: key {caller.keyId!r} matches none of [{', '.join(when.keys)}]"
+    if when.identities and not _globs(when.identities)(caller.principal):
+        if caller.principal is None:
+            return "when.identities: no principal"
+        return (
+            f"when.identities: principal {caller.principal!r} matches none of "
+            f"[{', '.join(when.identities)}]"
+        )
+    if when.clients and not addressIn(caller.client, networks(when.clients)):
+        if caller.client is None:
+            return "when.clients: no client address"
+        return f"when.clients: {caller.client} is in none of [{', '.join(when.clients)}]"
+    for path, spec in when.arguments:
+        text = argumentText(arguments, path.split("."))
+        if text is None:
+            what = "not given" if arguments is None else "absent, null, an object or an array"
+            return f"when.arguments.{path}: {what}"
+        if not _matcher(spec)(text):
+            return f"when.arguments.{path}: {text!r} does not match {_specText(spec)}"
+    return None
 
 
-def _globHead(pattern: str) -> str:
-    """The literal text every name a glob matches starts with."""
-    for i, c in enumerate(pattern):
-        if c in _GLOB_SPECIALS:
-            return pattern[:i]
-    return pattern
-
+# -- Redaction --------------------------------------------------------------------------------
 
 #: Literal text every match of a built-in contains: the regex only runs when it is present.
 _HINTS: dict[str, Callable[[str], bool]] = {
@@ -372,7 +1015,7 @@ _HINTS: dict[str, Callable[[str], bool]] = {
 
 def _redactor(entries: tuple[str, ...]) -> Callable[[str], str]:
     """
-    The scrubbing function of one C{redact} rule. A built-in pattern only runs on strings that
+    The scrubbing function of one rule's patterns. A built-in pattern only runs on strings that
     contain its literal hint (C{sk-}, C{AKIA}, C{eyJ}, ...), which makes the common case of a
     string without secrets cost a few substring checks; custom regexes always run, in order.
     """
@@ -389,15 +1032,104 @@ def _redactor(entries: tuple[str, ...]) -> Callable[[str], str]:
     return scrub
 
 
+def _scrubJSON(scrub: Callable[[str], str], value: object) -> tuple[object, int]:
+    """A copy of a JSON value with every string (object keys too) scrubbed, and the count."""
+    changed = 0
+
+    def walk(value: object) -> object:
+        nonlocal changed
+        if isinstance(value, str):
+            new = scrub(value)
+            changed += new != value
+            return new
+        if isinstance(value, dict):
+            return {walk(key): walk(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [walk(item) for item in value]
+        return value
+
+    return walk(value), changed
+
+
+def _scrubItem(scrub: Callable[[str], str], item: object) -> tuple[object, int]:
+    """A content item with its C{text} (and an embedded resource's C{text}) scrubbed."""
+    if not isinstance(item, dict):
+        return item, 0
+    count = 0
+    new = item
+    text = item.get("text")
+    if isinstance(text, str) and (scrubbed := scrub(text)) != text:
+        new = {**new, "text": scrubbed}
+        count += 1
+    resource = item.get("resource")
+    if isinstance(resource, dict):
+        inner, n = _scrubItem(scrub, resource)
+        if n:
+            new = {**new, "resource": inner}
+            count += n
+    return new, count
+
+
+# -- Warnings for config check ----------------------------------------------------------------
+
+
+def _globHead(pattern: str) -> str:
+    """The literal text every name a glob matches starts with."""
+    for i, c in enumerate(pattern):
+        if c in _GLOB_SPECIALS:
+            return pattern[:i]
+    return pattern
+
+
+def _globsCover(wide: Sequence[str], narrow: Sequence[str]) -> bool:
+    """Every text one of the C{narrow} globs matches, one of the C{wide} globs matches too."""
+    for pattern in narrow:
+        if pattern in wide or "*" in wide:
+            continue
+        if _GLOB_SPECIALS.intersection(pattern) or not _globs(wide)(pattern):
+            return False
+    return True
+
+
+def _implies(later: Conditions | None, earlier: Conditions | None) -> bool:
+    """
+    Whether every call meeting C{later}'s conditions meets C{earlier}'s too (so the earlier rule,
+    with a matcher covering the later one's, catches all its calls). Sound, not complete:
+    globs are compared as texts (a literal is tested against the earlier globs), networks by
+    inclusion, argument conditions by equality.
+    """
+    if earlier is None:
+        return True
+    if later is None:
+        return False
+    if earlier.keys and not (later.keys and _globsCover(earlier.keys, later.keys)):
+        return False
+    if earlier.identities and not (
+        later.identities and _globsCover(earlier.identities, later.identities)
+    ):
+        return False
+    if earlier.clients:
+        wide = networks(earlier.clients)
+        if not later.clients or not all(
+            any(n.version == w.version and n.subnet_of(w) for w in wide)  # type: ignore[arg-type]
+            for n in networks(later.clients)
+        ):
+            return False
+    return set(earlier.arguments) <= set(later.arguments)
+
+
 def shadowedRules(config: PolicyConfig) -> list[tuple[int, str]]:
     """
-    Find rules that can never decide because earlier rules catch the names they match.
+    Find rules that can never decide because earlier rules of the same method, under the same or
+    wider conditions, catch the targets they match.
 
-    Detected: an C{exact} name (or a glob without wildcards) or C{list} names matched by an earlier
-    rule of any kind; a C{prefix} or C{glob} whose literal start begins with an earlier prefix (or
-    C{literal*} glob); a C{glob} or C{regex} identical to an earlier one. A C{list} with only some
-    names caught gets a warning naming those names. Not detected: other overlaps of patterns (a
-    regex, or a glob, covered by a different earlier pattern).
+    Detected: an C{exact} target (or a glob without wildcards) or C{list} targets matched by an
+    earlier rule of any kind; a C{prefix} or C{glob} whose literal start begins with an earlier
+    prefix (or C{literal*} glob); a C{glob} or C{regex} identical to an earlier one. The earlier
+    rule must have no C{when}, or conditions every call of the later rule meets (see
+    L{_implies}). A C{list} with only some targets caught gets a warning naming those targets.
+    Not detected: other overlaps of patterns (a regex, or a glob, covered by a different earlier
+    pattern) and of conditions.
 
     @return: C{(rule index, message)} warnings, in rule order.
     """
@@ -405,14 +1137,18 @@ def shadowedRules(config: PolicyConfig) -> list[tuple[int, str]]:
     rules = config.rules
     predicates = [_predicate(rule) for rule in rules]
     for i, rule in enumerate(rules):
-        earlier = rules[:i]
+        earlier = [
+            j
+            for j in range(i)
+            if rules[j].method == rule.method and _implies(rule.when, rules[j].when)
+        ]
         kind, value = rule.match.kind, rule.match.value
         indexed = _indexedAs(rule)
         if kind == "list" or (indexed and indexed[0] == "exact"):
             names = _names(rule)
             caught = []
             for name in names:
-                j = next((j for j in range(i) if predicates[j](name)), None)
+                j = next((j for j in earlier if predicates[j](name)), None)
                 if j is not None:
                     caught.append((name, _describe(rules[j])))
             if caught and len(caught) == len(names):
@@ -423,17 +1159,22 @@ def shadowedRules(config: PolicyConfig) -> list[tuple[int, str]]:
                 warnings.append((i, f"rule '{rule.id}' never decides for {reasons}"))
             continue
         assert isinstance(value, str)
-        same = next((r for r in earlier if r.match == rule.match), None)
+        same = next((rules[j] for j in earlier if rules[j].match == rule.match), None)
         if same is not None and kind != "prefix":
             text = matcherText(rule)
             warnings.append(
-                (i, f"rule '{rule.id}' can never match: rule '{same.id}' has the same {text}")
+                (
+                    i,
+                    f"rule '{rule.id}' can never match: {_describe(same, False)} has the "
+                    f"same {text}",
+                )
             )
             continue
         if kind == "regex":
             continue
         head = value if kind == "prefix" else _globHead(value)
-        for other in earlier:
+        for j in earlier:
+            other = rules[j]
             indexed = _indexedAs(other)
             if indexed and indexed[0] == "prefix" and head.startswith(indexed[1]):
                 warnings.append(
@@ -447,5 +1188,37 @@ def shadowedRules(config: PolicyConfig) -> list[tuple[int, str]]:
     return warnings
 
 
-def _describe(rule: PolicyRule) -> str:
-    return f"rule '{rule.id}' ({matcherText(rule)})"
+def _describe(rule: PolicyRule, matcher: bool = True) -> str:
+    text = f"rule '{rule.id}'"
+    if matcher:
+        text += f" ({matcherText(rule)})"
+    if rule.when is not None:
+        text += f" when {conditionsText(rule.when)}"
+    return text
+
+
+def unknownKeys(config: PolicyConfig, keyIds: Collection[str]) -> list[tuple[int, int, str]]:
+    """
+    Find C{when.keys} entries that name no configured API key (globs are matched against the
+    configured ids): such a condition never holds for them, which is most likely a typo or a key
+    removed from C{auth.keys}.
+
+    @param keyIds: the ids of C{auth.keys} (empty when API keys are not used).
+    @return: C{(rule index, entry index, message)} warnings, in rule order.
+    """
+    warnings = []
+    known = sorted(keyIds)
+    for i, rule in enumerate(config.rules):
+        if rule.when is None:
+            continue
+        for j, pattern in enumerate(rule.when.keys):
+            if any(fnmatch.fnmatchcase(key, pattern) for key in known):
+                continue
+            if not known:
+                message = f"'{pattern}' can never match: no API keys are configured (auth.keys)"
+            else:
+                message = f"'{pattern}' names no configured key"
+                close = difflib.get_close_matches(pattern, known, n=1)
+                message += f"; did you mean '{close[0]}'?" if close else f" ({', '.join(known)})"
+            warnings.append((i, j, message))
+    return warnings

@@ -370,7 +370,7 @@ class PolicyCommandTests(TestCase):
         out = self.explain("admin_read")
         self.assertIn("decision: deny (rule no-admin, action deny)", out)
         self.assertIn("matched: prefix 'admin_'", out)
-        self.assertIn("checked before: no-shell (exact 'shell_exec')", out)
+        self.assertIn("checked before:\n  no-shell (exact 'shell_exec'): 'admin_read' does not", out)
         self.assertIn("tools/list: hidden", out)
 
     def test_explainDefault(self) -> None:
@@ -382,7 +382,8 @@ class PolicyCommandTests(TestCase):
     def test_explainOtherMethodAndKey(self) -> None:
         """Other methods are not subject to policy; --key-id shows in the bucket description."""
         self.assertIn(
-            "policy applies to tools/call only", self.explain("x", "--method", "tools/list")
+            "policy decides tools/call, resources/read, prompts/get only",
+            self.explain("x", "--method", "tools/list"),
         )
         self.assertIn("else key id ci-bot", self.explain("search_web", "--key-id", "ci-bot"))
 

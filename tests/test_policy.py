@@ -273,6 +273,8 @@ class ExplainTests(SynchronousTestCase):
         self.assertEqual(
             explanation.render(),
             "tool: shell_exec\n"
+            "method: tools/call\n"
+            "caller: anonymous\n"
             "decision: deny (rule no-shell, action deny)\n"
             "matched: exact 'shell_exec'\n"
             "checked before: (none)",
@@ -292,10 +294,14 @@ class ExplainTests(SynchronousTestCase):
         self.assertEqual(
             explanation.render(),
             "tool: search_web\n"
+            "method: tools/call\n"
+            "caller: anonymous\n"
             "decision: rate_limit (rule slow-search, action rate_limit)\n"
             "matched: regex '^search(_.*)?$'\n"
-            "checked before: no-shell (exact 'shell_exec'), no-admin (prefix 'admin_'), "
-            "scrub-http (glob 'http_*')",
+            "checked before:\n"
+            "  no-shell (exact 'shell_exec'): 'search_web' does not match\n"
+            "  no-admin (prefix 'admin_'): 'search_web' does not match\n"
+            "  scrub-http (glob 'http_*'): 'search_web' does not match",
         )
 
     def test_default(self) -> None:
@@ -305,13 +311,16 @@ class ExplainTests(SynchronousTestCase):
         self.assertEqual(explanation.decision, Decision("allow", None, None))
         self.assertEqual(len(explanation.checked), 5)
         self.assertEqual(
-            explanation.render(),
-            "tool: write_file\n"
-            "decision: allow (default_action; no rule matched)\n"
-            "matched: (no rule)\n"
-            "checked before: no-shell (exact 'shell_exec'), no-admin (prefix 'admin_'), "
-            "scrub-http (glob 'http_*'), slow-search (regex '^search(_.*)?$'), "
-            "read-only (list [read_file, list_dir])",
+            explanation.render().splitlines()[3:6],
+            [
+                "decision: allow (default_action; no rule matched)",
+                "matched: (no rule)",
+                "checked before:",
+            ],
+        )
+        self.assertEqual(
+            explanation.render().splitlines()[-1],
+            "  read-only (list [read_file, list_dir]): 'write_file' does not match",
         )
 
 
