@@ -10,6 +10,14 @@ Which applies, per generation:
   - C{tls.client_ca} without API keys: the verified client certificate is the caller
     (C{auth_result: mtls}, C{auth_key_id} = SPIFFE URI SAN, else subject CN).
   - otherwise: C{auth_result: external}.
+Without API keys, C{auth.external} names the header in which an auth proxy in front of mcpgw
+names the caller: a request from a trusted proxy (its peer address in C{trusted_proxies}) carrying
+it is the caller it names (C{auth_result: external}, the principal its value); from any other
+peer the header is ignored, and the gateway removes it (L{Authenticator.headersToDrop}) so that
+no upstream takes a client's word for who it is.
+
+Every result names a principal, the identity policy's C{when.identities} sees: the key id, the
+certificate identity, or the identity the proxy vouched for (L{AuthResult.caller}).
 
 Argon2 never runs on the reactor thread: verifications go to a dedicated, bounded thread pool.
 Results (good and bad) are cached under an HMAC of the presented secret (keyed with a per-process
@@ -38,10 +46,13 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from mcpgw.buckets import TokenBuckets
 from mcpgw.config import AuthConfig, TLSConfig
 from mcpgw.errors import RateLimited, Unauthenticated
+from mcpgw.interfaces import IAuthenticator
+from mcpgw.policy import Caller, Network, addressIn, networks
 
 #: Seconds a verification result stays cached.
 CACHE_TTL = 300.0
@@ -60,6 +71,10 @@ _KEY_SHAPED = re.compile(rb"mcpgw_[A-Za-z0-9_-]{8,}")
 _hasher = PasswordHasher()  # argon2id, t=3, m=64 MiB, p=4 (argon2-cffi's RFC 9106 defaults)
 
 
+def _defaultPrincipal(result: AuthResult) -> str | None:
+    return result.keyId if result.keyId is not None else result.clientCert
+
+
 @attr.frozen
 class AuthResult:
     """
@@ -68,11 +83,29 @@ class AuthResult:
     @ivar result: C{ok}, C{mtls} or C{external} (failures are raised as L{Unauthenticated}).
     @ivar keyId: the API key id or the certificate identity.
     @ivar clientCert: the verified client certificate identity, if any.
+    @ivar principal: the identity policy matches C{when.identities} against (the audit field
+        C{principal}): the key id, else the certificate identity (so the part-1 constructor
+        calls keep their meaning), or the identity a trusted auth proxy named; C{None} when
+        anonymous.
     """
 
     result: str
     keyId: str | None = None
     clientCert: str | None = None
+    principal: str | None = attr.field(default=attr.Factory(_defaultPrincipal, takes_self=True))
+
+    def caller(self, client: str | None, session: str | None) -> Caller:
+        """
+        The caller policy decides for: the key id only for an API key (C{ok}; an mTLS result's
+        C{keyId} is a certificate identity, not a key), the principal, the client address and
+        the MCP session.
+        """
+        return Caller(
+            keyId=self.keyId if self.result == "ok" else None,
+            principal=self.principal,
+            client=client,
+            session=session,
+        )
 
 
 EXTERNAL = AuthResult("external")
@@ -99,11 +132,15 @@ def _verifyAll(hashes: tuple[tuple[str, str], ...], presented: bytes) -> str | N
     return None
 
 
+@implementer(IAuthenticator)
 class Authenticator:
     """
     The authentication of one generation.
 
     @ivar mode: C{keys}, C{mtls} or C{external}.
+    @ivar identityHeader: the lower-case name of C{auth.external.identity_header}, or C{None}.
+    @ivar dropHeaders: the lower-case names of the headers the gateway removes before forwarding
+        a request from a peer that is not a trusted proxy (L{headersToDrop}).
     """
 
     def __init__(
@@ -129,18 +166,50 @@ class Authenticator:
         #: The lengths of the valid keys verified so far (see L{carriesKey}).
         self._validLengths: set[int] = set()
         self._throttle = throttle or TokenBuckets(MISS_RATE, MISS_BURST, 1_000_000)
+        external = auth.external if _usesExternal(self.mode) else None
+        self.identityHeader: bytes | None = None
+        self._trusted: tuple[Network, ...] = ()
+        self.dropHeaders: frozenset[bytes] = frozenset()
+        if external is not None:
+            self.identityHeader = external.identity_header.lower().encode("ascii")
+            self._trusted = networks(external.trusted_proxies)
+            self.dropHeaders = frozenset({self.identityHeader})
+
+    def trusts(self, clientAddress: str | None) -> bool:
+        """Whether C{clientAddress} is a trusted proxy's (C{auth.external.trusted_proxies})."""
+        return addressIn(clientAddress, self._trusted)
+
+    def headersToDrop(self, clientAddress: str | None) -> frozenset[bytes]:
+        """
+        The lower-case header names to remove before forwarding a request from C{clientAddress}:
+        the identity header, unless a trusted proxy sent it (then the upstream may read it too).
+        """
+        if not self.dropHeaders or self.trusts(clientAddress):
+            return frozenset()
+        return self.dropHeaders
 
     def authenticate(
-        self, authorization: bytes | None, clientAddress: str, certIdentity: str | None
+        self,
+        authorization: bytes | None,
+        clientAddress: str,
+        certIdentity: str | None,
+        identity: bytes | None = None,
     ) -> AuthResult | Deferred[AuthResult]:
         """
         @param authorization: the request's C{Authorization} header value.
         @param certIdentity: the verified client certificate identity (mTLS), if any.
+        @param identity: the value of the request's L{identityHeader}, if it has one (the
+            gateway passes C{None} when the header is absent; a header sent twice should be
+            refused as ambiguous before this is called).
         @return: the result now (cached or no keys) or a Deferred of it (Argon2 on the pool).
         @raise Unauthenticated: missing or malformed credentials (or, via the Deferred, invalid).
         @raise RateLimited: too many uncached verifications from this address, or overall.
         """
         mode = self.mode
+        if identity is not None and self.identityHeader is not None:
+            vouched = _identityText(identity)
+            if vouched is not None and self.trusts(clientAddress):
+                return AuthResult("external", None, certIdentity, vouched)
         if mode == "external":
             return EXTERNAL if certIdentity is None else AuthResult("external", None, certIdentity)
         if mode == "mtls":
@@ -219,6 +288,21 @@ class Authenticator:
     def cacheSize(self) -> int:
         """Cached verification results."""
         return len(self._cache)
+
+
+def _usesExternal(mode: str) -> bool:
+    """Whether C{auth.external} applies in an authenticator C{mode} (no API keys checked)."""
+    return mode in ("external", "mtls")
+
+
+def _identityText(value: bytes) -> str | None:
+    """An identity header's value as text (UTF-8, else Latin-1), trimmed; C{None} if empty."""
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        text = value.decode("latin-1")
+    text = text.strip()
+    return text or None
 
 
 def _fanOut(keyId: str | None, d: Deferred[str | None]) -> str | None:

@@ -21,9 +21,10 @@ from twisted.internet.task import deferLater
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import TestCase
 
-from mcpgw.auth import KEY_PREFIX, Authenticator, AuthResult, generateKey
-from mcpgw.config import APIKey, AuthConfig
+from mcpgw.auth import EXTERNAL, KEY_PREFIX, Authenticator, AuthResult, generateKey
+from mcpgw.config import APIKey, AuthConfig, ExternalAuthConfig
 from mcpgw.errors import RateLimited, Unauthenticated
+from mcpgw.policy import Caller
 from tests.support import GatewayTestCase, rpc
 
 #: Cheap Argon2id parameters for tests (the verifier reads them from each hash).
@@ -130,6 +131,98 @@ class AuthenticatorTests(TestCase):
             mtls.authenticate(None, "a", "spiffe://x/y"),
             AuthResult("mtls", "spiffe://x/y", "spiffe://x/y"),
         )
+
+
+class ExternalIdentityTests(TestCase):
+    """C{auth.external}: the identity a trusted auth proxy names, and nobody else."""
+
+    def setUp(self) -> None:
+        external = ExternalAuthConfig("X-Forwarded-Email", ("10.0.0.0/8", "127.0.0.1/32"))
+        self.auth = Authenticator(reactor, AuthConfig(external=external), None, None)
+
+    def test_trustedProxy(self) -> None:
+        """A trusted peer's header is the principal, auth_result external."""
+        result = self.auth.authenticate(None, "10.1.2.3", None, b" alice@example.com ")
+        self.assertEqual(result, AuthResult("external", None, None, "alice@example.com"))
+        self.assertEqual(
+            self.auth.authenticate(None, "::ffff:127.0.0.1", None, b"bob").principal,
+            "bob",
+        )
+        utf8 = self.auth.authenticate(None, "10.0.0.1", None, "zoë".encode())
+        self.assertEqual(utf8.principal, "zoë")
+
+    def test_untrustedPeerIgnored(self) -> None:
+        """From any other peer the header is ignored: anonymous external."""
+        for address in ("192.0.2.1", "127.0.0.2", "not-an-address"):
+            result = self.auth.authenticate(None, address, None, b"admin@example.com")
+            self.assertEqual(result, AuthResult("external"))
+            self.assertIsNone(result.principal)
+
+    def test_emptyOrAbsent(self) -> None:
+        """An empty or absent header from a trusted proxy is no identity."""
+        self.assertEqual(self.auth.authenticate(None, "10.0.0.1", None, b"  "), EXTERNAL)
+        self.assertEqual(self.auth.authenticate(None, "10.0.0.1", None), EXTERNAL)
+
+    def test_headersToDrop(self) -> None:
+        """The header is removed from untrusted peers' requests, kept from trusted proxies'."""
+        self.assertEqual(self.auth.identityHeader, b"x-forwarded-email")
+        self.assertEqual(self.auth.dropHeaders, frozenset({b"x-forwarded-email"}))
+        self.assertEqual(self.auth.headersToDrop("192.0.2.1"), frozenset({b"x-forwarded-email"}))
+        self.assertEqual(self.auth.headersToDrop(None), frozenset({b"x-forwarded-email"}))
+        self.assertEqual(self.auth.headersToDrop("10.9.9.9"), frozenset())
+        plain = Authenticator(reactor, AuthConfig(), None, None)
+        self.assertEqual(plain.headersToDrop("192.0.2.1"), frozenset())
+        self.assertIsNone(plain.identityHeader)
+        self.assertEqual(plain.authenticate(None, "10.0.0.1", None, b"x"), EXTERNAL)
+
+    def test_mtlsProxy(self) -> None:
+        """Behind mTLS, a trusted proxy's named caller wins; its certificate is kept."""
+        from mcpgw.config import TLSConfig
+
+        external = ExternalAuthConfig("X-User", ("10.0.0.0/8",))
+        auth = Authenticator(
+            reactor, AuthConfig(external=external), TLSConfig("c", "k", "ca"), None
+        )
+        self.assertEqual(
+            auth.authenticate(None, "10.0.0.1", "spiffe://proxy", b"carol"),
+            AuthResult("external", None, "spiffe://proxy", "carol"),
+        )
+        self.assertEqual(
+            auth.authenticate(None, "192.0.2.1", "spiffe://x", b"carol"),
+            AuthResult("mtls", "spiffe://x", "spiffe://x", "spiffe://x"),
+        )
+
+    def test_notWithKeys(self) -> None:
+        """With API keys the header means nothing (config check refuses the combination)."""
+        external = ExternalAuthConfig("X-User", ("10.0.0.0/8",))
+        config = AuthConfig(enabled=True, keys=(APIKey("a", "$argon2id$x"),), external=external)
+        auth = Authenticator(reactor, config, None, None)
+        self.assertIsNone(auth.identityHeader)
+        self.assertRaises(Unauthenticated, auth.authenticate, None, "10.0.0.1", None, b"carol")
+
+
+class PrincipalTests(TestCase):
+    """C{AuthResult.principal} and the policy caller built from a result."""
+
+    def test_defaults(self) -> None:
+        """Part-1 constructions name the key id, else the certificate identity."""
+        self.assertEqual(AuthResult("ok", "ci-bot").principal, "ci-bot")
+        self.assertEqual(AuthResult("ok", "ci-bot", "spiffe://c").principal, "ci-bot")
+        self.assertEqual(AuthResult("mtls", "spiffe://c", "spiffe://c").principal, "spiffe://c")
+        self.assertEqual(AuthResult("external", None, "spiffe://c").principal, "spiffe://c")
+        self.assertIsNone(EXTERNAL.principal)
+
+    def test_caller(self) -> None:
+        """Only an API key result has a key id; every result passes its principal on."""
+        self.assertEqual(
+            AuthResult("ok", "ci-bot").caller("10.0.0.1", "s"),
+            Caller(keyId="ci-bot", principal="ci-bot", client="10.0.0.1", session="s"),
+        )
+        self.assertEqual(
+            AuthResult("mtls", "spiffe://c", "spiffe://c").caller("10.0.0.1", None),
+            Caller(principal="spiffe://c", client="10.0.0.1"),
+        )
+        self.assertEqual(EXTERNAL.caller(None, None), Caller())
 
 
 def _all(ds: list[Deferred[Any]]) -> Deferred[list[Any]]:

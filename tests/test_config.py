@@ -21,8 +21,10 @@ from mcpgw.config import (
     AuditConfig,
     AuthConfig,
     BatchConfig,
+    Conditions,
     Config,
     ConfigError,
+    ExternalAuthConfig,
     GCSSinkConfig,
     InputRateLimit,
     KafkaSinkConfig,
@@ -1309,6 +1311,274 @@ class SinkLibraryTests(ConfigTestCase):
                 "audit.sinks[0].bukcet: unknown key; did you mean 'bucket'? (line 8)",
             ],
         )
+
+
+class PolicyConditionTests(ConfigTestCase):
+    """Contract part 2: method, when, rate_limit.per, redact_results, default_action maps."""
+
+    def test_designExample(self) -> None:
+        """The policy example of the contract parses into rules with conditions."""
+        config = self.parse(
+            minimalWith(
+                """\
+                policy:
+                  default_action: deny
+                  rules:
+                    - id: ci-reads
+                      action: allow
+                      match: {list: [read_file, list_dir]}
+                      when:
+                        keys: [ci-bot, "deploy-*"]
+                    - id: finance-pays
+                      action: allow
+                      match: {prefix: payments_}
+                      when:
+                        identities: ["spiffe://corp.example/finance/*"]
+                        clients: [10.20.0.0/16]
+                    - id: no-sql-writes
+                      action: deny
+                      match: {exact: execute_sql}
+                      when:
+                        arguments:
+                          query: {regex: '(?i)^\\s*(insert|update|delete|drop|alter|truncate)\\b'}
+                    - id: docs-only
+                      action: allow
+                      method: resources/read
+                      match: {prefix: "file:///srv/docs/"}
+                    - id: per-key-budget
+                      action: rate_limit
+                      match: {glob: "*"}
+                      rate_limit: {rate: 5, burst: 10, per: key}
+                      redact_results: [aws_access_key, '(?i)ssn:\\s*\\d{3}-\\d{2}-\\d{4}']
+                """
+            )
+        )
+        rules = config.policy.rules
+        self.assertEqual(rules[0].when, Conditions(keys=("ci-bot", "deploy-*")))
+        self.assertEqual(rules[0].method, "tools/call")
+        self.assertEqual(
+            rules[1].when,
+            Conditions(identities=("spiffe://corp.example/finance/*",), clients=("10.20.0.0/16",)),
+        )
+        self.assertEqual(
+            rules[2].when,
+            Conditions(
+                arguments=(
+                    (
+                        "query",
+                        MatchSpec("regex", r"(?i)^\s*(insert|update|delete|drop|alter|truncate)\b"),
+                    ),
+                )
+            ),
+        )
+        self.assertEqual((rules[3].method, rules[3].when), ("resources/read", None))
+        self.assertEqual(rules[4].rate_limit, RateLimitSpec(5.0, 10.0, "key"))
+        self.assertEqual(
+            rules[4].redact_results, ("aws_access_key", r"(?i)ssn:\s*\d{3}-\d{2}-\d{4}")
+        )
+        self.assertEqual(config.policy.default_action, "deny")
+        self.assertIsNone(config.policy.default_actions)
+        self.assertEqual(config.policy.defaultFor("resources/read"), "allow")
+
+    def test_partOneMeaningKept(self) -> None:
+        """A part-1 rule has no conditions, method tools/call, per session, no result patterns."""
+        config = self.parse(
+            minimalWith(
+                """\
+                policy:
+                  rules:
+                    - {id: r, action: rate_limit, match: {exact: a}, rate_limit: {rate: 1}}
+                """
+            )
+        )
+        (r,) = config.policy.rules
+        self.assertEqual(
+            r, PolicyRule("r", "rate_limit", MatchSpec("exact", "a"), (), RateLimitSpec(1.0, 1.0))
+        )
+        self.assertEqual(
+            (r.method, r.when, r.redact_results, r.rate_limit.per),
+            ("tools/call", None, (), "session"),
+        )
+
+    def test_defaultActionMap(self) -> None:
+        """default_action as a map decides per method; a method left out is allowed."""
+        config = self.parse(
+            minimalWith("policy: {default_action: {resources/read: deny, prompts/get: deny}}")
+        )
+        p = config.policy
+        self.assertEqual(
+            p.default_actions,
+            (("tools/call", "allow"), ("resources/read", "deny"), ("prompts/get", "deny")),
+        )
+        self.assertEqual(
+            [p.defaultFor(m) for m in ("tools/call", "resources/read", "prompts/get")],
+            ["allow", "deny", "deny"],
+        )
+        self.assertEqual(p.default_action, "allow")
+        toolsDeny = self.parse(minimalWith("policy: {default_action: {tools/call: deny}}"))
+        self.assertEqual(toolsDeny.policy.default_action, "deny")
+
+    def test_clientsNormalised(self) -> None:
+        """Addresses become single-address networks; IPv6 is accepted."""
+        config = self.parse(
+            minimalWith(
+                """\
+                policy:
+                  rules:
+                    - id: r
+                      action: deny
+                      match: {glob: "*"}
+                      when: {clients: [127.0.0.1, "2001:db8::/32", "::1"]}
+                """
+            )
+        )
+        when = config.policy.rules[0].when
+        assert when is not None
+        self.assertEqual(when.clients, ("127.0.0.1/32", "2001:db8::/32", "::1/128"))
+
+    def test_problems(self) -> None:
+        """Every new key is checked, with a hint where a close valid value exists."""
+        self.assertEqual(
+            self.problems(
+                minimalWith(
+                    """\
+                    policy:
+                      default_action: {tools/cal: deny, prompts/get: maybe}
+                      rules:
+                        - id: a
+                          action: allow
+                          method: tool/call
+                          match: {glob: '[z-a]'}
+                          when: {key: [x], clients: [10.20.0.1/16, nowhere], identities: []}
+                        - id: b
+                          action: deny
+                          match: {exact: execute_sql}
+                          when:
+                            arguments:
+                              a..b: {regex: x}
+                              q: {regex: '('}
+                              r: {exact: 5}
+                              s: {}
+                        - id: c
+                          action: rate_limit
+                          match: {glob: '*'}
+                          rate_limit: {rate: 5, per: keys}
+                          redact_results: [aws_acess_key, '(', 'a*']
+                        - {id: d, action: redact, redact: [jwt], method: resources/read, match: {prefix: f}, when: {}}
+                        - {id: e, action: deny, method: resources/read, match: {prefix: x}, when: {arguments: {a: {exact: b}}}}
+                        - {id: f, action: deny, match: {prefix: x}, when: {keys: [a], arguments: {}}}
+                    """
+                )
+            ),
+            [
+                "policy.default_action.tools/cal: unknown key; did you mean 'tools/call'? (line 5)",
+                "policy.default_action.prompts/get: must be one of allow, deny, got 'maybe' (line 5)",
+                "policy.rules[0].method: must be one of tools/call, resources/read, prompts/get, "
+                "got 'tool/call'; did you mean 'tools/call'? (line 9)",
+                "policy.rules[0].match.glob: glob '[z-a]' can never match (an empty range) (line 10)",
+                "policy.rules[0].when.key: unknown key; did you mean 'keys'? (line 11)",
+                "policy.rules[0].when.clients[0]: '10.20.0.1/16' has host bits set; did you mean "
+                "'10.20.0.0/16'? (line 11)",
+                "policy.rules[0].when.clients[1]: must be an IP address or a network (CIDR, e.g. "
+                "10.0.0.0/8), got 'nowhere' (line 11)",
+                "policy.rules[0].when.identities: must not be empty (line 11)",
+                "policy.rules[1].when.arguments.a..b: invalid argument path 'a..b' (dots separate "
+                "keys) (line 17)",
+                "policy.rules[1].when.arguments.q.regex: invalid regular expression: missing ), "
+                "unterminated subpattern at position 0 (line 18)",
+                "policy.rules[1].when.arguments.r.exact: must be a string, got integer (quote the "
+                "value) (line 19)",
+                "policy.rules[1].when.arguments.s: must have exactly one of exact, prefix, glob, "
+                "regex, list (line 20)",
+                "policy.rules[2].rate_limit.per: must be one of session, key, identity, client, "
+                "global, got 'keys'; did you mean 'key'? (line 24)",
+                "policy.rules[2].redact_results[0]: unknown built-in redaction 'aws_acess_key'; "
+                "did you mean 'aws_access_key'? (line 25)",
+                "policy.rules[2].redact_results[1]: invalid regular expression: missing ), "
+                "unterminated subpattern at position 0 (line 25)",
+                "policy.rules[2].redact_results[2]: must not match the empty string (line 25)",
+                "policy.rules[3].action: redact rewrites arguments: resources/read has none "
+                "(line 26)",
+                "policy.rules[3].when: must have at least one of keys, identities, clients, "
+                "arguments (line 26)",
+                "policy.rules[4].when.arguments: resources/read has no arguments (line 27)",
+                "policy.rules[5].when.arguments: must not be empty (line 28)",
+            ],
+        )
+
+
+class ExternalAuthTests(ConfigTestCase):
+    """C{auth.external}: the identity header of an auth proxy and the peers trusted to set it."""
+
+    def test_parsed(self) -> None:
+        """The header name is kept as written; networks are normalised."""
+        config = self.parse(
+            minimalWith(
+                """\
+                auth:
+                  external:
+                    identity_header: X-Forwarded-Email
+                    trusted_proxies: [10.0.0.0/8, 127.0.0.1]
+                """
+            )
+        )
+        self.assertEqual(
+            config.auth,
+            AuthConfig(
+                external=ExternalAuthConfig("X-Forwarded-Email", ("10.0.0.0/8", "127.0.0.1/32"))
+            ),
+        )
+
+    def test_problems(self) -> None:
+        """Only without API keys; a plain header the gateway does not own; sound networks."""
+        self.assertEqual(
+            self.problems(
+                minimalWith(
+                    """\
+                    auth:
+                      enabled: true
+                      keys: [{id: k, hash: $argon2id$x}]
+                      external:
+                        identity_header: Authorization
+                        trusted_proxies: [10.0.0.1/8, proxy.local]
+                        trusted: []
+                    """
+                )
+            ),
+            [
+                "auth.external: is only used with auth.enabled: false (an auth proxy "
+                "authenticates the caller) (line 8)",
+                "auth.external.identity_header: 'Authorization' cannot name the caller: the "
+                "gateway or the protocol owns it (line 8)",
+                "auth.external.trusted_proxies[0]: '10.0.0.1/8' has host bits set; did you mean "
+                "'10.0.0.0/8'? (line 9)",
+                "auth.external.trusted_proxies[1]: must be an IP address or a network (CIDR, "
+                "e.g. 10.0.0.0/8), got 'proxy.local' (line 9)",
+                "auth.external.trusted: unknown key; did you mean 'trusted_proxies'? (line 10)",
+            ],
+        )
+        self.assertEqual(
+            self.problems(
+                minimalWith(
+                    """\
+                    auth:
+                      external: {identity_header: "X User", trusted_proxies: []}
+                    """
+                )
+            ),
+            [
+                "auth.external.identity_header: invalid header name 'X User' (line 5)",
+                "auth.external.trusted_proxies: must not be empty (line 5)",
+            ],
+        )
+        for header in ("Mcp-Session-Id", "X-Forwarded-For", "Host", "Cookie"):
+            problems = self.problems(
+                minimalWith(
+                    f"auth: {{external: {{identity_header: {header}, trusted_proxies: ['::1']}}}}"
+                )
+            )
+            self.assertEqual(len(problems), 1, header)
+            self.assertIn("cannot name the caller", problems[0])
 
 
 class ImmutabilityTests(ConfigTestCase):
