@@ -238,15 +238,15 @@ def buildGeneration(
         else:
             routes[u.path.encode()] = makeRoute(u, makePool(reactor, u))
     pc = config.policy
+    policy = Policy.fromConfig(pc, previous.policy if previous is not None else None)
     return Generation(
         number=number,
         config=config,
         routes=routes,
         hostGuard=HostGuard.fromConfig(config.listen),
         maxBodyBytes=config.limits.max_body_bytes,
-        policy=Policy.fromConfig(pc, previous.policy if previous is not None else None),
-        filterTools=pc.filter_tools_list
-        and (pc.default_action == "deny" or any(r.action == "deny" for r in pc.rules)),
+        policy=policy,
+        filterTools=pc.filter_tools_list and policy.canDeny("tools/call"),
         auth=Authenticator(reactor, config.auth, config.tls, authPool),
         inputLimit=_inputLimit(config, previous),
         tls=tls,

@@ -26,6 +26,7 @@ from mcpgw.errors import (
 from mcpgw.generation import Generation, Route
 from mcpgw.interfaces import IResponseSink
 from mcpgw.jsonrpc import RpcSummary
+from mcpgw.policy import ANONYMOUS, Caller
 from mcpgw.proxy.headers import (
     RESPONSE_DROP,
     connectionTokens,
@@ -76,6 +77,7 @@ class ProxyExchange:
         "batchSize",
         "bytesIn",
         "bytesOut",
+        "caller",
         "clientCert",
         "clientIp",
         "closed",
@@ -102,6 +104,7 @@ class ProxyExchange:
         "redactedResults",
         "request",
         "requestId",
+        "resultRules",
         "route",
         "ruleId",
         "secure",
@@ -155,6 +158,10 @@ class ProxyExchange:
         self.ruleId: str | None = None
         self.redacted: int | None = None
         self.redactedResults: int | None = None
+        #: Who policy decides for (set once authenticated).
+        self.caller: Caller = ANONYMOUS
+        #: JSON-RPC id -> the rule whose redact_results scrub that call's result.
+        self.resultRules: dict[Any, str] | None = None
         #: Who policy saw: key id, certificate or external identity; None when anonymous.
         self.principal: str | None = None
         self.listTools = False
@@ -237,6 +244,13 @@ class ProxyExchange:
         if meta is not None:
             useMetaContext(self, *meta)
 
+    def noteListings(self, messages: list[dict[str, Any]]) -> None:
+        """Note whether the request lists tools (its answer goes through the transforms)."""
+        for msg in messages:
+            if msg.get("method") == "tools/list":
+                self.listTools = True
+                return
+
     def _keepTool(self, tool: Any) -> bool:
         """
         Whether one entry of a C{tools/list} answer stays: policy would not deny it to the
@@ -247,7 +261,7 @@ class ProxyExchange:
         if not isinstance(name, str):
             return True
         gen = self.generation
-        if gen.filterTools and not gen.policy.allows(name):
+        if gen.filterTools and not gen.policy.allows("tools/call", name, self.caller):
             return False
         assert self.route is not None
         why = self.route.toolHeaders.observe(tool)

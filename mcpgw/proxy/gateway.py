@@ -19,7 +19,6 @@ Errors are L{mcpgw.errors.GatewayError}s raised by any stage and answered in one
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,8 +33,6 @@ from mcpgw.errors import (
     GatewayError,
     InternalError,
     PayloadTooLarge,
-    PolicyDenied,
-    RateLimited,
     ShuttingDown,
 )
 from mcpgw.generation import Generation, Route
@@ -137,10 +134,16 @@ class Gateway:
             auths = headers.getRawHeaders(b"authorization")
             authorization = auths[0] if auths else None
             x.credential = bearerToken(authorization)
-            result = gen.auth.authenticate(
+            auth = gen.auth
+            identity = None
+            if auth.identityHeader is not None:
+                ids = headers.getRawHeaders(auth.identityHeader)
+                identity = ids[0] if ids else None
+            result = auth.authenticate(
                 authorization,
                 x.clientIp or "",
                 _certIdentity(request) if x.secure else None,
+                identity,
             )
             if isinstance(result, Deferred):
                 result.addCallbacks(
@@ -166,9 +169,11 @@ class Gateway:
         if x.closed:
             return  # the client left while its key was being verified
         x.authResult, x.authKeyId, x.clientCert = auth.result, auth.keyId, auth.clientCert
+        x.principal = auth.principal
+        x.caller = auth.caller(x.clientIp, x.sessionId)
         try:
             if summary is not None:
-                body = self._applyPolicy(x, x.generation, summary, body)
+                body = self._decide(x, summary, body)
                 if x.metaTrace and self.tracer is not None:
                     # SEP-414: the upstream's parent is the gateway's span, in _meta too.
                     injectMeta(summary.messages, x)
@@ -183,6 +188,31 @@ class Gateway:
         except Exception:
             self.internalError(x.request, Failure())
 
+    def _decide(self, x: ProxyExchange, summary: RpcSummary, body: bytes) -> bytes:
+        """
+        The policy verdict on the whole request (batch semantics live in
+        L{mcpgw.policy.Policy.verdict}), applied: a refusal is raised, redacted arguments are
+        re-serialised and the same rules scrub every C{Mcp-Param-*} value (whichever call of a
+        batch it mirrors, and whether or not the body held a match: a header is no place for a
+        secret either); listing answers and results to scrub are noted for the response side.
+
+        @return: the body to forward.
+        """
+        policy = x.generation.policy
+        verdict = policy.verdict(summary.messages, x.caller, self.reactor.seconds())
+        x.decision, x.ruleId, x.redacted = verdict.decision, verdict.ruleId, verdict.redacted
+        if verdict.refusal is not None:
+            raise verdict.refusal
+        if verdict.redactRules:
+            x.headerRewrite = paramHeaderRewrites(
+                x.request.requestHeaders, policy, verdict.redactRules
+            )
+        x.resultRules = verdict.resultRules or None
+        x.noteListings(summary.messages)
+        if verdict.changed:
+            return orjson.dumps(summary.messages if summary.isBatch else summary.messages[0])
+        return body
+
     def _authFailed(self, failure: Failure, x: ProxyExchange) -> None:
         if x.closed:
             return
@@ -190,74 +220,6 @@ class Gateway:
             x.fail(failure.value)  # type: ignore[arg-type]
         else:
             self.internalError(x.request, failure)
-
-    def _applyPolicy(
-        self, x: ProxyExchange, gen: Generation, summary: RpcSummary, body: bytes
-    ) -> bytes:
-        """
-        Decide every C{tools/call} of the body (each call of a batch). A denied or rate-limited
-        call refuses the whole request: a denied call is never forwarded, not even with the rest
-        of its batch. Redaction rewrites the arguments and re-serialises the body.
-
-        @return: the body to forward.
-        @raise PolicyDenied: a call is denied.
-        @raise RateLimited: a call's token bucket is empty.
-        """
-        policy = gen.policy
-        changed = False
-        decided = False
-        redactions: list[str] = []
-        for msg in summary.messages:
-            method = msg.get("method")
-            if method == "tools/list":
-                x.listTools = True
-            if method != "tools/call":
-                continue
-            params = msg.get("params")
-            name = params.get("name") if isinstance(params, dict) else None
-            d = policy.decide(name if isinstance(name, str) else "")
-            action = d.action
-            if action == "deny":
-                x.decision, x.ruleId = "deny", d.rule_id
-                raise PolicyDenied(rule_id=d.rule_id)
-            if action == "rate_limit":
-                assert d.rule_id is not None
-                wait = policy.rateLimit(d.rule_id, self._sessionKey(x), self.reactor.seconds())
-                if wait is not None:
-                    x.decision, x.ruleId = "rate_limit", d.rule_id
-                    raise RateLimited(retryAfter=max(1, math.ceil(wait)), rule_id=d.rule_id)
-                action = "allow"  # a token was available: forwarded as is
-            elif action == "redact" and isinstance(params, dict):
-                assert d.rule_id is not None
-                new, n = policy.redact(d.rule_id, params.get("arguments"))
-                if n:
-                    params["arguments"] = new
-                    changed = True
-                if d.rule_id not in redactions:
-                    redactions.append(d.rule_id)
-                x.redacted = (x.redacted or 0) + n
-            if not decided or (action == "redact" and x.decision != "redact"):
-                x.decision, x.ruleId = action, d.rule_id
-                decided = True
-        if redactions:
-            # Every Mcp-Param-* value, whichever call of a batch it mirrors, and whether or not
-            # the body itself held a match: a header is no place for a secret either.
-            x.headerRewrite = paramHeaderRewrites(x.request.requestHeaders, policy, redactions)
-        if changed:
-            return orjson.dumps(summary.messages if summary.isBatch else summary.messages[0])
-        return body
-
-    @staticmethod
-    def _sessionKey(x: ProxyExchange) -> str:
-        """
-        Whose bucket a rate limit takes from: the MCP session, else (with auth) the key id, else
-        the client address.
-        """
-        if x.sessionId is not None:
-            return "session:" + x.sessionId
-        if x.authKeyId is not None:
-            return "key:" + x.authKeyId
-        return "addr:" + (x.clientIp or "")
 
     def admit(self, request: Any, length: int | None) -> GatewayError | None:
         """Admission checks when the headers are in (L{Admission.admit})."""

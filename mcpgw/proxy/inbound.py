@@ -50,9 +50,12 @@ def inspect(
         else:
             x.describe(summary)
     headers = request.requestHeaders
+    identity = gen.auth.identityHeader
     for name, values in headers.getAllRawHeaders():
-        if len(values) > 1 and name.lower() in SINGLETONS:
-            raise DuplicateHeader(f"more than one {name.decode('latin-1')} header")
+        if len(values) > 1:
+            low = name.lower()
+            if low in SINGLETONS or low == identity:
+                raise DuplicateHeader(f"more than one {name.decode('latin-1')} header")
     if route is None:
         raise NotFound(f"no upstream at {path.decode('latin-1')!r}")
     hosts = headers.getRawHeaders(b"host")

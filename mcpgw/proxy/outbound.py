@@ -8,6 +8,7 @@ C{Mcp-Param-*} values a redact rule scrubbed.
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from mcpgw.generation import Route
@@ -43,7 +44,7 @@ _B64_START, _B64_END = b"=?base64?", b"?="
 
 
 def paramHeaderRewrites(
-    headers: Any, policy: Any, ruleIds: list[str]
+    headers: Any, policy: Any, ruleIds: Sequence[str]
 ) -> dict[tuple[bytes, bytes], bytes] | None:
     """
     MCP 2026-07-28 clients mirror some arguments into C{Mcp-Param-*} headers, which the server
@@ -107,7 +108,11 @@ def upstreamRequest(
     carriesKey = x.generation.auth.carriesKey
     credential = x.credential
     tracing = tracing and b"traceparent" not in injectedNames
-    for name, value in endToEnd(list(rh.getAllRawHeaders()), REQUEST_DROP):
+    drop = REQUEST_DROP
+    extra = x.generation.auth.headersToDrop(x.clientIp)
+    if extra:
+        drop = drop | extra  # an identity header from a peer that is not a trusted proxy
+    for name, value in endToEnd(list(rh.getAllRawHeaders()), drop):
         low = name.lower()
         if low in injectedNames or (tracing and low in TRACE_HEADERS):
             continue
