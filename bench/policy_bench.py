@@ -10,7 +10,15 @@ Prints a markdown table of the cost per call (microseconds, median of N timeit r
     regex is scanned) or no rule matches (the default decides);
     warm: the same tool name every call (the decision cache answers);
     cold: a new tool name every call, decision cache off (every call computes the decision);
-  - Policy.redact() of a ~1 KB arguments object with the four built-ins and a custom regex;
+  - the same for 1,000 mixed rules of which 100 have caller conditions (keys, identities,
+    clients, in turn) and 50 argument conditions, decided for a caller with
+    decide(method, target, caller, arguments): the deciding rule a caller-conditioned one, an
+    argument-conditioned one (the arguments are matched on every call, warm or not), the last
+    one, or the default; warm: the same call every time; cold: decision cache off;
+  - Policy.lister() over a 100-tool tools/list answer for one caller (warm: memoised), and
+    Policy.verdict() of a one-call request;
+  - Policy.redact() of a ~1 KB arguments object with the four built-ins and a custom regex, and
+    Policy.redactResult() of a ~1 KB tool result;
   - Policy.rateLimit() for one session, and for a new session every call (expiry at work).
 """
 
@@ -26,10 +34,12 @@ import timeit
 from collections.abc import Callable, Iterator
 from functools import partial
 
+import attr
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mcpgw.config import MatchSpec, PolicyConfig, PolicyRule, RateLimitSpec
-from mcpgw.policy import Policy
+from mcpgw.config import Conditions, MatchSpec, PolicyConfig, PolicyRule, RateLimitSpec
+from mcpgw.policy import Caller, Policy
 
 MAKERS: dict[str, Callable[[int], tuple[str, str | tuple[str, ...]]]] = {
     "exact": lambda i: ("exact", f"tool_{i}"),
@@ -49,6 +59,26 @@ def mixedRules(count: int, kinds: str = "exact list prefix glob regex") -> tuple
         action = "deny" if i % 2 else "allow"
         rules.append(PolicyRule(f"r{i}", action, MatchSpec(kind, value)))
     rules.append(PolicyRule("last", "deny", MatchSpec("regex", "^last_")))
+    return tuple(rules)
+
+
+def conditionalRules(count: int = 1000) -> tuple[PolicyRule, ...]:
+    """
+    L{mixedRules}, with caller conditions on every rule C{i} with C{i % 10 == 3} (keys,
+    identities and clients in turn) and argument conditions on every rule with C{i % 20 == 7}.
+    """
+    rules = []
+    for i, rule in enumerate(mixedRules(count)):
+        when = None
+        if i % 10 == 3:
+            when = [
+                Conditions(keys=(f"team-{i}-*", "ops")),
+                Conditions(identities=(f"spiffe://corp.example/{i}/*",)),
+                Conditions(clients=(f"10.{i % 250}.0.0/16",)),
+            ][(i // 10) % 3]
+        elif i % 20 == 7:
+            when = Conditions(arguments=(("query", MatchSpec("regex", r"(?i)^\s*drop\b")),))
+        rules.append(attr.evolve(rule, when=when))
     return tuple(rules)
 
 
@@ -87,6 +117,23 @@ def arguments1k() -> dict[str, object]:
     }
 
 
+def toolResult1k() -> dict[str, object]:
+    """A ~1 KB C{tools/call} result (text and structured content) with a few secrets in it."""
+    rows = [
+        {"id": i, "name": f"customer {i}", "note": "prefers email, no calls before 9"}
+        for i in range(6)
+    ]
+    rows[2]["note"] = "ssn: 078-05-1120 on file"
+    return {
+        "content": [
+            {"type": "text", "text": "Found 6 customers; export key AKIAIOSFODNN7EXAMPLE used."},
+            {"type": "text", "text": json.dumps(rows)[:400]},
+        ],
+        "structuredContent": {"customers": rows, "exportedBy": "AKIAIOSFODNN7EXAMPLE"},
+        "isError": False,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=7, help="timeit repeats (median taken)")
@@ -112,6 +159,42 @@ def main() -> None:
             us = perCall(partial(callNext, cold.decide, names), number, repeat)
             rows.append((f"decide, cold, {label}", described, us))
 
+    rules = conditionalRules()
+    assert sum(r.when is not None and r.when.onCaller for r in rules) == 100
+    assert sum(r.when is not None and bool(r.when.arguments) for r in rules) == 50
+    config = PolicyConfig("allow", True, rules)
+    warm = Policy.fromConfig(config)
+    cold = Policy(config, cacheSize=0)
+    described = "1,000: 100 caller-, 50 argument-cond."
+    caller = Caller(keyId="team-3-ci", principal="team-3-ci", client="10.1.2.3", session="s")
+    drop = {"query": "DROP TABLE accounts", "opts": {"dry_run": False}}
+    cases = [
+        ("caller-conditioned rule decides", "svc_3_ab_x", "r3", None),
+        ("argument-conditioned rule decides", "ns7_tool", "r7", drop),
+        ("deciding rule last", "last_x", "last", drop),
+        ("no match, default", "nomatch_x", None, drop),
+    ]
+    for label, name, expected, arguments in cases:
+        for policy, number, temperature in ((warm, 200_000, "warm"), (cold, 10_000, "cold")):
+            call = partial(policy.decide, "tools/call", name, caller, arguments)
+            assert call().rule_id == expected, label
+            us = perCall(call, number, repeat)
+            rows.append(
+                (f"decide(method, target, caller, args), {temperature}, {label}", described, us)
+            )
+    tools = [f"tool_{i}" for i in range(0, 200, 2)]
+    warm.lister("tools/call", caller)  # memo built
+    us = perCall(lambda: [t for t in tools if warm.lister("tools/call", caller)(t)], 5_000, repeat)
+    rows.append(("lister, 100-tool tools/list answer, warm", described, us))
+    message = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": "ns7_tool", "arguments": {"query": "select 1"}},
+    }
+    us = perCall(lambda: warm.verdict([message], caller, 0.0), 100_000, repeat)
+    rows.append(("verdict, one tools/call, warm", described, us))
+
     redactRule = PolicyRule(
         "scrub",
         "redact",
@@ -128,6 +211,25 @@ def main() -> None:
     assert changed == 3, (changed, redacted)
     us = perCall(lambda: policy.redact("scrub", args), 5_000, repeat)
     rows.append((f"redact, {size} B arguments, {changed} values changed", "-", us))
+
+    resultPolicy = Policy.fromConfig(
+        PolicyConfig(
+            rules=(
+                PolicyRule(
+                    "results",
+                    "allow",
+                    MatchSpec("glob", "*"),
+                    redact_results=("aws_access_key", "jwt", r"(?i)ssn:\s*\d{3}-\d{2}-\d{4}"),
+                ),
+            )
+        )
+    )
+    result = toolResult1k()
+    size = len(json.dumps(result))
+    scrubbed, changed = resultPolicy.redactResult("results", result)
+    assert changed == 4, (changed, scrubbed)
+    us = perCall(lambda: resultPolicy.redactResult("results", result), 5_000, repeat)
+    rows.append((f"redactResult, {size} B tool result, {changed} strings changed", "-", us))
 
     clock = itertools.count(0, 0.01)
     us = perCall(lambda: policy.rateLimit("slow", "s", next(clock)), 100_000, repeat)

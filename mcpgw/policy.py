@@ -38,7 +38,6 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import ipaddress
-import json
 import math
 import operator
 import re
@@ -101,6 +100,8 @@ _DEFAULT_MAX_BUCKETS = 1_000_000
 #: Distinct (method, caller) listing memos kept before they are all dropped.
 _MAX_LISTING_CALLERS = 1024
 _GLOB_SPECIALS = frozenset("*?[")
+#: No rule: an index past every rule.
+_NONE = [1 << 62]
 
 Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -222,7 +223,7 @@ class Verdict:
     @ivar redactRules: the C{redact} rules that decided calls, in order: every C{Mcp-Param-*}
         header value must be scrubbed with them too.
     @ivar resultRules: JSON-RPC request id -> the rule whose C{redact_results} must scrub that
-        call's result.
+        call's result. Read-only: verdicts that forward a request unchanged are shared.
     """
 
     decision: str = "allow"
@@ -397,9 +398,6 @@ def networks(texts: Sequence[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(text) for text in texts)
 
 
-_ABSENT = object()
-
-
 def argumentText(arguments: object, path: Sequence[str]) -> str | None:
     """
     The argument at C{path} (keys of nested objects) as text: a string as it is, a number or a
@@ -409,13 +407,16 @@ def argumentText(arguments: object, path: Sequence[str]) -> str | None:
     for key in path:
         if not isinstance(value, dict):
             return None
-        value = value.get(key, _ABSENT)
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
+        value = value.get(key)
+    kind = type(value)
+    if kind is str:
+        return value  # type: ignore[return-value]
+    if kind is bool:
         return "true" if value else "false"
-    if isinstance(value, int | float):
-        return json.dumps(value)
+    if kind is int:
+        return str(value)
+    if kind is float:
+        return repr(value)  # what json.dumps writes (JSON has no inf or nan)
     return None
 
 
@@ -440,8 +441,12 @@ class _Rule:
         self.unconditional = self.onCaller is None and not self.arguments
 
     def argumentsMatch(self, arguments: object) -> bool:
+        """Whether every argument condition holds (L{argumentText} inlined for strings)."""
+        if not isinstance(arguments, dict):
+            return False
         for path, matches in self.arguments:
-            text = argumentText(arguments, path)
+            value = arguments.get(path[0]) if len(path) == 1 else None
+            text = value if type(value) is str else argumentText(arguments, path)
             if text is None or not matches(text):
                 return False
         return True
@@ -486,9 +491,11 @@ class _ArgumentPlan:
 class _Index:
     """The rules of one method, indexed by target (see the module docstring)."""
 
-    __slots__ = ("exact", "prefixLengths", "prefixes", "scan")
+    __slots__ = ("conditional", "exact", "prefixLengths", "prefixes", "scan")
 
     def __init__(self) -> None:
+        #: Some rule of the method has conditions (else the first match decides, always).
+        self.conditional = False
         self.exact: dict[str, list[int]] = {}
         self.prefixes: dict[str, list[int]] = {}
         self.prefixLengths: list[int] = []
@@ -541,6 +548,8 @@ class Policy:
         self._cacheSize = cacheSize
         self._cache: dict[object, Decision | _ArgumentPlan] = {}
         self._listing: dict[object, dict[str, bool]] = {}
+        #: Verdicts that forward a request unchanged, by (decision, rule id): immutable, shared.
+        self._plainVerdicts: dict[tuple[str, str | None], Verdict] = {}
         rules = config.rules
         self._rules = rules
         self._compiled = [_Rule(i, rule) for i, rule in enumerate(rules)]
@@ -555,6 +564,7 @@ class Policy:
         old = previous._limitsBySettings() if previous is not None else {}
         for i, rule in enumerate(rules):
             index = self._indexes[rule.method]
+            index.conditional = index.conditional or not self._compiled[i].unconditional
             indexed = _indexedAs(rule)
             if rule.match.kind == "list":
                 for name in dict.fromkeys(_names(rule)):
@@ -624,6 +634,22 @@ class Policy:
         if index is None:
             return []
         compiled = self._compiled
+        if not index.conditional:
+            # Only unconditional rules: the first match is the only candidate.
+            best = index.exact.get(target, _NONE)[0]
+            prefixes = index.prefixes
+            for length in index.prefixLengths:
+                if length > len(target):
+                    break
+                hits = prefixes.get(target[:length])
+                if hits is not None and hits[0] < best:
+                    best = hits[0]
+            for i, matches in index.scan:
+                if i >= best:
+                    break
+                if matches(target):
+                    return [compiled[i]]
+            return [compiled[best]] if best < len(compiled) else []
         found = list(index.exact.get(target, ()))
         prefixes = index.prefixes
         for length in index.prefixLengths:
@@ -658,6 +684,7 @@ class Policy:
         return _ArgumentPlan(tuple(steps), fallback) if steps else fallback
 
     def _entry(self, method: str, target: str, caller: Caller) -> Decision | _ArgumentPlan:
+        """The memoised L{_plan} of a call (L{decide} inlines the lookup)."""
         callerKey = self._callerKey
         key: object
         if callerKey is None:
@@ -666,11 +693,17 @@ class Policy:
             key = (method, target, callerKey(caller))
         entry = self._cache.get(key)
         if entry is None:
-            entry = self._plan(method, target, caller)
-            if self._cacheSize:
-                if len(self._cache) >= self._cacheSize:
-                    self._cache.clear()
-                self._cache[key] = entry
+            entry = self._remember(key, method, target, caller)
+        return entry
+
+    def _remember(
+        self, key: object, method: str, target: str, caller: Caller
+    ) -> Decision | _ArgumentPlan:
+        entry = self._plan(method, target, caller)
+        if self._cacheSize:
+            if len(self._cache) >= self._cacheSize:
+                self._cache.clear()
+            self._cache[key] = entry
         return entry
 
     def decide(
@@ -689,11 +722,23 @@ class Policy:
         @return: the decision of the first rule matching the call, else the method's default
             action (C{allow} for a method policy does not decide).
         """
+        # The warm path, inlined: one dict lookup (the key as in _entry).
+        key: object
         if target is None:
-            method, target = "tools/call", method
-        entry = self._entry(method, target, caller)
-        if isinstance(entry, Decision):
+            key = target = method
+            method = "tools/call"
+            if self._callerKey is not None:
+                key = (method, target, self._callerKey(caller))
+        elif self._callerKey is None:
+            key = target if method == "tools/call" else (method, target)
+        else:
+            key = (method, target, self._callerKey(caller))
+        entry = self._cache.get(key)
+        if entry is None:
+            entry = self._remember(key, method, target, caller)
+        if type(entry) is Decision:
             return entry
+        assert isinstance(entry, _ArgumentPlan)
         return entry.decide(arguments)
 
     def decideWithoutArguments(
@@ -720,6 +765,13 @@ class Policy:
         """
         if target is None:
             method, target = "tools/call", method
+        if self._cacheSize:
+            callerKey = self._callerKey
+            table = self._listing.get((method, None if callerKey is None else callerKey(caller)))
+            if table is not None:
+                answer = table.get(target)
+                if answer is not None:
+                    return answer
         return self.lister(method, caller)(target)
 
     def lister(self, method: str, caller: Caller = ANONYMOUS) -> Callable[[str], bool]:
@@ -782,30 +834,43 @@ class Policy:
         changed = False
         redacted: int | None = None
         redactRules: list[str] = []
-        resultRules: dict[Any, str] = {}
+        resultRules: dict[Any, str] | None = None
+        decide = self.decide
         for msg in messages:
-            if not isinstance(msg, dict):
-                continue
-            method = msg.get("method")
-            param = _TARGET_PARAM.get(method) if isinstance(method, str) else None
+            method = msg.get("method") if type(msg) is dict else None
+            param = _TARGET_PARAM.get(method) if type(method) is str else None
             if param is None:
                 continue
             assert isinstance(method, str)
             params = msg.get("params")
-            target = params.get(param) if isinstance(params, dict) else None
-            arguments = params.get("arguments") if isinstance(params, dict) else None
-            d = self.decide(method, target if isinstance(target, str) else "", caller, arguments)
+            if type(params) is dict:
+                target = params.get(param)
+                arguments = params.get("arguments")
+            else:
+                target = arguments = None
+            d = decide(method, target if type(target) is str else "", caller, arguments)
             action = d.action
-            refusal: GatewayError | None = None
-            if action == "deny":
-                refusal = PolicyDenied(rule_id=d.rule_id)
+            if action == "allow":
+                pass
+            elif action == "deny":
+                return Verdict(
+                    "deny",
+                    d.rule_id,
+                    PolicyDenied(rule_id=d.rule_id),
+                    changed,
+                    redacted,
+                    tuple(redactRules),
+                )
             elif action == "rate_limit":
                 assert d.rule_id is not None
                 wait = self._limits[d.rule_id].take(self.bucketKey(d.rule_id, caller), now)
                 if wait is not None:
                     refusal = RateLimited(retryAfter=max(1, math.ceil(wait)), rule_id=d.rule_id)
+                    return Verdict(
+                        "rate_limit", d.rule_id, refusal, changed, redacted, tuple(redactRules)
+                    )
                 action = "allow"  # a token was available: forwarded as is
-            elif action == "redact" and isinstance(params, dict):
+            elif action == "redact" and type(params) is dict:
                 assert d.rule_id is not None
                 new, n = self.redact(d.rule_id, arguments)
                 if n:
@@ -814,14 +879,28 @@ class Policy:
                 if d.rule_id not in redactRules:
                     redactRules.append(d.rule_id)
                 redacted = (redacted or 0) + n
-            if refusal is not None:
-                return Verdict(d.action, d.rule_id, refusal, changed, redacted, tuple(redactRules))
             if d.redact_results and _isRequestId(msg.get("id")):
                 assert d.rule_id is not None
+                if resultRules is None:
+                    resultRules = {}
                 resultRules[msg["id"]] = d.rule_id
             if not decided or (action == "redact" and decision != "redact"):
                 decision, ruleId, decided = action, d.rule_id, True
-        return Verdict(decision, ruleId, None, changed, redacted, tuple(redactRules), resultRules)
+        if redacted is None and resultRules is None:
+            # The common case, shared: one verdict per (decision, rule).
+            plain = self._plainVerdicts.get((decision, ruleId))
+            if plain is None:
+                plain = self._plainVerdicts[(decision, ruleId)] = Verdict(decision, ruleId)
+            return plain
+        return Verdict(
+            decision,
+            ruleId,
+            None,
+            changed,
+            redacted,
+            tuple(redactRules),
+            {} if resultRules is None else resultRules,
+        )
 
     # -- Explaining ----------------------------------------------------------------------------
 
