@@ -6,7 +6,10 @@ C{make run}: the demo MCP server and the gateway in front of it, in the foregrou
 Reads C{listen.host}, C{listen.port} and C{upstreams[0].url} from the config, starts the demo
 server (C{python -m mcpgw.demo.server}) at that upstream URL and the gateway
 (C{python -m mcpgw run --config CONFIG}), waits until both accept connections (the gateway's
-C{GET /healthz} answers 200), then prints the gateway's URL and copy-paste examples. Their output
+C{GET /healthz} answers 200), then prints the gateway's URL and copy-paste examples: a session, a
+streamed tool call, and what the config's policy does to demo calls (the default config denies
+C{whoami} and redacts secrets in arguments, so a denied call and a redacted one are shown; the
+examples are worked out from the policy, so another config gets its own, or none). Their output
 is shown with a C{[demo]} / C{[gateway]} prefix. Ctrl-C or SIGTERM stops both (terminate, wait,
 then kill) and exits 0; if either dies, the other is stopped and the exit status is non-zero.
 """
@@ -33,6 +36,18 @@ READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
 LOOPBACK = {"127.0.0.1", "localhost"}
 PROTOCOL_VERSION = "2025-11-25"
+#: The demo server's tools (L{mcpgw.demo.server}), in the order a denied example is looked for.
+DEMO_TOOLS = ("whoami", "broadcast", "countdown", "add", "echo")
+#: A made-up secret of each built-in redaction's shape, for the redaction example.
+SAMPLE_SECRETS = {
+    "aws_access_key": ("an AWS access key", "AKIAIOSFODNN7EXAMPLE"),
+    "openai_key": ("an OpenAI key", "sk-proj-4fQ9xT2mLr8VbN0cZk7WyHs3"),
+    "bearer": ("a bearer token", "Bearer ghp_16C7e42F292c6912E7710c838347Ae178B4a"),
+    "jwt": (
+        "a JWT",
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJkZW1vIn0.c2lnbmF0dXJlLW5vdC1jaGVja2Vk",
+    ),
+}
 
 
 class RunError(Exception):
@@ -96,6 +111,54 @@ def read_plan(path: str) -> Plan:
     )
 
 
+@dataclass(frozen=True)
+class PolicyDemo:
+    """
+    What the config's policy does to demo calls, for the examples.
+
+    @ivar denied: a demo tool the policy denies, and the rule that does (C{None}: the default).
+    @ivar redacted: the rule redacting C{echo}'s arguments, what kind of secret and a sample of it.
+    @ivar audit: the audit file.
+    """
+
+    denied: tuple[str, str | None] | None
+    redacted: tuple[str, str, str] | None
+    audit: str | None
+
+
+def read_policy(path: str) -> PolicyDemo | None:
+    """
+    The policy examples of the config at C{path}; C{None} if it is not valid (the gateway will
+    say why).
+    """
+    from mcpgw.config import ConfigError, load_config
+    from mcpgw.policy import Policy
+
+    try:
+        config = load_config(path)
+    except ConfigError:
+        return None
+    policy = Policy.fromConfig(config.policy)
+    denied = None
+    for tool in DEMO_TOOLS:
+        decision = policy.decide(tool)
+        if decision.action == "deny":
+            denied = (tool, decision.rule_id)
+            break
+    redacted = None
+    decision = policy.decide("echo")
+    if decision.action == "redact" and decision.rule_id is not None:
+        rule = next(r for r in config.policy.rules if r.id == decision.rule_id)
+        for entry in SAMPLE_SECRETS:
+            if entry in rule.redact:
+                what, secret = SAMPLE_SECRETS[entry]
+                _, changed = policy.redact(rule.id, f"deploy with {secret}")
+                if changed:
+                    redacted = (rule.id, what, secret)
+                    break
+    return PolicyDemo(denied, redacted, config.audit.path)
+
+
 class Child:
     """A subprocess in its own process group, its output copied to ours with a prefix."""
 
@@ -155,8 +218,11 @@ def healthy(host: str, port: int) -> bool:
         conn.close()
 
 
-def examples(plan: Plan) -> str:
-    """The banner: the gateway's URL and copy-paste examples (curl, then the Python SDK)."""
+def examples(plan: Plan, policy: PolicyDemo | None = None) -> str:
+    """
+    The banner: the gateway's URL and copy-paste examples (curl, then the Python SDK); with
+    C{policy}, a denied call and a redacted one when the policy has them.
+    """
     url = plan.gateway_url
     q = shlex.quote
     accept = q("Accept: application/json, text/event-stream")
@@ -179,29 +245,66 @@ def examples(plan: Plan) -> str:
         f'    async with mcp.Client(\\"{url}\\") as c:\\n'
         '        print(await c.call_tool(\\"add\\", {\\"a\\": 1, \\"b\\": 2}))"); anyio.run(main)'
     )
-    return "\n".join(
-        [
-            "",
-            f"mcpgw gateway: {url}  ->  demo MCP server: "
-            f"http://{plan.upstream_host}:{plan.upstream_port}{plan.upstream_path}",
-            "",
-            "# 1. initialize; keep the Mcp-Session-Id the gateway passes back",
-            f"SID=$(curl -si {url} -H {accept} -H {ctype} \\",
-            f"  -d {q(init)} \\",
-            "  | tr -d '\\r' | awk -F': ' 'tolower($1)==\"mcp-session-id\" {print $2}'); echo $SID",
-            "# 2. initialized, then a tool call streamed back as SSE (progress, logs, result)",
-            f"curl -s -w '%{{http_code}}\\n' {url} -H {accept} -H {ctype} {session} \\",
-            f"  -d {q(initialized)}",
-            f"curl -sN {url} -H {accept} -H {ctype} {session} \\",
-            f"  -d {q(call)}",
-            "",
-            "# Python, official MCP SDK (tools: echo, add, countdown, broadcast, whoami):",
-            f"{sys.executable} -c {q(py)}",
-            "",
-            "Ctrl-C stops both.",
-            "",
+    lines = [
+        "",
+        f"mcpgw gateway: {url}  ->  demo MCP server: "
+        f"http://{plan.upstream_host}:{plan.upstream_port}{plan.upstream_path}",
+        "",
+        "# 1. initialize; keep the Mcp-Session-Id the gateway passes back",
+        f"SID=$(curl -si {url} -H {accept} -H {ctype} \\",
+        f"  -d {q(init)} \\",
+        "  | tr -d '\\r' | awk -F': ' 'tolower($1)==\"mcp-session-id\" {print $2}'); echo $SID",
+        "# 2. initialized, then a tool call streamed back as SSE (progress, logs, result)",
+        f"curl -s -w '%{{http_code}}\\n' {url} -H {accept} -H {ctype} {session} \\",
+        f"  -d {q(initialized)}",
+        f"curl -sN {url} -H {accept} -H {ctype} {session} \\",
+        f"  -d {q(call)}",
+    ]
+    step = 3
+    if policy is not None and policy.denied is not None:
+        tool, rule = policy.denied
+        by = f"rule {rule}" if rule else "default_action: deny"
+        denied = _toolCall(3, tool, {})
+        lines += [
+            f"# {step}. policy: {tool} is denied ({by}): HTTP 403, JSON-RPC error policy_denied;",
+            "#    the demo server never sees the call",
+            f"curl -s -w '\\n%{{http_code}}\\n' {url} -H {accept} -H {ctype} {session} \\",
+            f"  -d {q(denied)}",
         ]
-    )
+        step += 1
+    if policy is not None and policy.redacted is not None:
+        rule, what, secret = policy.redacted
+        redacted = _toolCall(4, "echo", {"text": f"deploy with {secret}"})
+        lines += [
+            f"# {step}. policy: {what} in the arguments is redacted (rule {rule}) before the call",
+            "#    is forwarded, so echo answers [REDACTED]",
+            f"curl -sN {url} -H {accept} -H {ctype} {session} \\",
+            f"  -d {q(redacted)}",
+        ]
+    if policy is not None and policy.audit is not None:
+        lines.append(f"# every request has an audit line: tail -f {q(policy.audit)}")
+    lines += [
+        "",
+        "# Python, official MCP SDK (tools: echo, add, countdown, broadcast, whoami):",
+        f"{sys.executable} -c {q(py)}",
+        "",
+        "Ctrl-C stops both.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _toolCall(requestId: int, tool: str, arguments: dict[str, Any]) -> str:
+    """A compact JSON-RPC C{tools/call} request."""
+    import json
+
+    body = {
+        "jsonrpc": "2.0",
+        "id": requestId,
+        "method": "tools/call",
+        "params": {"name": tool, "arguments": arguments},
+    }
+    return json.dumps(body, separators=(",", ":"))
 
 
 def wait_ready(plan: Plan, demo: Child, gateway: Child) -> None:
@@ -271,7 +374,7 @@ def run(plan: Plan) -> int:
             print(f"mcpgw.demo.run: {e}", file=sys.stderr, flush=True)
             return 1
         if not stopping:
-            print(examples(plan), flush=True)
+            print(examples(plan, read_policy(plan.config)), flush=True)
         while not stopping:
             for child in children:
                 if not child.alive():
