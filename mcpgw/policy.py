@@ -97,8 +97,9 @@ _TARGET_PARAM = {"tools/call": "name", "resources/read": "uri", "prompts/get": "
 
 _DEFAULT_CACHE_SIZE = 4096
 _DEFAULT_MAX_BUCKETS = 1_000_000
-#: Distinct (method, caller) listing memos kept before they are all dropped.
-_MAX_LISTING_CALLERS = 1024
+#: Listing answers memoised, all callers together, before they are all dropped (about 100
+#: bytes each): a bound however many callers and targets there are.
+_MAX_LISTED = 65536
 _GLOB_SPECIALS = frozenset("*?[")
 #: No rule: an index past every rule.
 _NONE = [1 << 62]
@@ -548,6 +549,7 @@ class Policy:
         self._cacheSize = cacheSize
         self._cache: dict[object, Decision | _ArgumentPlan] = {}
         self._listing: dict[object, dict[str, bool]] = {}
+        self._listed = 0
         #: Verdicts that forward a request unchanged, by (decision, rule id): immutable, shared.
         self._plainVerdicts: dict[tuple[str, str | None], Verdict] = {}
         rules = config.rules
@@ -784,8 +786,6 @@ class Policy:
         key = (method, self._callerKey(caller) if self._callerKey is not None else None)
         table = self._listing.get(key)
         if table is None:
-            if len(self._listing) >= _MAX_LISTING_CALLERS:
-                self._listing.clear()
             table = self._listing[key] = {}
         size = self._cacheSize
         listable = self._listable
@@ -795,6 +795,12 @@ class Policy:
             if answer is None:
                 answer = listable(method, target, caller)
                 if len(table) >= size:
+                    table.clear()
+                self._listed += 1
+                if self._listed > _MAX_LISTED:
+                    self._listed = 1
+                    self._listing.clear()  # start over, keeping this caller's table
+                    self._listing[key] = table
                     table.clear()
                 table[target] = answer
             return answer

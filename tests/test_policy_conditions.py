@@ -420,6 +420,20 @@ class ListingTests(SynchronousTestCase):
         self.assertEqual(len(calls), len(names) + 1)
 
 
+    def test_listingMemoBounded(self) -> None:
+        """However many callers list, the memoised answers stay under the bound."""
+        import mcpgw.policy
+
+        self.patch(mcpgw.policy, "_MAX_LISTED", 50)
+        p = policy(*DESIGN2[:3], default="deny")
+        for i in range(40):
+            caller = Caller(keyId=f"k{i}", principal=f"k{i}")
+            for name in ("read_file", "list_dir", "payments_x", "other"):
+                self.assertEqual(p.allows("tools/call", name, caller), False)
+            self.assertLessEqual(sum(len(t) for t in p._listing.values()), 50)
+        self.assertTrue(p.allows("tools/call", "read_file", CI))
+
+
 class VerdictTests(SynchronousTestCase):
     """C{verdict}: a whole request, batches included."""
 
