@@ -261,6 +261,7 @@ class CacheScopeTests(SynchronousTestCase):
 
     def test_privateWithoutKeep(self) -> None:
         """privateCache alone activates the stage; resources/read answers are marked too."""
+        self.assertEqual(transforms.CACHEABLE, {*LISTS, "resources/read"})
         t = ResponseTransform({1: "resources/read", 2: "tools/call"}, privateCache=True)
         self.assertTrue(t.active)
         read = {"contents": [{"uri": "file:///a", "text": "x"}], "ttlMs": 0, "cacheScope": "public"}
@@ -572,4 +573,3 @@ class HostileUpstreamTests(SynchronousTestCase):
         out = json.loads(t.jsonBody(body))
         self.assertEqual((out["id"], out["error"]["code"]), (1, -32015))
         self.assertEqual(t.refused, 1)
-        self.assertEqual(transforms.CACHEABLE, {*LISTS, "resources/read"})
