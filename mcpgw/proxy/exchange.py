@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+from functools import partial
 from typing import Any
 
 from twisted.logger import Logger
@@ -32,7 +33,7 @@ from mcpgw.proxy.headers import (
     connectionTokens,
 )
 from mcpgw.proxy.mcpheaders import isModern
-from mcpgw.proxy.toolsfilter import SSEFilter, filterJSONBody
+from mcpgw.proxy.transforms import LISTS, Redact, ResponseTransform
 from mcpgw.telemetry import (
     TARGET_METHODS,
     TraceParent,
@@ -46,6 +47,13 @@ from mcpgw.telemetry import (
 log = Logger()
 
 _EVENT_STREAM = b"text/event-stream"
+
+#: A listing kind -> the method and item member policy decides it by.
+_LISTED = {
+    "resources": ("resources/read", "uri"),
+    "resourceTemplates": ("resources/read", "uriTemplate"),
+    "prompts": ("prompts/get", "name"),
+}
 #: A JSON (not SSE) answer is held back until it is complete or this large, so that an upstream
 #: that breaks framing early (a short body, bad chunking) still gets the client a 502.
 HOLD_BYTES = 256 * 1024
@@ -70,7 +78,7 @@ class ProxyExchange:
         "_held",
         "_heldBytes",
         "_producing",
-        "_sseFilter",
+        "_transforming",
         "authKeyId",
         "authResult",
         "batchIds",
@@ -93,7 +101,7 @@ class ProxyExchange:
         "isStream",
         "jsonrpcId",
         "link",
-        "listTools",
+        "listing",
         "metaTrace",
         "method",
         "parent",
@@ -115,6 +123,7 @@ class ProxyExchange:
         "target",
         "tool",
         "traceId",
+        "transform",
         "upstream",
     )
 
@@ -164,12 +173,14 @@ class ProxyExchange:
         self.resultRules: dict[Any, str] | None = None
         #: Who policy saw: key id, certificate or external identity; None when anonymous.
         self.principal: str | None = None
-        self.listTools = False
+        #: The response transforms of this exchange (None: the answer is relayed as it is).
+        self.transform: ResponseTransform | None = None
+        self._transforming = False
+        self.listing = False
         self.filteredTools: int | None = None
         self.headerRewrite: dict[tuple[bytes, bytes], bytes] | None = None
         #: The bearer token presented in C{Authorization} (never forwarded, in any header).
         self.credential: bytes | None = None
-        self._sseFilter: SSEFilter | None = None
         self._collected: list[bytes] | None = None
         self._held: list[bytes] | None = None
         self._heldBytes = 0
@@ -198,7 +209,8 @@ class ProxyExchange:
                 drop = drop | connectionTokens(headers)
                 break
         hasAccel = False
-        filtering = self.listTools and status == 200
+        transform = self.transform
+        filtering = transform is not None and status == 200
         for name, value in headers:
             low = name.lower()
             if low in drop:
@@ -215,10 +227,9 @@ class ProxyExchange:
         self.status = status
         self.headSent = True
         if filtering:
-            if self.isStream:
-                self._sseFilter = SSEFilter(self._keepTool)
-            else:
-                self._collected = []
+            self._transforming = True
+            if not self.isStream:
+                self._collected = []  # one parse of the whole answer
         elif not self.isStream:
             self._held = []
         request.registerProducer(transport, True)
@@ -244,12 +255,50 @@ class ProxyExchange:
         if meta is not None:
             useMetaContext(self, *meta)
 
-    def noteListings(self, messages: list[dict[str, Any]]) -> None:
-        """Note whether the request lists tools (its answer goes through the transforms)."""
+    def prepareTransforms(self, messages: list[dict[str, Any]]) -> None:
+        """
+        Decide which response transforms the answer goes through (L{mcpgw.proxy.transforms}):
+        listing answers filtered for this caller (and checked for x-mcp-header annotations),
+        C{cacheScope} made private when what is listed depends on the caller, and the results
+        of calls under C{redact_results} scrubbed. Nothing applies: no transform at all.
+        """
+        methods: dict[Any, str] = {}
+        listing = False
         for msg in messages:
-            if msg.get("method") == "tools/list":
-                self.listTools = True
-                return
+            method = msg.get("method")
+            if isinstance(method, str) and "id" in msg:
+                methods[msg["id"]] = method
+                listing = listing or method in LISTS
+        rules = self.resultRules
+        if not listing and not rules:
+            return
+        policy = self.generation.policy
+        redactors: dict[Any, Redact] | None = None
+        if rules:
+            redactors = {rid: partial(policy.redactResult, rule) for rid, rule in rules.items()}
+        transform = ResponseTransform(
+            methods,
+            keep=self._keep if listing else None,
+            privateCache=policy.filterToolsList and policy.dependsOnCaller,
+            redactors=redactors,
+        )
+        if transform.active:
+            self.transform = transform
+            self.listing = listing
+
+    def _keep(self, kind: str, item: dict[str, Any]) -> bool:
+        """Whether one listed item stays in a listing answer for this caller."""
+        if kind == "tools":
+            return self._keepTool(item)
+        gen = self.generation
+        policy = gen.policy
+        if not policy.filterToolsList:
+            return True
+        method, member = _LISTED[kind]
+        if not policy.canDeny(method):
+            return True
+        target = item.get(member)
+        return not isinstance(target, str) or policy.allows(method, target, self.caller)
 
     def _keepTool(self, tool: Any) -> bool:
         """
@@ -290,8 +339,9 @@ class ProxyExchange:
                 return
             data = b"".join(held)
             self._held = None
-        if self._sseFilter is not None:
-            data = self._sseFilter.feed(data)
+        if self._transforming:
+            assert self.transform is not None
+            data = self.transform.feed(data)
             if not data:
                 return
         self.bytesOut += len(data)
@@ -305,16 +355,17 @@ class ProxyExchange:
             self._producing = False
             request.unregisterProducer()
         tail = b""
+        transform = self.transform
         if self._collected is not None:
-            tail, removed = filterJSONBody(b"".join(self._collected), self._keepTool)
-            self.filteredTools = removed
+            assert transform is not None
+            tail = transform.jsonBody(b"".join(self._collected))
             request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % len(tail)])
         elif self._held is not None:
             tail = b"".join(self._held)
             self._held = None
-        elif self._sseFilter is not None:
-            tail = self._sseFilter.flush()
-            self.filteredTools = self._sseFilter.removed
+        elif self._transforming:
+            assert transform is not None
+            tail = transform.flush()
         if tail:
             self.bytesOut += len(tail)
             request.write(tail)
@@ -347,7 +398,7 @@ class ProxyExchange:
         self.headSent = False
         self.isStream = False
         self._collected = self._held = None
-        self._sseFilter = None
+        self._transforming = False
         self.request.responseHeaders = Headers()
 
     # -- client side ---------------------------------------------------------------------
@@ -390,8 +441,12 @@ class ProxyExchange:
         self._end()
 
     def _end(self) -> None:
-        if self._sseFilter is not None and self.filteredTools is None:
-            self.filteredTools = self._sseFilter.removed
+        transform = self.transform
+        if transform is not None and self._transforming:
+            if self.listing:
+                self.filteredTools = transform.removed
+            if self.resultRules:
+                self.redactedResults = transform.redactedResults
         self.closed = True
         self.request.exchange = None
         self.gateway.exchangeEnded(self)

@@ -208,7 +208,7 @@ class Gateway:
                 x.request.requestHeaders, policy, verdict.redactRules
             )
         x.resultRules = verdict.resultRules or None
-        x.noteListings(summary.messages)
+        x.prepareTransforms(summary.messages)
         if verdict.changed:
             return orjson.dumps(summary.messages if summary.isBatch else summary.messages[0])
         return body
