@@ -15,8 +15,9 @@ Prints a markdown table of the cost per call (microseconds, median of N timeit r
     decide(method, target, caller, arguments): the deciding rule a caller-conditioned one, an
     argument-conditioned one (the arguments are matched on every call, warm or not), the last
     one, or the default; warm: the same call every time; cold: decision cache off;
-  - Policy.lister() over a 100-tool tools/list answer for one caller (warm: memoised), and
-    Policy.verdict() of a one-call request;
+  - Policy.lister() over a 100-tool tools/list answer for one caller (warm: memoised), and for
+    a new caller (client address) each time (the targets' matching rules memoised, the caller
+    conditions tested); Policy.verdict() of a one-call request;
   - Policy.redact() of a ~1 KB arguments object with the four built-ins and a custom regex, and
     Policy.redactResult() of a ~1 KB tool result;
   - Policy.rateLimit() for one session, and for a new session every call (expiry at work).
@@ -183,9 +184,16 @@ def main() -> None:
                 (f"decide(method, target, caller, args), {temperature}, {label}", described, us)
             )
     tools = [f"tool_{i}" for i in range(0, 200, 2)]
-    warm.lister("tools/call", caller)  # memo built
-    us = perCall(lambda: [t for t in tools if warm.lister("tools/call", caller)(t)], 5_000, repeat)
+    assert len(list(filter(warm.lister("tools/call", caller), tools))) == 100  # memo built
+    us = perCall(lambda: list(filter(warm.lister("tools/call", caller), tools)), 5_000, repeat)
     rows.append(("lister, 100-tool tools/list answer, warm", described, us))
+    clients = iter([f"10.{i // 250 % 250}.{i % 250}.1" for i in range(1_000 * repeat)])
+    us = perCall(
+        lambda: list(filter(warm.lister("tools/call", Caller(client=next(clients))), tools)),
+        1_000,
+        repeat,
+    )
+    rows.append(("lister, 100-tool tools/list answer, a new caller each", described, us))
     message = {
         "jsonrpc": "2.0",
         "id": 1,

@@ -550,6 +550,7 @@ class Policy:
         self._cache: dict[object, Decision | _ArgumentPlan] = {}
         self._listing: dict[object, dict[str, bool]] = {}
         self._listed = 0
+        self._matched: dict[tuple[str, str], list[_Rule]] = {}
         #: Verdicts that forward a request unchanged, by (decision, rule id): immutable, shared.
         self._plainVerdicts: dict[tuple[str, str | None], Verdict] = {}
         rules = config.rules
@@ -630,8 +631,23 @@ class Policy:
     def _candidates(self, method: str, target: str) -> list[_Rule]:
         """
         The rules of C{method} whose matcher matches C{target}, in order, up to the first one
-        without conditions (which always decides).
+        without conditions (which always decides). Memoised per (method, target) when some rule
+        looks at the caller: a new caller (a new client address, say) then costs its condition
+        tests, not a scan of the rules.
         """
+        if self._callerKey is None or not self._cacheSize:
+            return self._match(method, target)
+        key = (method, target)
+        found = self._matched.get(key)
+        if found is None:
+            found = self._match(method, target)
+            if len(self._matched) >= self._cacheSize:
+                self._matched.clear()
+            self._matched[key] = found
+        return found
+
+    def _match(self, method: str, target: str) -> list[_Rule]:
+        """L{_candidates}, computed from the index."""
         index = self._indexes.get(method)
         if index is None:
             return []

@@ -419,7 +419,6 @@ class ListingTests(SynchronousTestCase):
         self.assertTrue(p.lister("tools/call", same)("read_file"))
         self.assertEqual(len(calls), len(names) + 1)
 
-
     def test_listingMemoBounded(self) -> None:
         """However many callers list, the memoised answers stay under the bound."""
         import mcpgw.policy
@@ -710,6 +709,23 @@ class CacheTests(SynchronousTestCase):
                 "tools/call", "t", Caller(keyId="ci-bot", client=f"10.0.0.{i}", session=str(i))
             )
         self.assertEqual(len(p._cache), 1)
+
+    def test_newCallerDoesNotRescan(self) -> None:
+        """A target already matched is not matched against the rules again for a new caller."""
+        p = policy(*DESIGN2, default="deny")
+        scans: list[str] = []
+        real = p._match
+
+        def counting(method: str, target: str) -> list[Any]:
+            scans.append(target)
+            return real(method, target)
+
+        p._match = counting  # type: ignore[method-assign]
+        for i in range(20):
+            caller = Caller(keyId=f"k{i}", principal=f"k{i}", client=f"10.0.0.{i}")
+            p.decide("tools/call", "payments_x", caller)
+            p.allows("tools/call", "read_file", caller)
+        self.assertEqual(scans, ["payments_x", "read_file"])
 
     def test_argumentPlanCachedNotTheDecision(self) -> None:
         """With argument conditions the cached entry still decides by each call's arguments."""
