@@ -168,6 +168,15 @@ class IPolicy(Interface):
     def allows(method: str, target: str | None = None, caller: Caller = ANONYMOUS) -> bool:
         """Whether C{target} is listed for C{caller}; C{allows(tool)}: a tool, anonymously."""
 
+    def lister(method: str, caller: Caller = ANONYMOUS) -> Callable[[str], bool]:
+        """L{allows} for one method and caller, as a memoised function of the target."""
+
+    def canDeny(method: str) -> bool:
+        """Whether some call of C{method} can be denied (else its listings need no filter)."""
+
+    def defaultFor(method: str) -> str:
+        """The action for a call of C{method} that no rule matches."""
+
     def verdict(messages: Sequence[Any], caller: Caller, now: float) -> Verdict:
         """The decision on a whole request (one message or a batch)."""
 
@@ -181,6 +190,9 @@ class IPolicy(Interface):
 
     def redactResult(rule_id: str, result: object) -> tuple[object, int]:
         """A copy of a call's C{result} scrubbed by the rule's C{redact_results}, and the count."""
+
+    def bucketKey(rule_id: str, caller: Caller) -> str:
+        """Whose bucket of the C{rate_limit} rule C{rule_id} a call by C{caller} takes from."""
 
     def rateLimit(rule_id: str, session: str, now: float) -> float | None:
         """Take a token: C{None} if allowed, else the seconds until one is available."""
@@ -545,7 +557,6 @@ class Policy:
         """
         self.defaultAction = config.default_action
         self.filterToolsList = config.filter_tools_list
-        self._config = config
         self._cacheSize = cacheSize
         self._cache: dict[object, Decision | _ArgumentPlan] = {}
         self._listing: dict[object, dict[str, bool]] = {}
