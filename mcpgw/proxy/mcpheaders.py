@@ -189,12 +189,24 @@ class ToolHeaders:
         return len(self._tools)
 
 
+_modern: dict[str | bytes, bool] = {}
+
+
 def isModern(version: str | bytes | None) -> bool:
-    """Whether an C{MCP-Protocol-Version} value names 2026-07-28 or a later revision."""
+    """
+    Whether an C{MCP-Protocol-Version} value names 2026-07-28 or a later revision (memoised:
+    clients send a handful of values).
+    """
     if version is None:
         return False
-    text = (version.decode("latin-1") if isinstance(version, bytes) else version).strip()
-    return bool(_VERSION.match(text)) and text >= MODERN
+    known = _modern.get(version)
+    if known is None:
+        text = (version.decode("latin-1") if isinstance(version, bytes) else version).strip()
+        known = bool(_VERSION.match(text)) and text >= MODERN
+        if len(_modern) >= 256:
+            _modern.clear()
+        _modern[version] = known
+    return known
 
 
 def decodeValue(raw: bytes, what: str) -> str:
