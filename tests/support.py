@@ -6,6 +6,7 @@ measured by a real client, independent of the reactor under test).
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import os
@@ -57,6 +58,15 @@ class ScriptedUpstream(resource.Resource):
         2026-07-28 C{x-mcp-header} annotations, one of them invalid), as JSON or as SSE.
       - C{mode=produce&size=N}: N bytes written 64 KiB at a time as the socket drains (a pull
         producer), counting what was produced in C{produced}.
+      - C{mode=answer} / C{mode=answersse}: the result C{results[method]} for the request's
+        method (by default L{CANNED_RESULTS}: the four listings with C{cacheScope: public}, a
+        C{tools/call}, C{resources/read} and C{prompts/get} result holding L{SECRET}), as JSON
+        (C{&chunks=N}: the body written in N chunks, no Content-Length; C{&gzip=1}: gzipped
+        when the request accepts it, as compressing middleware does) or as the SSE stream
+        L{answerStream} (events around the answer that no transform may touch; C{&hold=1}:
+        the stream stays open after them, until the gateway goes away); C{&status=N}
+        and C{&ctype=T} set the status and the Content-Type. The bytes sent are appended to
+        C{sent}.
     """
 
     isLeaf = True
@@ -67,6 +77,10 @@ class ScriptedUpstream(resource.Resource):
         self.cancelled: list[float] = []
         self.finishedStreams: list[float] = []
         self.produced = 0
+        #: The result answered per method in C{mode=answer} / C{mode=answersse}.
+        self.results: dict[str, Any] = json.loads(json.dumps(CANNED_RESULTS))
+        #: The body bytes sent in C{mode=answer} / C{mode=answersse}, one entry per request.
+        self.sent: list[bytes] = []
 
     def render(self, request: server.Request) -> Any:
         body = request.content.read() if request.content is not None else b""
@@ -137,6 +151,8 @@ class ScriptedUpstream(resource.Resource):
             request.write(b"event: message\nid: 1\ndata: " + payload + b"\n\n")
             request.finish()
             return server.NOT_DONE_YET
+        if mode in ("answer", "answersse"):
+            return self._answer(request, body, mode == "answersse", args)
         if mode == "produce":
             total = int(args["size"])
             request.setHeader(b"content-type", b"application/octet-stream")
@@ -168,6 +184,40 @@ class ScriptedUpstream(resource.Resource):
         except ValueError:
             rid = None
         return json.dumps({"jsonrpc": "2.0", "id": rid, "result": {"echo": body.decode()}}).encode()
+
+    def _answer(self, request: server.Request, body: bytes, sse: bool, args: dict[str, str]) -> Any:
+        msg = json.loads(body)
+        rid = msg.get("id")
+        # json.dumps' spacing, not orjson's compact form: a relayed answer is the same bytes only
+        # if the gateway left it alone.
+        payload = json.dumps({"jsonrpc": "2.0", "id": rid, "result": self.results[msg["method"]]})
+        if "status" in args:
+            request.setResponseCode(int(args["status"]))
+        chunks = int(args.get("chunks", "0"))
+        if not sse:
+            request.setHeader(b"content-type", args.get("ctype", "application/json").encode())
+            data = payload.encode()
+            accepts = b",".join(request.requestHeaders.getRawHeaders(b"accept-encoding", []))
+            if "gzip" in args and b"gzip" in accepts:
+                request.setHeader(b"content-encoding", b"gzip")
+                data = gzip.compress(data)
+            self.sent.append(data)
+            if not chunks:
+                return data
+            step = -(-len(data) // chunks)
+            for i in range(0, len(data), step):
+                request.write(data[i : i + step])
+            request.finish()
+            return server.NOT_DONE_YET
+        request.setHeader(b"content-type", args.get("ctype", "text/event-stream").encode())
+        request.setHeader(b"cache-control", b"no-cache")
+        pieces = answerStream(rid, payload.encode())
+        self.sent.append(b"".join(pieces))
+        for piece in pieces:
+            request.write(piece)
+        if "hold" not in args:
+            request.finish()
+        return server.NOT_DONE_YET
 
     def _jsonLater(self, request: server.Request, body: bytes) -> None:
         if not request._disconnected:
@@ -246,6 +296,82 @@ ANNOTATED_TOOLS: list[dict[str, Any]] = [
 
 #: The tools the scripted upstream lists (C{mode=tools} / C{mode=toolsse}).
 TOOL_NAMES = ("echo", "shell_exec", "admin_reset", "http_get", "search_web", "read_file")
+
+
+#: A secret (an AWS access key id, the C{aws_access_key} built-in) in the canned results.
+SECRET = "AKIAIOSFODNN7EXAMPLE"
+
+#: Cache hints as MCP 2026-07-28 puts them on a result.
+_PUBLIC = {"cacheScope": "public", "ttlMs": 60000}
+
+#: What C{mode=answer} / C{mode=answersse} answer, per request method.
+CANNED_RESULTS: dict[str, Any] = {
+    "tools/list": {
+        "tools": [
+            {"name": n, "inputSchema": {"type": "object"}}
+            for n in ("echo", "read_file", "admin_reset", "deploy")
+        ],
+        **_PUBLIC,
+    },
+    "resources/list": {
+        "resources": [
+            {"uri": "file:///srv/docs/guide.md", "name": "guide"},
+            {"uri": "file:///srv/secret/keys.txt", "name": "keys"},
+            {"uri": "file:///srv/docs/api.md", "name": "api"},
+        ],
+        **_PUBLIC,
+    },
+    "resources/templates/list": {
+        "resourceTemplates": [
+            {"uriTemplate": "file:///srv/docs/{name}", "name": "doc"},
+            {"uriTemplate": "file:///srv/secret/{name}", "name": "secret"},
+        ],
+        **_PUBLIC,
+    },
+    "prompts/list": {
+        "prompts": [{"name": "greet"}, {"name": "leak"}, {"name": "summarise"}],
+        **_PUBLIC,
+    },
+    "tools/call": {
+        "content": [
+            {"type": "text", "text": f"key={SECRET} ssn: 123-45-6789"},
+            {"type": "image", "data": "aGVsbG8=", "mimeType": "image/png"},
+            {"type": "text", "text": "nothing to hide"},
+        ],
+        "structuredContent": {"key": SECRET, "nested": [{"note": f"id {SECRET}"}], "n": 3},
+        "isError": False,
+    },
+    "resources/read": {
+        "contents": [{"uri": "file:///srv/docs/guide.md", "text": f"aws {SECRET}"}],
+        **_PUBLIC,
+    },
+    "prompts/get": {
+        "messages": [{"role": "user", "content": {"type": "text", "text": f"use {SECRET}"}}]
+    },
+}
+
+
+def answerStream(rid: Any, payload: bytes) -> list[bytes]:
+    """
+    The SSE answer of C{mode=answersse}, as the pieces written: a comment, a notification and a
+    server request reusing the client's id (both with L{SECRET} and the word C{result}), the
+    answer event (C{payload}, split across two writes), then another notification.
+    """
+    rid_text = json.dumps(rid).encode()
+    secret = SECRET.encode()
+    answer = b"id: 7\nevent: message\ndata: " + payload + b"\n\n"
+    half = len(answer) // 2
+    return [
+        b": opened\n\n",
+        b'event: message\ndata: {"jsonrpc": "2.0", "method": "notifications/message", '
+        b'"params": {"level": "info", "data": "result ' + secret + b'"}}\n\n',
+        b'event: message\ndata: {"jsonrpc": "2.0", "id": ' + rid_text + b', "method": '
+        b'"sampling/createMessage", "params": {"result": "' + secret + b'"}}\n\n',
+        answer[:half],
+        answer[half:],
+        b'event: message\ndata: {"jsonrpc": "2.0", "method": "notifications/message", '
+        b'"params": {"data": "after the result ' + secret + b'"}}\n\n',
+    ]
 
 
 def portOf(listeningPort: Any) -> int:

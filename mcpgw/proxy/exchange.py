@@ -33,7 +33,7 @@ from mcpgw.proxy.headers import (
     connectionTokens,
 )
 from mcpgw.proxy.mcpheaders import isModern
-from mcpgw.proxy.transforms import LISTS, Redact, ResponseTransform
+from mcpgw.proxy.transforms import CACHEABLE, LISTS, Redact, ResponseTransform
 from mcpgw.telemetry import (
     TARGET_METHODS,
     TraceParent,
@@ -210,14 +210,16 @@ class ProxyExchange:
                 break
         hasAccel = False
         transform = self.transform
-        filtering = transform is not None and status == 200
+        # Every 2xx answer with a body: clients read any of them as the answer (not only 200).
+        filtering = transform is not None and 200 <= status < 300 and status not in (204, 205)
         for name, value in headers:
             low = name.lower()
             if low in drop:
                 if low == b"content-length" and not filtering:
                     add(b"Content-Length", value)  # the body is relayed unchanged
                 continue
-            if low == b"content-type" and value.startswith(_EVENT_STREAM):
+            if low == b"content-type" and value[: len(_EVENT_STREAM)].lower() == _EVENT_STREAM:
+                # Media types are case-insensitive (RFC 9110 8.3.1), as clients read them.
                 self.isStream = True
             elif low == b"x-accel-buffering":
                 hasAccel = True
@@ -259,27 +261,30 @@ class ProxyExchange:
         """
         Decide which response transforms the answer goes through (L{mcpgw.proxy.transforms}):
         listing answers filtered for this caller (and checked for x-mcp-header annotations),
-        C{cacheScope} made private when what is listed depends on the caller, and the results
-        of calls under C{redact_results} scrubbed. Nothing applies: no transform at all.
+        C{cacheScope} made private in listing and C{resources/read} answers when policy depends
+        on the caller (L{CACHEABLE}), and the results of calls under C{redact_results} scrubbed.
+        Nothing applies: no transform at all.
         """
         methods: dict[Any, str] = {}
-        listing = False
+        listing = cacheable = False
         for msg in messages:
             method = msg.get("method")
             if isinstance(method, str) and "id" in msg:
                 methods[msg["id"]] = method
                 listing = listing or method in LISTS
+                cacheable = cacheable or method in CACHEABLE
         rules = self.resultRules
-        if not listing and not rules:
-            return
         policy = self.generation.policy
+        privateCache = policy.filterToolsList and policy.dependsOnCaller
+        if not listing and not rules and not (cacheable and privateCache):
+            return
         redactors: dict[Any, Redact] | None = None
         if rules:
             redactors = {rid: partial(policy.redactResult, rule) for rid, rule in rules.items()}
         transform = ResponseTransform(
             methods,
             keep=self._keep if listing else None,
-            privateCache=policy.filterToolsList and policy.dependsOnCaller,
+            privateCache=privateCache,
             redactors=redactors,
         )
         if transform.active:
