@@ -61,7 +61,7 @@ class ScriptedUpstream(resource.Resource):
       - C{mode=answer} / C{mode=answersse}: the result C{results[method]} for the request's
         method (by default L{CANNED_RESULTS}: the four listings with C{cacheScope: public}, a
         C{tools/call}, C{resources/read} and C{prompts/get} result holding L{SECRET}), as JSON
-        (C{&chunks=N}: the body written in N chunks, no Content-Length; C{&gzip=1}: gzipped
+        (C{&chunks=N}: the body written in N chunks, no Content-Length; C{&gzip=1}: gzipped (C{&gzip=force}: even when not accepted)
         when the request accepts it, as compressing middleware does) or as the SSE stream
         L{answerStream} (events around the answer that no transform may touch; C{&hold=1}:
         the stream stays open after them, until the gateway goes away); C{&status=N}
@@ -198,7 +198,7 @@ class ScriptedUpstream(resource.Resource):
             request.setHeader(b"content-type", args.get("ctype", "application/json").encode())
             data = payload.encode()
             accepts = b",".join(request.requestHeaders.getRawHeaders(b"accept-encoding", []))
-            if "gzip" in args and b"gzip" in accepts:
+            if "gzip" in args and (b"gzip" in accepts or args["gzip"] == "force"):
                 request.setHeader(b"content-encoding", b"gzip")
                 data = gzip.compress(data)
             self.sent.append(data)

@@ -1017,22 +1017,47 @@ class AnswerFormTests(CallerTestCase):
 
     @inlineCallbacks
     def test_gzipListing(self) -> Any:
-        """A gzipped JSON tools/list answer reaches a client that accepted gzip (httpx's default) filtered for its key, as the client decodes it."""
+        """
+        A client that accepts gzip (httpx's default): an answer mcpgw must inspect is asked for
+        uncompressed (Accept-Encoding: identity upstream), and the listing is filtered for its key.
+        """
         gz = {"Accept-Encoding": "gzip", **A}
         reply = yield self.call(path="/mcp?mode=answer&gzip=1", body=rpc("tools/list"), headers=gz)
         self.assertEqual(reply.status, 200)
-        self.assertIn(b"admin_reset", gzip.decompress(self.upstream.sent[-1]))
+        self.assertEqual(self.upstream.seen[-1].header("accept-encoding"), ["identity"])
         tools = listed(json.loads(self.decoded(reply))["result"], "tools/list")
         self.assertEqual(tools, SEEN["ci-bot"]["tools/list"])
 
     @inlineCallbacks
     def test_gzipResult(self) -> Any:
-        """A gzipped JSON tools/call answer reaches a client that accepted gzip scrubbed by redact_results."""
+        """The same for a tools/call answer under redact_results: it is scrubbed."""
         gz = {"Accept-Encoding": "gzip", **A}
         path = "/mcp?mode=answer&gzip=1"
         reply = yield self.call(path=path, body=call("fetch_report"), headers=gz)
         self.assertEqual(reply.status, 200)
         self.assertEqual(json.loads(self.decoded(reply))["result"], SCRUBBED)
+
+    @inlineCallbacks
+    def test_encodedAnywayFailsClosed(self) -> Any:
+        """
+        An upstream that gzips an answer mcpgw must inspect although it was asked not to: 502
+        upstream_bad_response with the id, never the unfiltered answer.
+        """
+        for body in (rpc("tools/list", id=5), call("fetch_report", id=5)):
+            reply = yield self.call(path="/mcp?mode=answer&gzip=force", body=body, headers=A)
+            self.assertEqual(reply.status, 502)
+            self.assertEqual(reply.json()["id"], 5)
+            self.assertEqual(reply.json()["error"]["message"], "upstream_bad_response")
+        self.assertEqual(self.auditLines()[-1]["error"], "upstream_bad_response")
+
+    @inlineCallbacks
+    def test_uninspectedAnswersKeepTheClientsEncoding(self) -> Any:
+        """An answer no transform touches is relayed as the upstream encoded it."""
+        gz = {"Accept-Encoding": "gzip", **A}
+        body = call("echo", {"text": "x"}, id=6)
+        reply = yield self.call(path="/mcp?mode=answer&gzip=1", body=body, headers=gz)
+        self.assertEqual(self.upstream.seen[-1].header("accept-encoding"), ["gzip"])
+        self.assertEqual((reply.status, reply.header("content-encoding")), (200, ["gzip"]))
 
     @inlineCallbacks
     def test_mediaTypeInAnotherCase(self) -> Any:

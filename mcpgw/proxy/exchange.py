@@ -48,6 +48,14 @@ log = Logger()
 
 _EVENT_STREAM = b"text/event-stream"
 
+def _encoded(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether an answer has a content coding (gzip, br, ...) other than identity."""
+    for name, value in headers:
+        if name.lower() == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+            return True
+    return False
+
+
 #: A listing kind -> the method and item member policy decides it by.
 _LISTED = {
     "resources": ("resources/read", "uri"),
@@ -199,6 +207,17 @@ class ProxyExchange:
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], transport: Any
     ) -> None:
         if self.closed:
+            return
+        if self.transform is not None and 200 <= status < 300 and _encoded(headers):
+            # Asked for identity (outbound), encoded anyway: an answer mcpgw must inspect and
+            # cannot is not relayed (fail closed).
+            if self.upstream is not None:
+                self.upstream.cancel()
+            self.respondError(
+                UpstreamBadResponse(
+                    "the upstream encoded (Content-Encoding) an answer mcpgw must inspect"
+                )
+            )
             return
         request = self.request
         request.setResponseCode(status, reason or None)

@@ -112,8 +112,11 @@ def upstreamRequest(
     extra = x.generation.auth.headersToDrop(x.clientIp)
     if extra:
         drop = drop | extra  # an identity header from a peer that is not a trusted proxy
+    inspected = x.transform is not None
     for name, value in endToEnd(list(rh.getAllRawHeaders()), drop):
         low = name.lower()
+        if inspected and low == b"accept-encoding":
+            continue  # an answer mcpgw rewrites must come uncompressed (identity, below)
         if low in injectedNames or (tracing and low in TRACE_HEADERS):
             continue
         if low not in _NO_CREDENTIALS and carriesKey(value, credential):
@@ -126,6 +129,8 @@ def upstreamRequest(
         parts += (name, b": ", value, b"\r\n")
     for name, value in route.injected:
         parts += (name, b": ", value, b"\r\n")
+    if inspected:
+        parts.append(b"Accept-Encoding: identity\r\n")
     if tracing:
         parts += (b"traceparent: ", traceparentOf(x), b"\r\n")
         state = x.parent.traceState if x.parent is not None else None
