@@ -176,7 +176,6 @@ class Generation:
     @ivar number: 1 for the config the process started with, then +1 per successful reload.
     @ivar routes: gateway path (bytes) -> L{Route}.
     @ivar policy: the compiled policy (rate-limit buckets of unchanged rules carried over).
-    @ivar filterTools: C{tools/list} answers must be filtered (filtering is on and policy can deny).
     @ivar auth: the authenticator, with caches of its own (a reload starts them empty).
     @ivar inputLimit: the per-address buckets of C{limits.input_rate_limit}, or C{None}.
     @ivar tls: the listener's TLS options (context built, so the files are known good), or
@@ -189,7 +188,6 @@ class Generation:
     hostGuard: HostGuard
     maxBodyBytes: int
     policy: Policy
-    filterTools: bool
     auth: Authenticator
     inputLimit: TokenBuckets | None
     tls: ServerTLS | None = None
@@ -246,7 +244,6 @@ def buildGeneration(
         hostGuard=HostGuard.fromConfig(config.listen),
         maxBodyBytes=config.limits.max_body_bytes,
         policy=policy,
-        filterTools=pc.filter_tools_list and policy.canDeny("tools/call"),
         auth=Authenticator(reactor, config.auth, config.tls, authPool),
         inputLimit=_inputLimit(config, previous),
         tls=tls,

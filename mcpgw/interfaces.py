@@ -66,14 +66,24 @@ class IAuthenticator(Interface):
     """Who the caller is, for one generation (L{mcpgw.auth.Authenticator})."""
 
     mode = Attribute("C{keys}, C{mtls} or C{external}.")
+    identityHeader = Attribute(
+        "The lower-case name of the header a trusted auth proxy names the caller in, or C{None}."
+    )
 
     def authenticate(
-        authorization: bytes | None, clientAddress: str, certIdentity: str | None
+        authorization: bytes | None,
+        clientAddress: str,
+        certIdentity: str | None,
+        identity: bytes | None = None,
     ) -> Any:
         """
         An L{mcpgw.auth.AuthResult} now, or a Deferred of one (a key verified off the reactor).
         Raises (or fails with) L{mcpgw.errors.Unauthenticated} or L{mcpgw.errors.RateLimited}.
+        C{identity}: the request's L{identityHeader} value, if any.
         """
+
+    def headersToDrop(clientAddress: str | None) -> frozenset[bytes]:
+        """Lower-case header names never forwarded for a request from C{clientAddress}."""
 
     def carriesKey(value: bytes, presented: bytes | None) -> bool:
         """Whether a request header value carries one of the gateway's credentials."""

@@ -104,13 +104,18 @@ class StaticAuthenticator:
     """
 
     mode = "external"
+    identityHeader: bytes | None = None
 
     def __init__(self, result: AuthResult | Exception = EXTERNAL) -> None:
         self.result = result
         self.calls: list[tuple[bytes | None, str, str | None]] = []
 
     def authenticate(
-        self, authorization: bytes | None, clientAddress: str, certIdentity: str | None
+        self,
+        authorization: bytes | None,
+        clientAddress: str,
+        certIdentity: str | None,
+        identity: bytes | None = None,
     ) -> AuthResult:
         self.calls.append((authorization, clientAddress, certIdentity))
         if isinstance(self.result, Exception):
@@ -119,6 +124,9 @@ class StaticAuthenticator:
 
     def carriesKey(self, value: bytes, presented: bytes | None) -> bool:
         return presented is not None and presented in value
+
+    def headersToDrop(self, clientAddress: str | None) -> frozenset[bytes]:
+        return frozenset()
 
 
 @implementer(ISink)

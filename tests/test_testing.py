@@ -6,7 +6,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass, verifyObject
 
 from mcpgw.audit.sinks import ISink
-from mcpgw.auth import AuthResult
+from mcpgw.auth import Authenticator, AuthResult
 from mcpgw.config import BatchConfig, WebhookSinkConfig
 from mcpgw.errors import Unauthenticated
 from mcpgw.interfaces import IAuditLog, IAuthenticator, IResponseSink, ITracer
@@ -30,6 +30,7 @@ class FakeTests(SynchronousTestCase):
         verifyObject(ITracer, MemoryTracer())
         verifyObject(IAuthenticator, StaticAuthenticator())
         verifyClass(ITracer, Tracer)
+        verifyClass(IAuthenticator, Authenticator)
 
     def test_staticAuthenticator(self) -> None:
         """It answers its result, or raises its error, and records every call."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -48,6 +49,7 @@ log = Logger()
 
 _EVENT_STREAM = b"text/event-stream"
 
+
 def _encoded(headers: list[tuple[bytes, bytes]]) -> bool:
     """Whether an answer has a content coding (gzip, br, ...) other than identity."""
     for name, value in headers:
@@ -85,6 +87,7 @@ class ProxyExchange:
         "_collected",
         "_held",
         "_heldBytes",
+        "_listers",
         "_producing",
         "_transforming",
         "authKeyId",
@@ -184,6 +187,7 @@ class ProxyExchange:
         #: The response transforms of this exchange (None: the answer is relayed as it is).
         self.transform: ResponseTransform | None = None
         self._transforming = False
+        self._listers: dict[str, Callable[[str], bool] | None] | None = None
         self.listing = False
         self.filteredTools: int | None = None
         self.headerRewrite: dict[tuple[bytes, bytes], bytes] | None = None
@@ -314,15 +318,26 @@ class ProxyExchange:
         """Whether one listed item stays in a listing answer for this caller."""
         if kind == "tools":
             return self._keepTool(item)
-        gen = self.generation
-        policy = gen.policy
-        if not policy.filterToolsList:
-            return True
         method, member = _LISTED[kind]
-        if not policy.canDeny(method):
+        shown = self._lister(method)
+        if shown is None:
             return True
         target = item.get(member)
-        return not isinstance(target, str) or policy.allows(method, target, self.caller)
+        return not isinstance(target, str) or shown(target)
+
+    def _lister(self, method: str) -> Callable[[str], bool] | None:
+        """
+        Policy's memoised listing test for C{method} and this caller (one per answer), or
+        C{None} when nothing of that method can be hidden.
+        """
+        listers = self._listers
+        if listers is None:
+            listers = self._listers = {}
+        if method not in listers:
+            policy = self.generation.policy
+            filtering = policy.filterToolsList and policy.canDeny(method)
+            listers[method] = policy.lister(method, self.caller) if filtering else None
+        return listers[method]
 
     def _keepTool(self, tool: Any) -> bool:
         """
@@ -333,8 +348,8 @@ class ProxyExchange:
         name = tool.get("name") if isinstance(tool, dict) else None
         if not isinstance(name, str):
             return True
-        gen = self.generation
-        if gen.filterTools and not gen.policy.allows("tools/call", name, self.caller):
+        shown = self._lister("tools/call")
+        if shown is not None and not shown(name):
             return False
         assert self.route is not None
         why = self.route.toolHeaders.observe(tool)
