@@ -31,7 +31,6 @@ generation (SIGHUP) starts with empty caches: a removed key fails at once, a new
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import math
 import os
@@ -217,7 +216,7 @@ class Authenticator:
         presented = bearerToken(authorization)
         if presented is None:
             raise Unauthenticated(auth_result="missing")
-        digest = hmac.new(self._secret, presented, hashlib.sha256).digest()
+        digest = hmac.digest(self._secret, presented, "sha256")
         now = self._reactor.seconds()
         entry = self._cache.get(digest)
         if entry is not None and entry[1] > now:
@@ -279,7 +278,7 @@ class Authenticator:
         for candidate in (token, rest.strip()) if space else (token,):
             # Only a value as long as some valid key can be one: most headers skip the HMAC.
             if len(candidate) in lengths:
-                entry = self._cache.get(hmac.new(self._secret, candidate, hashlib.sha256).digest())
+                entry = self._cache.get(hmac.digest(self._secret, candidate, "sha256"))
                 if entry is not None and entry[0] is not None:
                     return True
         return False
