@@ -32,7 +32,6 @@ from collections.abc import Iterator, Sequence
 from typing import Annotated, Any, get_args
 
 import anyio
-import uvicorn
 from mcp.server.caching import CacheHint
 from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
@@ -73,7 +72,7 @@ from mcp_types import (
 from mcp_types.methods import CacheableMethod
 from pydantic import Field
 
-from mcpgw.demo.server import memory_event_store
+from mcpgw.demo.server import memory_event_store, serve
 
 NAME = "mcpgw-conformance-reference"
 READY = "conformance MCP server listening on"
@@ -737,27 +736,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=args.host,
     )
 
-    class Server(uvicorn.Server):
-        async def startup(self, sockets: Any = None) -> None:
-            await super().startup(sockets)
-            if self.should_exit:
-                return
-            port = args.port
-            for server in self.servers:
-                for sock in server.sockets:
-                    port = sock.getsockname()[1]
-            print(f"{READY} http://{args.host}:{port}{path}", flush=True)
-
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        lifespan="on",
-        timeout_graceful_shutdown=2,
-    )
-    with contextlib.suppress(KeyboardInterrupt):
-        anyio.run(Server(config).serve)
+    serve(app, args.host, args.port, path, args.log_level, READY)
     return 0
 
 

@@ -165,8 +165,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     path = args.path if args.path.startswith("/") else "/" + args.path
 
-    import anyio
-    import uvicorn
     from mcp.server.transport_security import TransportSecuritySettings
 
     security = TransportSecuritySettings(
@@ -184,28 +182,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=args.host,
     )
 
+    serve(app, args.host, args.port, path, args.log_level, "demo MCP server listening on")
+    return 0
+
+
+def serve(app: Any, host: str, port: int, path: str, logLevel: str, announce: str) -> None:
+    """
+    Run an ASGI MCP app with uvicorn until interrupted, printing C{announce} and the endpoint's
+    URL once listening (the port actually bound when C{port} is 0), which launchers wait for.
+    """
+    import anyio
+    import uvicorn
+
     class Server(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets)
             if self.should_exit:
                 return
-            port = args.port
+            bound = port
             for server in self.servers:
                 for sock in server.sockets:
-                    port = sock.getsockname()[1]
-            print(f"demo MCP server listening on http://{args.host}:{port}{path}", flush=True)
+                    bound = sock.getsockname()[1]
+            print(f"{announce} http://{host}:{bound}{path}", flush=True)
 
     config = uvicorn.Config(
         app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
+        host=host,
+        port=port,
+        log_level=logLevel,
         lifespan="on",
         timeout_graceful_shutdown=2,
     )
     with contextlib.suppress(KeyboardInterrupt):
         anyio.run(Server(config).serve)
-    return 0
 
 
 if __name__ == "__main__":
