@@ -50,8 +50,6 @@ from mcpgw.telemetry import (
 
 log = Logger()
 
-_FORWARDED_METHODS = (b"POST", b"GET", b"DELETE")
-
 
 def _certIdentity(request: Any) -> str | None:
     """The verified client certificate identity of a TLS request (cached per connection)."""
