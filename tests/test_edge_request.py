@@ -572,3 +572,23 @@ class HeaderValidationTests(EdgeTestCase):
             modernCall("execute_sql", {"region": "us-west1"}, id=5),
         )
         self.assertRefused(reply, 400, -32020, "header_mismatch", 5)
+
+
+class InspectLimitTests(EdgeTestCase):
+    @inlineCallbacks
+    def test_answerTooLargeToInspectIs502(self) -> Any:
+        """
+        An answer mcpgw must inspect (a tools/list) larger than it reads whole: 502
+        upstream_bad_response with the id, not held in memory, not relayed unfiltered.
+        """
+        from mcpgw.proxy import exchange
+
+        self.patch(exchange, "INSPECT_MAX_BYTES", 1000)
+        reply = yield self.call(path="/mcp?mode=big&size=5000", body=rpc("tools/list", id=4))
+        self.assertEqual(reply.status, 502)
+        self.assertEqual(
+            (reply.json()["id"], reply.json()["error"]["message"]), (4, "upstream_bad_response")
+        )
+        # an answer nothing inspects is relayed whatever its size
+        reply = yield self.call(path="/mcp?mode=big&size=5000", body=rpc("ping", id=5))
+        self.assertEqual((reply.status, len(reply.body)), (200, 5000))

@@ -67,6 +67,9 @@ _LISTED = {
 #: A JSON (not SSE) answer is held back until it is complete or this large, so that an upstream
 #: that breaks framing early (a short body, bad chunking) still gets the client a 502.
 HOLD_BYTES = 256 * 1024
+#: A JSON answer that must be inspected (listing filter, result redaction) is read whole; one
+#: larger than this is refused (502) instead of being held in memory.
+INSPECT_MAX_BYTES = 16 * 1024 * 1024
 
 _ID_PREFIX = secrets.token_hex(4)
 _idCounter = itertools.count(secrets.randbelow(1 << 32))
@@ -369,6 +372,18 @@ class ProxyExchange:
             return
         if self._collected is not None:
             self._collected.append(data)
+            self._heldBytes += len(data)
+            if self._heldBytes > INSPECT_MAX_BYTES:
+                # Too large to inspect whole: fail closed rather than hold it all in memory.
+                if self.upstream is not None:
+                    self.upstream.cancel()
+                self.upstreamFailed(
+                    UpstreamBadResponse(
+                        f"the upstream's answer exceeds {INSPECT_MAX_BYTES} bytes, more than "
+                        "mcpgw inspects"
+                    ),
+                    True,
+                )
             return
         held = self._held
         if held is not None:
