@@ -95,7 +95,7 @@ class Gateway:
     @property
     def maxBodyBytes(self) -> int:
         """C{limits.max_body_bytes} of the current generation."""
-        return self.generation.maxBodyBytes
+        return self.admission.maxBodyBytes
 
     # -- connections (graceful stop) -----------------------------------------------------
 

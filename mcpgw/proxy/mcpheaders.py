@@ -57,7 +57,8 @@ _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _UNSAFE = re.compile(rb"[^\x20-\x7e\t]")
 _DECIMAL = re.compile(r"^-?[0-9]+(?:\.[0-9]+)?$")
 _B64_START, _B64_END = b"=?base64?", b"?="
-_PARAM_PREFIX = b"mcp-param-"
+#: The lower-case prefix of the headers that mirror tool arguments.
+PARAM_PREFIX = b"mcp-param-"
 _TYPES = frozenset({"string", "integer", "boolean"})
 
 #: Keywords whose value is one subschema, a list of them, or a map of them (JSON Schema 2020-12).
@@ -147,7 +148,7 @@ def _annotation(path: tuple[str, ...] | None, node: dict[str, Any], seen: set[st
     if low in seen:
         raise InvalidAnnotation(f"x-mcp-header {token!r} is used twice")
     seen.add(low)
-    return ParamHeader(_PARAM_PREFIX + low.encode("ascii"), path, kind)
+    return ParamHeader(PARAM_PREFIX + low.encode("ascii"), path, kind)
 
 
 class ToolHeaders:
@@ -207,6 +208,26 @@ def isModern(version: str | bytes | None) -> bool:
             _modern.clear()
         _modern[version] = known
     return known
+
+
+def sentinelText(raw: bytes) -> tuple[str, bool]:
+    """
+    A header value as text, leniently (for rewriting, not for checking): C{=?base64?...?=}
+    decoded when it can be, else the value as it is.
+
+    @return: the text, and whether it was in the sentinel form (rewrite it the same way).
+    """
+    if raw.startswith(_B64_START) and raw.endswith(_B64_END):
+        try:
+            return base64.b64decode(raw[len(_B64_START) : -len(_B64_END)]).decode(), True
+        except (ValueError, UnicodeDecodeError):
+            pass
+    return raw.decode("latin-1"), False
+
+
+def sentinel(text: str) -> bytes:
+    """C{text} in the C{=?base64?...?=} form."""
+    return _B64_START + base64.b64encode(text.encode()) + _B64_END
 
 
 def decodeValue(raw: bytes, what: str) -> str:
@@ -299,7 +320,7 @@ def _checkParams(
     arguments: dict[str, Any],
 ) -> None:
     for p in found:
-        what = "Mcp-Param-" + p.header[len(_PARAM_PREFIX) :].decode("ascii")
+        what = "Mcp-Param-" + p.header[len(PARAM_PREFIX) :].decode("ascii")
         raw = _single(headers, p.header, what)
         value: Any = arguments
         for step in p.path:

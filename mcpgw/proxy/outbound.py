@@ -7,7 +7,6 @@ C{Mcp-Param-*} values a redact rule scrubbed.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +15,7 @@ from mcpgw.proxy.headers import (
     REQUEST_DROP,
     endToEnd,
 )
+from mcpgw.proxy.mcpheaders import PARAM_PREFIX, sentinel, sentinelText
 from mcpgw.telemetry import (
     TRACE_HEADERS,
     traceparentOf,
@@ -39,10 +39,6 @@ _NO_CREDENTIALS = frozenset(
 )
 
 
-_PARAM_HEADER = b"mcp-param-"
-_B64_START, _B64_END = b"=?base64?", b"?="
-
-
 def paramHeaderRewrites(
     headers: Any, policy: Any, ruleIds: Sequence[str]
 ) -> dict[tuple[bytes, bytes], bytes] | None:
@@ -59,28 +55,16 @@ def paramHeaderRewrites(
     out: dict[tuple[bytes, bytes], bytes] = {}
     for name, values in headers.getAllRawHeaders():
         low = name.lower()
-        if not low.startswith(_PARAM_HEADER):
+        if not low.startswith(PARAM_PREFIX):
             continue
         for value in values:
-            encoded = value.startswith(_B64_START) and value.endswith(_B64_END)
-            text = None
-            if encoded:
-                try:
-                    text = base64.b64decode(value[len(_B64_START) : -len(_B64_END)]).decode()
-                except (ValueError, UnicodeDecodeError):
-                    encoded = False
-            if text is None:
-                text = value.decode("latin-1")
+            text, encoded = sentinelText(value)
             changed = 0
             for ruleId in ruleIds:
                 new, n = policy.redact(ruleId, text)
                 text, changed = new, changed + n
             if changed:
-                out[(low, value)] = (
-                    _B64_START + base64.b64encode(text.encode()) + _B64_END
-                    if encoded
-                    else text.encode("latin-1", "replace")
-                )
+                out[(low, value)] = sentinel(text) if encoded else text.encode("latin-1", "replace")
     return out or None
 
 
