@@ -138,16 +138,31 @@ def checkShape(body: bytes, value: Any) -> None:
         raise InvalidRequest(
             f"the body is nested deeper than {MAX_DEPTH} levels", requestId=_idOf(value)
         )
-    if orjson.dumps(value) == body:
-        return
+    key = duplicateKey(body, value)
+    if key is not None:
+        # The id itself may be the duplicate: then no id is trustworthy.
+        rid = None if key == "id" else _idOf(value)
+        raise InvalidRequest(f"duplicate key {key!r} in a JSON object", requestId=rid)
+
+
+def duplicateKey(body: bytes, value: Any) -> str | None:
+    """
+    The first key an object of C{body} repeats, else C{None}. C{value} is C{body} as orjson
+    parsed it (keeping the last copy of a repeated key). Compact JSON is proven duplicate-free
+    by re-serialising C{value}; any other body is parsed a second time with a detector.
+
+    @raise RecursionError: C{body} is too deep for the second parse.
+    """
+    try:
+        if orjson.dumps(value) == body:
+            return None
+    except orjson.JSONEncodeError:
+        pass
     try:
         _strictDecoder.decode(body.decode("utf-8"))
     except _DuplicateKey as e:
-        # The id itself may be the duplicate: then no id is trustworthy.
-        rid = None if e.args[0] == "id" else _idOf(value)
-        raise InvalidRequest(
-            f"duplicate key {e.args[0]!r} in a JSON object", requestId=rid
-        ) from None
+        return str(e.args[0])
+    return None
 
 
 def parseBody(body: bytes) -> RpcSummary:

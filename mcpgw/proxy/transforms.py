@@ -76,6 +76,7 @@ from typing import Any
 import orjson
 
 from mcpgw.errors import UpstreamBadResponse
+from mcpgw.jsonrpc import duplicateKey
 
 __all__ = [
     "CACHEABLE",
@@ -282,16 +283,11 @@ class ResponseTransform:
         if any(map(_isResponse, items)):
             # A duplicate key (even "id") means clients may read a copy not inspected here.
             try:
-                canonical = orjson.dumps(value) == payload
-            except orjson.JSONEncodeError:
-                canonical = False
-            if not canonical:
-                try:
-                    duplicates = _decodeLenient(payload)[1]
-                except (ValueError, RecursionError):
-                    duplicates = True  # cannot tell: send what was inspected
-                if duplicates:
-                    return self._dumps(value)
+                duplicates = duplicateKey(payload, value) is not None
+            except (ValueError, RecursionError):
+                duplicates = True  # cannot tell: send what was inspected
+            if duplicates:
+                return self._dumps(value)
         return None
 
     def _lenient(self, payload: bytes) -> bytes | None:
