@@ -51,7 +51,6 @@ __all__ = [
     "CHECK_INTERVAL",
     "NBF_LEEWAY",
     "PRODUCT",
-    "WATCH_INTERVAL",
     "License",
     "LicenseError",
     "LicenseKey",
@@ -76,8 +75,6 @@ REQUIRED_CLAIMS = ("iss", "sub", "name", "iat", "nbf", "exp", "product", "entitl
 NBF_LEEWAY = 300
 #: Seconds between two checks of the license by the running gateway (the daily warning).
 CHECK_INTERVAL = 86400.0
-#: Seconds between two looks (an identity comparison) for a reloaded configuration.
-WATCH_INTERVAL = 5.0
 #: Within this many days of C{exp}, the daily check warns that the license is about to expire.
 RENEWAL_WARNING_DAYS = 30
 #: A license file larger than this is not a license.
@@ -458,9 +455,8 @@ class LicenseService(Service):
       - Daily, the configured file is read again, so a renewed license dropped in place is
         picked up; a file that no longer verifies is logged as an error and the last good
         state kept.
-      - Every L{WATCH_INTERVAL} seconds, C{currentConfig()} is compared (by identity) with the
-        config last seen; after a reload, the new config's license is verified and logged if it
-        changed.
+      - After a reload, the reloader hands the new config to L{configChanged}: its license is
+        verified and logged if it changed.
     """
 
     name = "license"
@@ -469,14 +465,11 @@ class LicenseService(Service):
         self,
         reactor: Any,
         state: LicenseState,
-        currentConfig: Callable[[], Config] | None = None,
         keys: Sequence[LicenseKey] | None = None,
         logger: Logger = log,
     ) -> None:
         self.reactor = reactor
         self.state = state
-        self._currentConfig = currentConfig
-        self._seenConfig: Config | None = currentConfig() if currentConfig is not None else None
         self._keys = keys
         self._log = logger
         self._loops: list[LoopingCall] = []
@@ -493,18 +486,12 @@ class LicenseService(Service):
     def startService(self) -> None:
         super().startService()
         self.announce()
-        for interval, call in (
-            (CHECK_INTERVAL, self.check),
-            (WATCH_INTERVAL, self.watch),
-        ):
-            if call == self.watch and self._currentConfig is None:
-                continue
-            loop = LoopingCall(call)
-            loop.clock = self.reactor
-            loop.start(interval, now=False).addErrback(
-                lambda f: self._log.failure("license check failed", f)
-            )
-            self._loops.append(loop)
+        loop = LoopingCall(self.check)
+        loop.clock = self.reactor
+        loop.start(CHECK_INTERVAL, now=False).addErrback(
+            lambda f: self._log.failure("license check failed", f)
+        )
+        self._loops.append(loop)
 
     def stopService(self) -> None:
         for loop in self._loops:
@@ -532,16 +519,8 @@ class LicenseService(Service):
             self._reverify(self.state.path, "(daily check)")
         self.announce()
 
-    def watch(self) -> None:
-        """Poll C{currentConfig} (when given) for a reloaded config (see L{configChanged})."""
-        assert self._currentConfig is not None
-        config = self._currentConfig()
-        if config is not self._seenConfig:
-            self.configChanged(config)
-
     def configChanged(self, config: Config) -> None:
         """A reload published C{config}: verify its license; log it if it changed."""
-        self._seenConfig = config
         previous = self.state
         path = config.license.file
         if path is None:

@@ -40,7 +40,6 @@ from mcpgw.config import ConfigError, load_config
 from mcpgw.license import (
     CHECK_INTERVAL,
     NBF_LEEWAY,
-    WATCH_INTERVAL,
     LicenseError,
     LicenseKey,
     LicenseService,
@@ -603,16 +602,12 @@ class InProcessBehaviourTests(SynchronousTestCase):
         clock, log = Clock(), Captured()
         clock.advance(time.time())
         self.writeLicense(sign(self.private))
-        current = [load_config(self.config)]
         service = LicenseService(
-            clock, LicenseState(None, None), lambda: current[0], keys=[self.key], logger=log.logger
+            clock, LicenseState(None, None), keys=[self.key], logger=log.logger
         )
         service.startService()
         self.assertIn("evaluation mode", log.texts("info")[-1])
-        clock.advance(WATCH_INTERVAL)
-        self.assertIn("evaluation mode", log.texts("info")[-1])
-        current[0] = load_config(self.config)
-        clock.advance(WATCH_INTERVAL)
+        service.configChanged(load_config(self.config))
         self.assertEqual(service.state.mode(clock.seconds()), "licensed")
         self.assertIn("licensed to Acme Corp", log.texts("info")[-1])
         service.stopService()
