@@ -67,7 +67,8 @@ class Admission:
     def sweepSlowClients(self) -> None:
         """
         Called about once a second: answer 408 and close connections whose request headers or
-        body are arriving too slowly (C{limits.header_timeout}, C{limits.body_timeout}).
+        body are arriving too slowly (C{limits.header_timeout}, C{limits.body_timeout}), and close
+        keep-alive connections idle between requests for longer than the site's idle timeout.
         """
         limits = self.current().config.limits
         now = self.reactor.seconds()
@@ -79,3 +80,5 @@ class Admission:
                 )
             elif body is not None and now - body > limits.body_timeout:
                 channel.reject(RequestTimeout(f"body not received within {limits.body_timeout:g}s"))
+            elif channel.idleFor(now) > channel.site.idleTimeout:
+                channel.loseConnection()  # a keep-alive connection idle between requests
