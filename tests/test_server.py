@@ -8,6 +8,7 @@ audited, and the upstream never sees the request.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -40,10 +41,9 @@ class RawClient:
         self.buf = b""
 
     def send(self, data: bytes) -> None:
-        try:
+        # Refused early, the gateway may close its side first: the answer is still there to read.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self.sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # refused early: the answer is still there to read
 
     def _fill(self) -> bool:
         data = self.sock.recv(65536)
