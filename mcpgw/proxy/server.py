@@ -191,11 +191,7 @@ class GatewayRequest:
         raw = headers._rawHeaders
         code = self.code
         self._bodyless = self.method == b"HEAD" or code in _NO_BODY_CODES
-        if (
-            b"Content-Length" not in raw
-            and self.clientproto == b"HTTP/1.1"
-            and not self._bodyless
-        ):
+        if b"Content-Length" not in raw and self.clientproto == b"HTTP/1.1" and not self._bodyless:
             raw[b"Transfer-Encoding"] = [b"chunked"]
             self.chunked = True
         if not self.persistent:
