@@ -259,10 +259,10 @@ class ServerTLSProtocol(BufferingTLSTransport):
     Twisted's TLS server protocol, made to close like a TCP transport. C{loseConnection} still
     flushes what was written, but:
 
-      - a I{streaming} producer does not hold the close (TCP does not wait for one either).
-        C{HTTPChannel} stays registered as one for the life of the connection, so without this a
-        C{channel.transport.loseConnection()} (graceful stop, an early 4xx) would wait until the
-        client goes away;
+      - a I{streaming} producer does not hold the close (TCP does not wait for one either). A
+        request's upstream transport stays registered as one while its answer streams, so
+        without this a C{channel.transport.loseConnection()} (graceful stop) would wait until
+        the client goes away;
       - after our C{close_notify} the TCP connection is closed at once, without waiting for the
         client's (RFC 8446 6.1 and RFC 5246 7.2.1 allow it): an idle keep-alive client does not
         read, so it would never answer.
