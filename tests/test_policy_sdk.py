@@ -533,10 +533,7 @@ def test_tools_list_filtered(
 
     wait_until(lambda: len(list_lines()) == 1, timeout=5)
     [line] = list_lines()
-    if (line["error"], line["filtered_tools"]) == ("client_closed", None):
-        # The race described in call_lines(); the client did get the filtered list.
-        pytest.xfail(
-            "gateway bug: filtered_tools is null when the client closes an SSE tools/list answer "
-            "after its result event but before the upstream ends the stream"
-        )
-    assert (line["status"], line["error"], line["filtered_tools"]) == (200, None, filtered)
+    # The race described in call_lines(): the client did get the filtered list, and the line
+    # counts what was left out of it either way.
+    error = None if (line["status"], line["error"]) == (200, "client_closed") else line["error"]
+    assert (line["status"], error, line["filtered_tools"]) == (200, None, filtered)
