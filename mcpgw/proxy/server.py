@@ -43,6 +43,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import httptools
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -99,6 +100,7 @@ class GatewayRequest:
         "_bodyless",
         "_disconnected",
         "_rejected",
+        "admission",
         "admitted",
         "body",
         "bodySize",
@@ -151,6 +153,8 @@ class GatewayRequest:
         self.finished = False
         self.complete = False
         self.admitted = False
+        #: The admission decision while it is awaited (a shared state backend answers later).
+        self.admission: Deferred[GatewayError | None] | None = None
         self.pendingError: GatewayError | None = None
         self._bodyless = False
         self._disconnected = False
@@ -430,7 +434,12 @@ class GatewayChannel(Protocol):
         if request is None:
             return
         request.complete = True
-        if request.admitted and not request._rejected and self.isCurrent(request):
+        if (
+            request.admitted
+            and request.admission is None
+            and not request._rejected
+            and self.isCurrent(request)
+        ):
             self._dispatch(request)
 
     # -- answering, in order ---------------------------------------------------------------
@@ -449,7 +458,22 @@ class GatewayChannel(Protocol):
             return
         if request._rejected:
             return
-        refusal = self.gateway.admit(request, self._expectedOf(request))
+        # A refusal, None, or (with a shared state backend) a Deferred of either.
+        refusal: Any = self.gateway.admit(request, self._expectedOf(request))
+        if isinstance(refusal, Deferred):
+            # A shared state backend answers later: the body is read meanwhile, and the request
+            # is forwarded only once admitted.
+            request.admission = refusal
+            refusal.addErrback(self._admissionFailed)
+            refusal.addCallback(self._admitted, request)
+            return
+        self._admitted(refusal, request)
+
+    def _admitted(self, refusal: GatewayError | None, request: GatewayRequest) -> None:
+        """The admission decision: refuse, or 100 Continue and go on."""
+        request.admission = None
+        if request._disconnected or request._rejected:
+            return
         if refusal is not None:
             request.rejectEarly(refusal)
             return
@@ -457,6 +481,10 @@ class GatewayChannel(Protocol):
             self.transport.write(_CONTINUE)
         if request.complete:
             self._dispatch(request)
+
+    def _admissionFailed(self, failure: Failure) -> GatewayError:
+        log.failure("the admission check failed", failure)
+        return InternalError("unexpected error, see the gateway log")
 
     def _expectedOf(self, request: GatewayRequest) -> int | None:
         """The declared body size (llhttp checked it is one decimal number), else C{None}."""
