@@ -105,6 +105,23 @@ class PolicyDenied(GatewayError):
     message = "policy_denied"
 
 
+class ToolNotApproved(PolicyDenied):
+    """
+    Tool pinning (C{enforce}): the called tool is not in the lock file, or its latest listed
+    definition is not the approved one. C{data}: C{reason: tool_not_approved}, C{tool} and
+    C{pin} (C{new} or C{changed}).
+    """
+
+    def __init__(self, tool: str, pin: str, *, requestId: Any = None) -> None:
+        super().__init__(
+            f"tool {tool!r} is {pin} and not approved: mcpgw tools approve, then reload",
+            requestId=requestId,
+            reason="tool_not_approved",
+            tool=tool,
+            pin=pin,
+        )
+
+
 class RateLimited(GatewayError):
     """
     A token bucket is empty: C{data.rule_id} for a policy rule, C{data.scope} for the input limit.

@@ -28,6 +28,7 @@ from mcpgw.errors import (
 from mcpgw.generation import Generation, Route
 from mcpgw.interfaces import IResponseSink
 from mcpgw.jsonrpc import RpcSummary
+from mcpgw.pinning import UpstreamPins
 from mcpgw.policy import ANONYMOUS, Caller
 from mcpgw.proxy.headers import (
     RESPONSE_DROP,
@@ -120,6 +121,7 @@ class ProxyExchange:
         "method",
         "parent",
         "path",
+        "pins",
         "principal",
         "protocolVersion",
         "redacted",
@@ -136,6 +138,7 @@ class ProxyExchange:
         "status",
         "target",
         "tool",
+        "toolPin",
         "traceId",
         "transform",
         "upstream",
@@ -193,6 +196,10 @@ class ProxyExchange:
         self._listers: dict[str, Callable[[str], bool] | None] | None = None
         self.listing = False
         self.filteredTools: int | None = None
+        #: Tool pinning for this request's upstream (C{None}: off).
+        self.pins: UpstreamPins | None = None
+        #: Tool pinning's verdict for the audit line: C{new}, C{changed} or C{None}.
+        self.toolPin: str | None = None
         self.headerRewrite: dict[tuple[bytes, bytes], bytes] | None = None
         #: The bearer token presented in C{Authorization} (never forwarded, in any header).
         self.credential: bytes | None = None
@@ -286,7 +293,8 @@ class ProxyExchange:
     def prepareTransforms(self, messages: list[dict[str, Any]]) -> None:
         """
         Decide which response transforms the answer goes through (L{mcpgw.proxy.transforms}):
-        listing answers filtered for this caller (and checked for x-mcp-header annotations),
+        listing answers filtered for this caller (and checked for x-mcp-header annotations, and
+        by tool pinning: not approved tools noted, or held back in C{enforce} mode),
         C{cacheScope} made private in listing and C{resources/read} answers when policy depends
         on the caller (L{CACHEABLE}), and the results of calls under C{redact_results} scrubbed.
         Nothing applies: no transform at all.
@@ -307,11 +315,14 @@ class ProxyExchange:
         redactors: dict[Any, Redact] | None = None
         if rules:
             redactors = {rid: partial(policy.redactResult, rule) for rid, rule in rules.items()}
+        pins = self.pins if listing else None
         transform = ResponseTransform(
             methods,
             keep=self._keep if listing else None,
             privateCache=privateCache,
             redactors=redactors,
+            pin=pins.listed if pins is not None else None,
+            holdBack=pins is not None and pins.enforce,
         )
         if transform.active:
             self.transform = transform
@@ -499,6 +510,8 @@ class ProxyExchange:
         if transform is not None and self._transforming:
             if self.listing:
                 self.filteredTools = transform.removed
+                if transform.pinned is not None:
+                    self.toolPin = transform.pinned
             if self.resultRules:
                 self.redactedResults = transform.redactedResults
         self.closed = True

@@ -24,6 +24,13 @@ Transforms (each acts on the C{result} of a JSON-RPC response whose id the reque
     the caller may read a resource is decided per caller too). A result with C{ttlMs} but no
     C{cacheScope} gets C{"private"} (some SDKs read a missing scope as public); a result with
     neither (an earlier protocol revision: no caching hints) is left alone;
+  - tool pinning (C{pin}, C{holdBack}; L{mcpgw.pinning}): a C{tools/list} answer's tool list is
+    passed whole to C{pin}, which says which tools the lock file does not approve (memoised by
+    the list's bytes, so an unchanged list is not hashed again); the worst verdict is kept in
+    L{ResponseTransform.pinned} (C{changed} over C{new}). With C{holdBack} (C{enforce}) those
+    tools are left out, in the same pass as the listing filter, and an answer that lost one
+    gets a private C{cacheScope} (as for C{privateCache}, below). Every entry of a tool whose
+    name is not approved is left out, even when the same name is listed twice;
   - result redaction (C{redactResult} with C{resultIds}, or C{redactors} per id): the C{result}
     of a response whose id was asked for is replaced by what the function returns; the count it
     returns adds to L{ResponseTransform.redactedResults}. Any method's response is scrubbed when
@@ -82,12 +89,18 @@ __all__ = [
     "CACHEABLE",
     "LISTS",
     "Keep",
+    "Pin",
     "Redact",
     "ResponseTransform",
 ]
 
 #: Decides whether one listed item stays: C{keep(kind, item)}, C{kind} as in L{LISTS}.
 Keep = Callable[[str, dict[str, Any]], bool]
+
+#: Tool pinning's verdict on one C{tools/list} answer's C{result.tools}: the name of each tool
+#: the lock file does not approve -> C{"new"} or C{"changed"}
+#: (L{mcpgw.pinning.UpstreamPins.listed}).
+Pin = Callable[[list[Any]], Mapping[str, str]]
 
 #: Scrubs one C{result}: the new result (the same object when nothing changed) and how many
 #: strings changed.
@@ -142,6 +155,8 @@ class ResponseTransform:
     @ivar redactedResults: strings changed in results so far.
     @ivar refused: responses replaced by an error because they could not be inspected or
         re-serialised.
+    @ivar pinned: tool pinning's verdict on the listed tools: C{"changed"} if any listed tool
+        changed since approval, else C{"new"} if any is not approved, else C{None}.
     """
 
     def __init__(
@@ -153,6 +168,8 @@ class ResponseTransform:
         redactResult: Redact | None = None,
         resultIds: Collection[Any] = (),
         redactors: Mapping[Any, Redact] | None = None,
+        pin: Pin | None = None,
+        holdBack: bool = False,
     ) -> None:
         """
         @param methods: JSON-RPC request id -> method, for every request the answer may respond
@@ -162,8 +179,11 @@ class ResponseTransform:
         @param redactResult: scrubs the results of the responses to C{resultIds}.
         @param redactors: request id -> its scrubbing function, for a batch whose calls need
             different ones (wins over C{redactResult} for its ids).
+        @param pin: tool pinning's verdict on a C{tools/list} answer's tools (C{None}: off).
+        @param holdBack: leave the tools C{pin} names out (C{enforce}); else only note them.
         """
         self.removed = 0
+        self.pinned: str | None = None
         self.redactedResults = 0
         self.refused = 0
         byId: dict[str | int | float, str] = {}
@@ -185,8 +205,9 @@ class ResponseTransform:
         for key in byId.keys() | scrubbers.keys():
             answers = byId.get(key, "")
             steps: list[_Step] = []
-            if keep is not None and answers in LISTS:
-                steps.append(self._listStep(LISTS[answers][0], keep))
+            pinning = pin if answers == "tools/list" else None
+            if (keep is not None or pinning is not None) and answers in LISTS:
+                steps.append(self._listStep(LISTS[answers][0], keep, pinning, holdBack))
             if privateCache and answers in CACHEABLE:
                 steps.append(_privateScope)
             if key in scrubbers:
@@ -201,16 +222,39 @@ class ResponseTransform:
 
     # -- Steps -------------------------------------------------------------------------------
 
-    def _listStep(self, kind: str, keep: Keep) -> _Step:
+    def _listStep(self, kind: str, keep: Keep | None, pin: Pin | None, holdBack: bool) -> _Step:
         def step(result: dict[str, Any]) -> dict[str, Any] | None:
             items = result.get(kind)
             if not isinstance(items, list):
                 return None
-            kept = [item for item in items if not isinstance(item, dict) or keep(kind, item)]
+            held: Mapping[str, str] | None = None
+            if pin is not None:
+                verdicts = pin(items)
+                if verdicts:
+                    worst = "changed" if "changed" in verdicts.values() else "new"
+                    if self.pinned != "changed":
+                        self.pinned = worst
+                    if holdBack:
+                        held = verdicts
+            if held is None:
+                if keep is None:
+                    return None
+                kept = [item for item in items if not isinstance(item, dict) or keep(kind, item)]
+            else:
+                kept = [
+                    item
+                    for item in items
+                    if not isinstance(item, dict)
+                    or (not _named(item, held) and (keep is None or keep(kind, item)))
+                ]
             if len(kept) == len(items):
                 return None
             self.removed += len(items) - len(kept)
-            return {**result, kind: kept}
+            new = {**result, kind: kept}
+            if held is not None and any(isinstance(i, dict) and _named(i, held) for i in items):
+                # A transitional answer (tools held back until approved): no shared cache.
+                new = _privateScope(new) or new
+            return new
 
         return step
 
@@ -445,6 +489,12 @@ def _blankEnd(buf: bytes | bytearray, pos: int) -> int:
     if buf[best + 1] == 0x0D and buf[end : end + 1] == b"\n":
         end += 1
     return end
+
+
+def _named(item: dict[str, Any], names: Mapping[str, str]) -> bool:
+    """Whether a listed item's C{name} is one of C{names}."""
+    name = item.get("name")
+    return isinstance(name, str) and name in names
 
 
 def _privateScope(result: dict[str, Any]) -> dict[str, Any] | None:
