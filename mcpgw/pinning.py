@@ -715,4 +715,3 @@ class PinningService(Service):
         except OSError as e:
             log.error("tool pinning: cannot write {path}: {e}", path=self.path, e=e)
         return succeed(None)
-
