@@ -59,6 +59,7 @@ __all__ = [
     "definitionHash",
     "formatLock",
     "jcs",
+    "jcsBytes",
     "parseLock",
     "pinnedDefinition",
     "readLock",
@@ -131,47 +132,120 @@ def _number(value: float) -> str:
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _string(value: str) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    if _LONE_SURROGATE.search(text):
-        # Unpaired surrogates (from a lenient parse) are escaped, as JSON.stringify does.
-        text = _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
-    return text
-
-
-def jcs(value: Any) -> str:
+def _string(value: str) -> bytes:
     """
-    The RFC 8785 (JSON Canonicalization Scheme) serialisation of a JSON value: object members
-    sorted by the UTF-16 code units of their names, no whitespace, strings escaped as
+    A string as C{JSON.stringify} writes it: C{"} and C{\\} escaped, control characters as
+    C{\\b \\t \\n \\f \\r} or C{\\u00xx}, everything else as UTF-8 (orjson writes exactly
+    that); unpaired surrogates (from a lenient parse) as C{\\udxxx}, as JSON.stringify does.
+    """
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        text = json.dumps(value, ensure_ascii=False)
+        text = _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+        return text.encode("utf-8")
+
+
+def _utf16(key: str) -> bytes:
+    return key.encode("utf-16-be", "surrogatepass")
+
+
+def _serialise(value: Any, out: list[bytes]) -> None:
+    if isinstance(value, str):
+        out.append(_string(value))
+    elif value is None:
+        out.append(b"null")
+    elif value is True:
+        out.append(b"true")
+    elif value is False:
+        out.append(b"false")
+    elif isinstance(value, dict):
+        keys = list(value)
+        # Code point order is UTF-16 order except between astral and U+E000..U+FFFF.
+        keys.sort(key=None if all(k.isascii() for k in keys) else _utf16)
+        out.append(b"{")
+        first = True
+        for key in keys:
+            if not first:
+                out.append(b",")
+            first = False
+            out.append(_string(key))
+            out.append(b":")
+            _serialise(value[key], out)
+        out.append(b"}")
+    elif isinstance(value, list | tuple):
+        out.append(b"[")
+        for i, item in enumerate(value):
+            if i:
+                out.append(b",")
+            _serialise(item, out)
+        out.append(b"]")
+    elif isinstance(value, int):
+        text = str(value) if -(2**53) <= value <= 2**53 else _number(float(value))
+        out.append(text.encode("ascii"))
+    elif isinstance(value, float):
+        out.append(_number(value).encode("ascii"))
+    else:
+        raise ValueError(f"not a JSON value: {type(value).__name__}")
+
+
+def jcsBytes(value: Any) -> bytes:
+    """
+    The RFC 8785 (JSON Canonicalization Scheme) serialisation of a JSON value, as UTF-8: object
+    members sorted by the UTF-16 code units of their names, no whitespace, strings escaped as
     ECMAScript's C{JSON.stringify} does, numbers as its C{Number.prototype.toString} (integers
     beyond 2**53 are rounded to the nearest double, as every JCS implementation reads them).
 
     @raise ValueError: a value JSON cannot hold (NaN, infinity, a non-JSON type).
     @raise RecursionError: nested too deep.
     """
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, str):
-        return _string(value)
-    if isinstance(value, int):
-        return str(value) if -(2**53) <= value <= 2**53 else _number(float(value))
-    if isinstance(value, float):
-        return _number(value)
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(jcs(item) for item in value) + "]"
-    if isinstance(value, dict):
-        keys = sorted(value, key=lambda k: k.encode("utf-16-be", "surrogatepass"))
-        return "{" + ",".join(_string(k) + ":" + jcs(value[k]) for k in keys) + "}"
-    raise ValueError(f"not a JSON value: {type(value).__name__}")
+    if _plain(value):
+        # No number orjson writes differently, no member name whose order could differ:
+        # orjson's sorted compact output is the canonical form (tested against the slow path).
+        try:
+            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        except orjson.JSONEncodeError:
+            pass  # an unpaired surrogate
+    out: list[bytes] = []
+    _serialise(value, out)
+    return b"".join(out)
+
+
+_SAFE_INT = 2**53
+
+
+def _plain(value: Any) -> bool:
+    """No float, no integer beyond 2**53 and only ASCII member names, anywhere in C{value}."""
+    stack = [value]
+    pop, extend = stack.pop, stack.extend
+    while stack:
+        v = pop()
+        t = type(v)
+        if t is dict:
+            for k in v:
+                if not k.isascii():
+                    return False
+            extend(v.values())
+        elif t is list:
+            extend(v)
+        elif t is float:
+            return False
+        elif t is int:
+            if not -_SAFE_INT <= v <= _SAFE_INT:
+                return False
+        elif t is not str and t is not bool and v is not None:
+            return False
+    return True
+
+
+def jcs(value: Any) -> str:
+    """L{jcsBytes} as text."""
+    return jcsBytes(value).decode("utf-8", "surrogatepass")
 
 
 def canonicalDefinition(tool: Mapping[str, Any]) -> bytes:
     """The UTF-8 bytes of the JCS serialisation of the tool's pinned definition."""
-    return jcs(pinnedDefinition(tool)).encode("utf-8", "surrogatepass")
+    return jcsBytes(pinnedDefinition(tool))
 
 
 def definitionHash(tool: Mapping[str, Any]) -> str:

@@ -95,6 +95,24 @@ class CanonicalFormTests(SynchronousTestCase):
             jcs({"\ufb33": 1, "\U0001f600": 2, "a": 3}), '{"a":3,"\U0001f600":2,"\ufb33":1}'
         )
 
+    def test_fastPathIsCanonical(self) -> None:
+        """orjson's sorted output, used when it can be, is the slow serialiser's, byte for byte."""
+        from mcpgw.pinning import _serialise
+
+        values = [
+            ECHO,
+            {"z": [1, -2, 2**53, None, True, False, "\u2028\x7f\x00\x1f\"\\/\u00e9\U0001f600"]},
+            {"b": {"d": {}, "c": []}, "a": "", "A": "x", "_": 0, "~": "\t\n\r\b\f"},
+        ]
+        for value in values:
+            slow: list[bytes] = []
+            _serialise(value, slow)
+            self.assertEqual(jcs(value).encode(), b"".join(slow))
+
+    def test_loneSurrogate(self) -> None:
+        """An unpaired surrogate (a lenient parse) is escaped as JSON.stringify escapes it."""
+        self.assertEqual(jcs({"d": "a\ud800b"}), '{"d":"a\\ud800b"}')
+
     def test_pinnedMembersOnly(self) -> None:
         """icons and _meta are not pinned; member order and whitespace do not matter."""
         canonical = canonicalDefinition(ECHO)
