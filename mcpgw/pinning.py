@@ -85,8 +85,13 @@ MAX_TOOLS = 10_000
 MAX_VERSIONS = 4
 #: A definition whose canonical form is larger is pinned by digest but not remembered whole.
 MAX_DEFINITION_BYTES = 256 * 1024
-#: Distinct tool lists memoised per upstream (pages of a paginated listing, protocol revisions).
+#: Distinct tool lists memoised per upstream (pages of a paginated listing, protocol revisions),
+#: and the most bytes they may hold together (a larger list is hashed every time).
 MEMO_ANSWERS = 16
+MEMO_BYTES = 8 * 1024 * 1024
+#: The most bytes of remembered definitions (canonical form) per upstream: beyond it the
+#: definitions of the least recently changed tools are forgotten (their digests are kept).
+MAX_REMEMBERED_BYTES = 32 * 1024 * 1024
 #: Seconds between a change and the write of the remembered definitions (changes coalesce).
 SAVE_DELAY = 1.0
 
@@ -407,14 +412,15 @@ def storePath(stateDir: str) -> str:
 class _Tool:
     """
     What one upstream listed for one tool: the latest digest and the remembered definitions,
-    oldest first (digest -> (first seen, pinned definition or C{None} when too large)).
+    oldest first (digest -> (first seen, pinned definition or C{None} when not remembered, its
+    canonical size)).
     """
 
     __slots__ = ("latest", "versions")
 
     def __init__(self, latest: str) -> None:
         self.latest = latest
-        self.versions: OrderedDict[str, tuple[float, dict[str, Any] | None]] = OrderedDict()
+        self.versions: OrderedDict[str, tuple[float, dict[str, Any] | None, int]] = OrderedDict()
 
 
 def readStore(path: str) -> dict[str, dict[str, Any]]:
@@ -472,6 +478,8 @@ class UpstreamPins:
         self.table: dict[str, str | None] = {}
         self._tools: OrderedDict[str, _Tool] = OrderedDict()
         self._memo: OrderedDict[bytes, list[Any]] = OrderedDict()
+        self._memoBytes = 0
+        self._bytes = 0
         self._lastKey: bytes | None = None
         self._lockVersion = 0
         self._changed = changed
@@ -528,10 +536,11 @@ class UpstreamPins:
                     pairs.append((item["name"], digest, item, len(canonical)))
             self._observe(pairs)
             entry = [tuple((n, d) for n, d, _, _ in pairs), None, -1]
-            if key is not None:
+            if key is not None and len(key) <= MEMO_BYTES:
                 memo[key] = entry
-                if len(memo) > MEMO_ANSWERS:
-                    memo.popitem(last=False)
+                self._memoBytes += len(key)
+                while len(memo) > MEMO_ANSWERS or self._memoBytes > MEMO_BYTES:
+                    self._memoBytes -= len(memo.popitem(last=False)[0])
                 self._lastKey = key
         elif key != self._lastKey:
             memo.move_to_end(key)  # type: ignore[arg-type]
@@ -565,16 +574,33 @@ class UpstreamPins:
             if digest in seen.versions:
                 seen.versions.move_to_end(digest)
             else:
-                definition = pinnedDefinition(item) if size <= MAX_DEFINITION_BYTES else None
-                seen.versions[digest] = (now, definition)
+                if size <= MAX_DEFINITION_BYTES:
+                    seen.versions[digest] = (now, pinnedDefinition(item), size)
+                    self._bytes += size
+                else:
+                    seen.versions[digest] = (now, None, 0)
                 self._trimVersions(name, seen)
             tools.move_to_end(name)
             self._noteChange(name, digest)
         if dirty:
-            while len(tools) > MAX_TOOLS:
-                tools.popitem(last=False)
+            self._bound()
             self._rebuild()
             self._changed()
+
+    def _bound(self) -> None:
+        """Apply L{MAX_TOOLS} and L{MAX_REMEMBERED_BYTES} (least recently changed first)."""
+        tools = self._tools
+        while len(tools) > MAX_TOOLS:
+            _, dropped = tools.popitem(last=False)
+            self._bytes -= sum(size for _, _, size in dropped.versions.values())
+        for latest in (False, True):
+            for seen in tools.values():
+                if self._bytes <= MAX_REMEMBERED_BYTES:
+                    return
+                for digest, (at, definition, size) in list(seen.versions.items()):
+                    if definition is not None and (latest or digest != seen.latest):
+                        seen.versions[digest] = (at, None, 0)
+                        self._bytes -= size
 
     def _trimVersions(self, name: str, seen: _Tool) -> None:
         """Keep L{MAX_VERSIONS}, never dropping the latest nor the approved one."""
@@ -583,7 +609,7 @@ class UpstreamPins:
             if len(seen.versions) <= MAX_VERSIONS:
                 break
             if digest not in keep:
-                del seen.versions[digest]
+                self._bytes -= seen.versions.pop(digest)[2]
 
     def _reobserve(self, pairs: tuple[tuple[str, str], ...]) -> None:
         """An answer listed before (memoised) is listed again: its digests are the latest."""
@@ -593,10 +619,12 @@ class UpstreamPins:
             seen = tools.get(name)
             if seen is None or seen.latest == digest:
                 continue
-            if digest not in seen.versions:
-                continue  # forgotten since; the next answer that changes re-hashes
             seen.latest = digest
-            seen.versions.move_to_end(digest)
+            if digest in seen.versions:
+                seen.versions.move_to_end(digest)
+            else:  # forgotten since: the digest is known, the definition no longer
+                seen.versions[digest] = (self._clock(), None, 0)
+                self._trimVersions(name, seen)
             dirty = True
             self._noteChange(name, digest)
         if dirty:
@@ -630,7 +658,7 @@ class UpstreamPins:
                 "latest": seen.latest,
                 "versions": {
                     digest: {"first_seen": rfc3339ms(at), "definition": definition}
-                    for digest, (at, definition) in seen.versions.items()
+                    for digest, (at, definition, _) in seen.versions.items()
                 },
             }
         return out
@@ -646,13 +674,13 @@ class UpstreamPins:
                 for digest, v in versions.items():
                     if isinstance(v, dict):
                         definition = v.get("definition")
-                        seen.versions[digest] = (
-                            _parseTime(v.get("first_seen")),
-                            definition if isinstance(definition, dict) else None,
-                        )
+                        if not isinstance(definition, dict):
+                            definition = None
+                        size = len(orjson.dumps(definition)) if definition is not None else 0
+                        seen.versions[digest] = (_parseTime(v.get("first_seen")), definition, size)
+                        self._bytes += size
             self._tools[name] = seen
-        while len(self._tools) > MAX_TOOLS:
-            self._tools.popitem(last=False)
+        self._bound()
         self._rebuild()
 
     def __len__(self) -> int:

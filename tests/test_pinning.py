@@ -288,6 +288,26 @@ class UpstreamPinsTests(SynchronousTestCase):
         self.assertEqual(latest["definition"], tool("echo", f"v{MAX_VERSIONS + 2}"))
         self.assertEqual(latest["first_seen"], "2026-11-18T11:06:40.000Z")
 
+    def test_bounded(self) -> None:
+        """Tools, remembered bytes and memoised lists are bounded; digests outlive definitions."""
+        import mcpgw.pinning as module
+
+        self.patch(module, "MAX_TOOLS", 3)
+        self.patch(module, "MAX_REMEMBERED_BYTES", 150)
+        self.patch(module, "MEMO_ANSWERS", 2)
+        for i in range(5):
+            self.pins.listed([tool(f"t{i}", "x" * 40)])
+        self.assertEqual(len(self.pins), 3)
+        self.assertEqual(len(self.pins._memo), 2)
+        stored = self.pins.dump()
+        self.assertEqual(list(stored), ["t2", "t3", "t4"])
+        definitions = [
+            v["definition"] for t in stored.values() for v in t["versions"].values()
+        ]
+        self.assertEqual(definitions[0], None)
+        self.assertEqual(definitions[-1], tool("t4", "x" * 40))
+        self.assertEqual(self.pins.listed([tool("t2", "x" * 40)]), {"t2": NEW})
+
     def test_loadRestoresTheTable(self) -> None:
         """Definitions remembered by a previous run decide calls before any listing."""
         self.pins.listed([tool("echo", "evil")])
