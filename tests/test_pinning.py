@@ -109,6 +109,32 @@ class CanonicalFormTests(SynchronousTestCase):
             _serialise(value, slow)
             self.assertEqual(jcs(value).encode(), b"".join(slow))
 
+    def test_independentImplementation(self) -> None:
+        """
+        The digest is what another program computes: SHA-256 of the rfc8785 package's
+        serialisation of the pinned members (the recipe of docs/tool-pinning.md).
+        """
+        rfc8785 = __import__("rfc8785")
+        members = ("name", "title", "description", "inputSchema", "outputSchema", "annotations")
+        tools = [
+            ECHO,
+            {
+                "name": "calc",
+                "title": "Calculator \u00e9\U0001f600",
+                "inputSchema": {
+                    "type": "object",
+                    "properties": {"x": {"type": "number", "minimum": 0.5, "maximum": 1e21}},
+                    "\ufb33": {"\U0001f600": 1e-7, "a": 2**53 - 1},
+                },
+                "outputSchema": None,
+                "annotations": {"readOnlyHint": True, "weight": 1.0, "n": -0.0},
+            },
+        ]
+        for t in tools:
+            theirs = rfc8785.dumps({k: t[k] for k in members if k in t})
+            self.assertEqual(canonicalDefinition(t), theirs)
+            self.assertEqual(definitionHash(t), hashlib.sha256(theirs).hexdigest())
+
     def test_loneSurrogate(self) -> None:
         """An unpaired surrogate (a lenient parse) is escaped as JSON.stringify escapes it."""
         self.assertEqual(jcs({"d": "a\ud800b"}), '{"d":"a\\ud800b"}')
