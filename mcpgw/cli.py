@@ -388,7 +388,13 @@ def policyTest(path: str, audits: Sequence[str], failOnChange: bool) -> int:
     replayed = 0
     changed: dict[tuple[str, str], list[_Replayed]] = {}
     needArguments: dict[str, int] = {}
-    skipped = {"unreadable": 0, "batch": 0, "refused before policy": 0, "without a target": 0}
+    skipped = {
+        "unreadable": 0,
+        "batch": 0,
+        "refused before policy": 0,
+        "refused by tool pinning": 0,
+        "without a target": 0,
+    }
     for audit in audits:
         try:
             for number, text in _auditLines(audit):
@@ -402,6 +408,9 @@ def policyTest(path: str, audits: Sequence[str], failOnChange: bool) -> int:
                 decision = line.get("decision")
                 if line.get("batch_size") is not None:
                     skipped["batch"] += 1
+                    continue
+                if line.get("error") == "tool_not_approved":
+                    skipped["refused by tool pinning"] += 1
                     continue
                 if line.get("error") not in _AFTER_POLICY and decision not in (
                     "deny",

@@ -312,7 +312,7 @@ ERROR_CODES: dict[str, int] = {}
 
 def _collectCodes(cls: type[errors.GatewayError]) -> None:
     for sub in cls.__subclasses__():
-        ERROR_CODES.setdefault(sub.message, sub.code)
+        ERROR_CODES.setdefault(sub.auditName or sub.message, sub.code)
         _collectCodes(sub)
 
 

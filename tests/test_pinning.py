@@ -116,7 +116,7 @@ class CanonicalFormTests(SynchronousTestCase):
         """
         rfc8785 = __import__("rfc8785")
         members = ("name", "title", "description", "inputSchema", "outputSchema", "annotations")
-        tools = [
+        tools: list[dict[str, Any]] = [
             ECHO,
             {
                 "name": "calc",

@@ -494,7 +494,7 @@ class ProxyExchange:
         """Answer the client with C{error}'s JSON-RPC error response and end the exchange."""
         status, headers, body = errorResponse(error, self.jsonrpcId, self.batchIds)
         self.status = status
-        self.error = error.message
+        self.error = error.auditName or error.message
         request = self.request
         request.setResponseCode(status, reasonPhrase(status))
         out = request.responseHeaders
