@@ -20,10 +20,13 @@ from mcpgw import cli
 from mcpgw.config import config_from_string
 from mcpgw.pinning import definitionHash, formatLock, readStore, storePath
 from mcpgw.tap import makeService
+from tests import support
 from tests.support import (
     ANNOTATED_TOOLS,
     CANNED_RESULTS,
     GatewayTestCase,
+    ScriptedUpstream,
+    Seen,
     answerStream,
     portOf,
     rpc,
@@ -361,3 +364,92 @@ class OffTests(PinningCase):
         self.assertEqual([x["tool_pin"] for x in self.auditLines()], [None, None, None])
         yield self.service.stopService()
         self.assertFalse(os.path.exists(storePath(os.path.join(self.tmp, "state"))))
+
+
+class _StrayUpstream(ScriptedUpstream):
+    """
+    C{mode=stray}: an SSE stream (for GET or POST) carrying a notification, then a C{tools/list}
+    result under an id no request of this stream used (as after a resumed stream), then another
+    notification.
+    """
+
+    def render(self, request: Any) -> Any:
+        if request.args.get(b"mode") != [b"stray"]:
+            return super().render(request)
+        self.seen.append(Seen(request.method.decode(), request.uri.decode(), [], b"", 0))
+        request.setHeader(b"content-type", b"text/event-stream")
+        answer = {"jsonrpc": "2.0", "id": "resumed-7", "result": self.results["tools/list"]}
+        body = (
+            STRAY_BEFORE
+            + b"id: 3\nevent: message\ndata: "
+            + json.dumps(answer).encode()
+            + b"\n\n"
+            + STRAY_AFTER
+        )
+        self.sent.append(body)
+        return body
+
+
+STRAY_BEFORE = b'event: message\ndata: {"jsonrpc": "2.0", "method": "notifications/message"}\n\n'
+STRAY_AFTER = b': keep-alive\n\nevent: message\ndata: {"jsonrpc": "2.0", "method": "x/y"}\n\n'
+
+
+class StrayListingTests(PinningCase):
+    """A tools/list result on another stream (a resumed GET) goes through the same pin step."""
+
+    def setUp(self) -> Any:
+        self.patch(support, "ScriptedUpstream", _StrayUpstream)
+        return super().setUp()
+
+    @inlineCallbacks
+    def test_getStreamHeldBack(self) -> Any:
+        """
+        On a GET stream the changed tool is left out of the stray result (the other events byte
+        for byte), the line says tool_pin changed, and the change now decides calls.
+        """
+        self.changeTool("echo", POISONED)
+        before = yield self.calling("echo", rid=4)
+        self.assertEqual(before.status, 200)  # approved, never seen changed yet
+        reply = yield self.call("GET", "/mcp?mode=stray")
+        self.assertEqual(reply.status, 200)
+        self.assertTrue(reply.body.startswith(STRAY_BEFORE), reply.body)
+        self.assertTrue(reply.body.endswith(STRAY_AFTER), reply.body)
+        self.assertEqual(self.listedNames(reply), ["read_file", "admin_reset", "deploy"])
+        line = self.auditLines()[-1]
+        self.assertEqual((line["http_method"], line["tool_pin"]), ("GET", "changed"))
+        after = yield self.calling("echo", rid=5)
+        self.assertEqual((after.status, after.json()["error"]["data"]["pin"]), (403, "changed"))
+
+    @inlineCallbacks
+    def test_otherRequestsStream(self) -> Any:
+        """A stray tools/list result inside a tools/call's SSE answer is held back too."""
+        self.changeTool("echo", POISONED)
+        reply = yield self.call(
+            body=rpc("tools/call", {"name": "read_file", "arguments": {}}, id=2),
+            path="/mcp?mode=stray",
+        )
+        self.assertEqual(self.listedNames(reply), ["read_file", "admin_reset", "deploy"])
+        self.assertEqual(self.auditLines()[-1]["tool_pin"], "changed")
+
+
+class StrayListingWarnTests(StrayListingTests):
+    mode = "warn"
+
+    @inlineCallbacks
+    def test_getStreamHeldBack(self) -> Any:
+        """warn: the GET stream passes byte for byte, audited changed."""
+        self.changeTool("echo", POISONED)
+        reply = yield self.call("GET", "/mcp?mode=stray")
+        self.assertEqual(reply.body, self.upstream.sent[-1])
+        self.assertEqual(self.auditLines()[-1]["tool_pin"], "changed")
+
+    @inlineCallbacks
+    def test_otherRequestsStream(self) -> Any:
+        """warn: a tools/call's stream with a stray listing passes byte for byte."""
+        self.changeTool("echo", POISONED)
+        reply = yield self.call(
+            body=rpc("tools/call", {"name": "read_file", "arguments": {}}, id=2),
+            path="/mcp?mode=stray",
+        )
+        self.assertEqual(reply.body, self.upstream.sent[-1])
+        self.assertEqual(self.auditLines()[-1]["tool_pin"], "changed")

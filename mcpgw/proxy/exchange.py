@@ -51,6 +51,14 @@ log = Logger()
 _EVENT_STREAM = b"text/event-stream"
 
 
+def _isEventStream(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether an answer's C{Content-Type} is C{text/event-stream}."""
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            return value[: len(_EVENT_STREAM)].lower() == _EVENT_STREAM
+    return False
+
+
 def _encoded(headers: list[tuple[bytes, bytes]]) -> bool:
     """Whether an answer has a content coding (gzip, br, ...) other than identity."""
     for name, value in headers:
@@ -222,6 +230,13 @@ class ProxyExchange:
     ) -> None:
         if self.closed:
             return
+        pins = self.pins
+        if self.transform is None and pins is not None and _isEventStream(headers):
+            # Pinning: a tools/list result may come on any SSE stream (a resumed GET, another
+            # request's answer); every response with a tool list goes through the pin step.
+            self.transform = ResponseTransform(
+                {}, pin=pins.listed, holdBack=pins.enforce, pinAny=True
+            )
         if self.transform is not None and 200 <= status < 300 and _encoded(headers):
             # Asked for identity (outbound), encoded anyway: an answer mcpgw must inspect and
             # cannot is not relayed (fail closed).
@@ -315,7 +330,7 @@ class ProxyExchange:
         redactors: dict[Any, Redact] | None = None
         if rules:
             redactors = {rid: partial(policy.redactResult, rule) for rid, rule in rules.items()}
-        pins = self.pins if listing else None
+        pins = self.pins
         transform = ResponseTransform(
             methods,
             keep=self._keep if listing else None,
@@ -323,6 +338,7 @@ class ProxyExchange:
             redactors=redactors,
             pin=pins.listed if pins is not None else None,
             holdBack=pins is not None and pins.enforce,
+            pinAny=pins is not None,
         )
         if transform.active:
             self.transform = transform
@@ -508,10 +524,10 @@ class ProxyExchange:
     def _end(self) -> None:
         transform = self.transform
         if transform is not None and self._transforming:
-            if self.listing:
+            if self.listing or transform.removed:
                 self.filteredTools = transform.removed
-                if transform.pinned is not None:
-                    self.toolPin = transform.pinned
+            if transform.pinned is not None and self.toolPin is None:
+                self.toolPin = transform.pinned
             if self.resultRules:
                 self.redactedResults = transform.redactedResults
         self.closed = True

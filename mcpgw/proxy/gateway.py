@@ -174,6 +174,8 @@ class Gateway:
         x.authResult, x.authKeyId, x.clientCert = auth.result, auth.keyId, auth.clientCert
         x.principal = auth.principal
         x.caller = auth.caller(x.clientIp, x.sessionId)
+        if self.pins is not None:
+            x.pins = self.pins.upstream(route.name)
         try:
             if summary is not None:
                 body = self._decide(x, summary, body)
@@ -201,11 +203,8 @@ class Gateway:
 
         @return: the body to forward.
         """
-        pins = self.pins
-        if pins is not None and x.route is not None:
-            x.pins = pins.upstream(x.route.name)
-            if x.pins is not None and summary.method is not None:
-                self._pinned(x, x.pins, summary)
+        if x.pins is not None and summary.method is not None:
+            self._pinned(x, x.pins, summary)
         policy = x.generation.policy
         verdict = policy.verdict(summary.messages, x.caller, self.reactor.seconds())
         x.decision, x.ruleId, x.redacted = verdict.decision, verdict.ruleId, verdict.redacted

@@ -30,7 +30,10 @@ Transforms (each acts on the C{result} of a JSON-RPC response whose id the reque
     L{ResponseTransform.pinned} (C{changed} over C{new}). With C{holdBack} (C{enforce}) those
     tools are left out, in the same pass as the listing filter, and an answer that lost one
     gets a private C{cacheScope} (as for C{privateCache}, below). Every entry of a tool whose
-    name is not approved is left out, even when the same name is listed twice;
+    name is not approved is left out, even when the same name is listed twice. With C{pinAny}
+    (SSE streams, GET ones included, when pinning is on) the same step applies to any response
+    whose C{result.tools} is a list, whatever its id: an upstream cannot slip a listing past it
+    on a resumed stream or inside another request's stream;
   - result redaction (C{redactResult} with C{resultIds}, or C{redactors} per id): the C{result}
     of a response whose id was asked for is replaced by what the function returns; the count it
     returns adds to L{ResponseTransform.redactedResults}. Any method's response is scrubbed when
@@ -42,8 +45,9 @@ a new one, or C{None} when it leaves it alone). Steps act on C{result}, so the q
 below (C{result} spelled in the bytes) holds for them; a transform acting elsewhere adds its own.
 
 Which messages are touched: only responses (no C{method} member) whose C{id} is one of the
-request's and whose C{result} is an object; requests from the server reuse ids from another
-space and are never touched, nor are notifications and error responses. Ids match as JSON values
+request's (or, for C{pinAny}, whose C{result.tools} is a list) and whose C{result} is an
+object; requests from the server reuse ids from another space and are never touched, nor are
+notifications and error responses. Ids match as JSON values
 (C{1} and C{1.0} alike; a boolean is never an id). Every response with a watched id is
 transformed, even a second one.
 
@@ -170,6 +174,7 @@ class ResponseTransform:
         redactors: Mapping[Any, Redact] | None = None,
         pin: Pin | None = None,
         holdBack: bool = False,
+        pinAny: bool = False,
     ) -> None:
         """
         @param methods: JSON-RPC request id -> method, for every request the answer may respond
@@ -181,6 +186,9 @@ class ResponseTransform:
             different ones (wins over C{redactResult} for its ids).
         @param pin: tool pinning's verdict on a C{tools/list} answer's tools (C{None}: off).
         @param holdBack: leave the tools C{pin} names out (C{enforce}); else only note them.
+        @param pinAny: also pass through C{pin} the tool list of any other response whose
+            C{result.tools} is a list, whatever its id (a C{tools/list} result delivered on a
+            resumed GET stream or inside another request's stream).
         """
         self.removed = 0
         self.pinned: str | None = None
@@ -215,7 +223,10 @@ class ResponseTransform:
             if steps:
                 plans[key] = tuple(steps)
         self._plans = plans
-        self.active = bool(plans)
+        self._anyTools: tuple[_Step, ...] | None = None
+        if pinAny and pin is not None:
+            self._anyTools = (self._listStep("tools", None, pin, holdBack),)
+        self.active = bool(plans) or self._anyTools is not None
         self._buf = bytearray()
         self._scan = 0
         self._atStart = True
@@ -291,7 +302,9 @@ class ResponseTransform:
         key = _idKey(message.get("id"))
         plan = self._plans.get(key) if key is not None else None
         if plan is None:
-            return message
+            if self._anyTools is None or not isinstance(result.get("tools"), list):
+                return message
+            plan = self._anyTools
         new = result
         try:
             for step in plan:
@@ -380,7 +393,7 @@ class ResponseTransform:
 
         @return: C{body} itself when nothing changed, else the re-serialised answer.
         """
-        if not self._plans:
+        if not self.active:
             return body
         new = self._payload(body)
         return body if new is None else new
@@ -394,7 +407,7 @@ class ResponseTransform:
         @return: the bytes to send now: every event completed by C{data}, rewritten if it holds a
             response that changes, else byte for byte (a partial event waits for its end).
         """
-        if not self._plans:
+        if not self.active:
             return data
         buf: bytes | bytearray
         if self._buf:
