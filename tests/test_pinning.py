@@ -391,3 +391,52 @@ class PinningServiceTests(SynchronousTestCase):
         service = PinningService(Clock(), "/nonexistent/state")
         service.configure(config, {("demo", "echo"): "0" * 64})
         self.assertIsNone(service.upstream("demo"))
+
+
+class TransformPinTests(SynchronousTestCase):
+    """The pin step of the response-transform pass (L{mcpgw.proxy.transforms})."""
+
+    def transform(self, holdBack: bool = True, pinAny: bool = False) -> Any:
+        from mcpgw.proxy.transforms import ResponseTransform
+
+        self.calls: list[list[Any]] = []
+
+        def pin(items: list[Any]) -> dict[str, str]:
+            self.calls.append(items)
+            names = {i.get("name") for i in items if isinstance(i, dict)}
+            return {n: v for n, v in {"bad": CHANGED, "fresh": NEW}.items() if n in names}
+
+        return ResponseTransform({1: "tools/list"}, pin=pin, holdBack=holdBack, pinAny=pinAny)
+
+    def test_duplicateNamesAllHeldBack(self) -> None:
+        """Every entry of a not-approved name goes, even when another entry of it looks fine."""
+        t = self.transform()
+        tools = [tool("ok"), tool("bad"), tool("bad", "other"), "not-an-object", {"name": 3}]
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"tools": tools}}).encode()
+        out = json.loads(t.jsonBody(body))
+        self.assertEqual(out["result"]["tools"], [tool("ok"), "not-an-object", {"name": 3}])
+        self.assertEqual((t.removed, t.pinned), (2, CHANGED))
+        self.assertNotIn("cacheScope", out["result"])  # no caching hints: none added
+
+    def test_warnNotesOnly(self) -> None:
+        """Without holdBack the answer is relayed as it is; the verdict is noted."""
+        t = self.transform(holdBack=False)
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"tools": [tool("fresh")]}})
+        raw = body.encode()
+        self.assertEqual(t.jsonBody(raw), raw)
+        self.assertEqual((t.removed, t.pinned), (0, NEW))
+
+    def test_pinAnyOnlyToolLists(self) -> None:
+        """pinAny checks results with a tools list whatever their id, and nothing else."""
+        t = self.transform(pinAny=True)
+        stray = {"jsonrpc": "2.0", "id": "x", "result": {"tools": [tool("bad")], "ttlMs": 5}}
+        other = {"jsonrpc": "2.0", "id": "y", "result": {"content": [], "tools": "n/a"}}
+        request = {"jsonrpc": "2.0", "id": "z", "method": "m", "params": {"tools": []}}
+        stream = b"".join(
+            b"data: " + json.dumps(m).encode() + b"\n\n" for m in (stray, other, request)
+        )
+        out = t.feed(stream)
+        events = [json.loads(e[6:]) for e in out.split(b"\n\n") if e]
+        self.assertEqual(events[0]["result"], {"tools": [], "ttlMs": 5, "cacheScope": "private"})
+        self.assertEqual(events[1:], [other, request])
+        self.assertEqual(len(self.calls), 1)
