@@ -132,6 +132,8 @@ def test_rugPull(upstream: str, tmp_path: Path) -> None:
 
         assert session(gw.url, first) == (["add", "echo", "rug_pull"], "hi")
         assert wait_until(lambda: store.exists(), timeout=10)
+        assert "lists new tool 'add'" in gw.child.stdout()
+        assert "passed (warn mode)" in gw.child.stdout()
         pins = [(x["method"], x["tool_pin"]) for x in read_audit(gw.audit) if x["tool_pin"]]
         assert ("tools/list", "new") in pins and ("tools/call", "new") in pins
         status = mcpgw("tools", "status", "--config", str(config))
@@ -186,6 +188,9 @@ def test_rugPull(upstream: str, tmp_path: Path) -> None:
         lines = read_audit(gw.audit)
         call = [x for x in lines if x["method"] == "tools/call" and x["tool"] == "add"][-1]
         assert (call["decision"], call["status"], call["tool_pin"]) == ("deny", 403, "changed")
+
+        assert "lists changed tool 'add'" in gw.child.stdout()
+        assert "held back" in gw.child.stdout()
 
         # The reviewer's view: a diff of the definition.
         assert wait_until(lambda: POISONED in store.read_text(), timeout=10)
