@@ -481,6 +481,7 @@ class UpstreamPins:
         self._memoBytes = 0
         self._bytes = 0
         self._lastKey: bytes | None = None
+        self._lastEntry: list[Any] | None = None
         self._lockVersion = 0
         self._changed = changed
         self._clock = clock
@@ -523,7 +524,10 @@ class UpstreamPins:
         except orjson.JSONEncodeError:
             key = None  # e.g. an integer beyond 64 bits from a lenient parse: not memoised
         memo = self._memo
-        entry = memo.get(key) if key is not None else None
+        if key is not None and key == self._lastKey:
+            entry = self._lastEntry  # the same list as last time: a memcmp, no hashing
+        else:
+            entry = memo.get(key) if key is not None else None
         if entry is None:
             pairs = []
             for item in items:
@@ -541,10 +545,10 @@ class UpstreamPins:
                 self._memoBytes += len(key)
                 while len(memo) > MEMO_ANSWERS or self._memoBytes > MEMO_BYTES:
                     self._memoBytes -= len(memo.popitem(last=False)[0])
-                self._lastKey = key
+                self._lastKey, self._lastEntry = key, entry
         elif key != self._lastKey:
             memo.move_to_end(key)  # type: ignore[arg-type]
-            self._lastKey = key
+            self._lastKey, self._lastEntry = key, entry
             self._reobserve(entry[0])
         if entry[2] != self._lockVersion:
             approved = self.approved
