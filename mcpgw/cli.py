@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_cli,tests.test_cli_policy -*-
 """
 The C{mcpgw} command: C{run}, C{config check}, C{policy explain}, C{policy test},
-C{key generate}, C{license show}, C{--version}.
+C{tools status}, C{tools approve}, C{key generate}, C{license show}, C{--version}.
 """
 
 from __future__ import annotations
@@ -78,6 +78,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     test.add_argument(
         "--fail-on-change", action="store_true", help="exit 1 if any decision would change"
+    )
+    tools = sub.add_parser("tools", help="tool pinning: review and approve tool definitions")
+    tsub = tools.add_subparsers(dest="tools_command", metavar="SUBCOMMAND")
+    status = tsub.add_parser(
+        "status", help="which tool definitions are new or changed since approval, with a diff"
+    )
+    status.add_argument("--config", "-c", default="/etc/mcpgw/mcpgw.yaml", help="YAML config file")
+    approve = tsub.add_parser(
+        "approve", help="approve tool definitions: write them to the lock file (then SIGHUP)"
+    )
+    approve.add_argument(
+        "--config", "-c", default="/etc/mcpgw/mcpgw.yaml", help="YAML config file"
+    )
+    approve.add_argument(
+        "targets",
+        nargs="*",
+        metavar="UPSTREAM/TOOL[@sha256:HEX]",
+        help="tools to approve: their latest remembered definition, or exactly that digest",
+    )
+    approve.add_argument(
+        "--all", action="store_true", help="approve every new or changed remembered definition"
     )
     lic = sub.add_parser("license", help="license tools")
     lsub = lic.add_subparsers(dest="license_command", metavar="SUBCOMMAND")
@@ -367,7 +388,13 @@ def policyTest(path: str, audits: Sequence[str], failOnChange: bool) -> int:
     replayed = 0
     changed: dict[tuple[str, str], list[_Replayed]] = {}
     needArguments: dict[str, int] = {}
-    skipped = {"unreadable": 0, "batch": 0, "refused before policy": 0, "without a target": 0}
+    skipped = {
+        "unreadable": 0,
+        "batch": 0,
+        "refused before policy": 0,
+        "refused by tool pinning": 0,
+        "without a target": 0,
+    }
     for audit in audits:
         try:
             for number, text in _auditLines(audit):
@@ -381,6 +408,9 @@ def policyTest(path: str, audits: Sequence[str], failOnChange: bool) -> int:
                 decision = line.get("decision")
                 if line.get("batch_size") is not None:
                     skipped["batch"] += 1
+                    continue
+                if line.get("error") == "tool_not_approved":
+                    skipped["refused by tool pinning"] += 1
                     continue
                 if line.get("error") not in _AFTER_POLICY and decision not in (
                     "deny",
@@ -445,6 +475,196 @@ def _argumentRule(policy: Policy, method: str, target: str, caller: Caller) -> s
         if reason.startswith("when.arguments."):
             return ruleId
     return explanation.decision.rule_id or "?"
+
+
+def _pinningState(
+    path: str,
+) -> tuple[Config, dict[tuple[str, str], str], dict[str, dict[str, Any]], str] | None:
+    """
+    The config, its lock file and the remembered definitions (and their file), or C{None} after
+    printing why one cannot be read.
+    """
+    from mcpgw.pinning import LockError, StoreError, readLock, readStore, storePath
+
+    config = _loadPolicyConfig(path)
+    if config is None:
+        return None
+    store = storePath(config.audit.state_dir)
+    try:
+        return config, readLock(config.tools.pinning.lock_file), readStore(store), store
+    except (LockError, StoreError) as e:
+        print(f"mcpgw: {e}", file=sys.stderr)
+        return None
+
+
+def _prettyDefinition(definition: Any) -> list[str]:
+    """A definition as indented JSON lines (keys sorted), for reading and diffs."""
+    if definition is None:
+        return []
+    return json.dumps(definition, indent=2, sort_keys=True, ensure_ascii=False).splitlines()
+
+
+def toolsStatus(path: str) -> int:
+    """
+    Print, per upstream, every tool whose latest remembered definition the lock file does not
+    approve (new, or changed with a diff against the approved definition when it is remembered).
+
+    @return: 0 every remembered tool is approved as last listed; 1 some are new or changed;
+        2 the config, lock file or remembered definitions cannot be read.
+    """
+    import difflib
+
+    from mcpgw.pinning import CHANGED, NEW
+
+    state = _pinningState(path)
+    if state is None:
+        return 2
+    config, lock, store, storeFile = state
+    pinning = config.tools.pinning
+    print(f"tool pinning: mode {pinning.mode}")
+    print(f"lock file: {pinning.lock_file} ({len(lock)} approved)")
+    print(f"remembered definitions: {storeFile}")
+    if pinning.mode == "off":
+        print("(mode off: the gateway neither checks nor remembers tool definitions)")
+    pending: list[str] = []
+    current = unseen = 0
+    for upstream in (u.name for u in config.upstreams):
+        tools = store.get(upstream)
+        tools = tools if isinstance(tools, dict) else {}
+        approved = {tool: digest for (up, tool), digest in lock.items() if up == upstream}
+        unseen += len(approved.keys() - tools.keys())
+        for name in sorted(tools):
+            entry = tools[name]
+            latest = entry.get("latest") if isinstance(entry, dict) else None
+            if not isinstance(latest, str):
+                continue
+            was = approved.get(name)
+            if was == latest:
+                current += 1
+                continue
+            versions = entry.get("versions")
+            versions = versions if isinstance(versions, dict) else {}
+            listed = versions.get(latest) or {}
+            verdict = NEW if was is None else CHANGED
+            pending.append(f"{upstream}/{name}@sha256:{latest}")
+            print(
+                f"\n{upstream}/{name}: {verdict}, sha256:{latest} "
+                f"(first listed {listed.get('first_seen', '?')})"
+            )
+            old: Any = None
+            if was is not None:
+                print(f"  approved: sha256:{was}")
+                old = (versions.get(was) or {}).get("definition")
+                if old is None:
+                    print("  (the approved definition is not remembered here: showing it whole)")
+            new = listed.get("definition")
+            if new is None:
+                print("  (the listed definition is too large to remember)")
+                continue
+            diff = difflib.unified_diff(
+                _prettyDefinition(old),
+                _prettyDefinition(new),
+                f"{upstream}/{name} approved" if old is not None else "(not approved)",
+                f"{upstream}/{name} listed",
+                lineterm="",
+            )
+            for line in diff:
+                print(f"  {line}")
+    print(
+        f"\n{len(pending)} new or changed, {current} approved and unchanged, {unseen} approved "
+        "but not listed since the definitions were remembered"
+    )
+    if pending:
+        print(f"after review: mcpgw tools approve --config {path} {' '.join(pending)}")
+        return 1
+    return 0
+
+
+def _target(text: str, upstreams: Sequence[str]) -> tuple[str, str, str | None] | None:
+    """C{UPSTREAM/TOOL[@sha256:HEX]} of a configured upstream (names may hold a C{/})."""
+    spec, at, digest = text.partition("@")
+    for upstream in sorted(upstreams, key=len, reverse=True):
+        if spec.startswith(upstream + "/") and len(spec) > len(upstream) + 1:
+            if not at:
+                return upstream, spec[len(upstream) + 1 :], None
+            if digest.startswith("sha256:") and len(digest) == 71:
+                hexa = digest[7:]
+                if all(c in "0123456789abcdef" for c in hexa):
+                    return upstream, spec[len(upstream) + 1 :], hexa
+            return None
+    return None
+
+
+def toolsApprove(path: str, targets: Sequence[str], everything: bool) -> int:
+    """
+    Approve tool definitions: write their digests to the lock file, atomically.
+
+    @param targets: C{UPSTREAM/TOOL} (its latest remembered definition) or
+        C{UPSTREAM/TOOL@sha256:HEX} (exactly that definition, remembered or not).
+    @param everything: approve every remembered definition that is new or changed.
+    @return: 0 the lock file was written (or already approved everything asked); 1 a target
+        names no configured upstream, has no remembered definition or a malformed digest
+        (nothing written); 2 no target, or the config, lock file or remembered definitions
+        cannot be read, or the lock file cannot be written.
+    """
+    from mcpgw.pinning import formatLock, writeAtomically
+
+    if not targets and not everything:
+        print("mcpgw tools approve: name UPSTREAM/TOOL ... or give --all", file=sys.stderr)
+        return 2
+    state = _pinningState(path)
+    if state is None:
+        return 2
+    config, lock, store, _ = state
+    upstreams = [u.name for u in config.upstreams]
+    chosen: dict[tuple[str, str], str] = {}
+    if everything:
+        for upstream in upstreams:
+            tools = store.get(upstream)
+            for name, entry in (tools if isinstance(tools, dict) else {}).items():
+                latest = entry.get("latest") if isinstance(entry, dict) else None
+                if isinstance(latest, str):
+                    chosen[(upstream, name)] = latest
+    for text in targets:
+        target = _target(text, upstreams)
+        if target is None:
+            print(
+                f"mcpgw: {text!r} is not UPSTREAM/TOOL[@sha256:HEX] of a configured upstream "
+                f"({', '.join(upstreams)}); nothing written",
+                file=sys.stderr,
+            )
+            return 1
+        upstream, name, digest = target
+        if digest is None:
+            entry = (store.get(upstream) or {}).get(name)
+            digest = entry.get("latest") if isinstance(entry, dict) else None
+            if not isinstance(digest, str):
+                print(
+                    f"mcpgw: no remembered definition of {upstream}/{name}: the gateway has not "
+                    "listed it with pinning on (warn or enforce); nothing written",
+                    file=sys.stderr,
+                )
+                return 1
+        chosen[(upstream, name)] = digest
+    changes = {key: digest for key, digest in chosen.items() if lock.get(key) != digest}
+    if not changes:
+        print(f"nothing to approve: {config.tools.pinning.lock_file} already approves them")
+        return 0
+    for (upstream, name), digest in sorted(changes.items()):
+        before = lock.get((upstream, name))
+        was = f"was sha256:{before}" if before else "new"
+        print(f"approved {upstream}/{name} sha256:{digest} ({was})")
+    lockFile = config.tools.pinning.lock_file
+    try:
+        writeAtomically(lockFile, formatLock({**lock, **changes}).encode())
+    except OSError as e:
+        print(f"mcpgw: cannot write {lockFile}: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {lockFile} ({len(lock.keys() | changes.keys())} approved tool(s)). The gateway "
+        "reads it on reload: send it SIGHUP (systemctl reload mcpgw, or kill -HUP <pid>)."
+    )
+    return 0
 
 
 def licenseShow(path: str) -> int:
@@ -515,6 +735,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.command == "policy" and args.policy_command == "test":
         return policyTest(args.config, args.against, args.fail_on_change)
+    if args.command == "tools" and args.tools_command == "status":
+        return toolsStatus(args.config)
+    if args.command == "tools" and args.tools_command == "approve":
+        return toolsApprove(args.config, args.targets, args.all)
     if args.command == "license" and args.license_command == "show":
         return licenseShow(args.file)
     _parser().print_help(sys.stderr)

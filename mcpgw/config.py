@@ -33,6 +33,10 @@ Rules, beyond the schema in C{DESIGN.md}:
     must be installed: a missing one is reported at C{audit.sinks[N].type}, naming the module and
     the extra to install. It is looked up without being imported
     (L{mcpgw.audit.sinks.missingLibrary}).
+  - C{tools.pinning.mode: off} written bare is YAML's C{false}; it is read as C{off}.
+    C{tools.pinning.lock_file} (default C{tools.lock} beside the config) need not exist: a
+    missing lock file approves nothing. Its contents are read when a generation is built
+    (L{mcpgw.generation.buildGeneration}), not here.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 __all__ = [
     "BUILTIN_REDACTIONS",
+    "PINNING_MODES",
     "POLICY_METHODS",
     "RATE_LIMIT_PER",
     "APIKey",
@@ -72,6 +77,7 @@ __all__ = [
     "ListenConfig",
     "MatchSpec",
     "ObjectLockConfig",
+    "PinningConfig",
     "PolicyConfig",
     "PolicyRule",
     "Problem",
@@ -81,6 +87,7 @@ __all__ = [
     "TLSConfig",
     "TelemetryConfig",
     "Timeouts",
+    "ToolsConfig",
     "UpstreamConfig",
     "WebhookSinkConfig",
     "config_from_string",
@@ -487,6 +494,31 @@ class LicenseConfig:
     file: str | None = None
 
 
+#: C{tools.pinning.mode} values.
+PINNING_MODES = ("off", "warn", "enforce")
+
+
+@attr.frozen
+class PinningConfig:
+    """
+    C{tools.pinning}: hold back tool definitions that changed since approval
+    (L{mcpgw.pinning}).
+
+    @ivar lock_file: the absolute path of the lock file (it may not exist yet: nothing is
+        approved then).
+    """
+
+    mode: str = "off"
+    lock_file: str = "tools.lock"
+
+
+@attr.frozen
+class ToolsConfig:
+    """C{tools}."""
+
+    pinning: PinningConfig = PinningConfig()
+
+
 @attr.frozen
 class Config:
     """
@@ -504,6 +536,7 @@ class Config:
     telemetry: TelemetryConfig = TelemetryConfig()
     limits: LimitsConfig = LimitsConfig()
     license: LicenseConfig = LicenseConfig()
+    tools: ToolsConfig = ToolsConfig()
     source: str = "<string>"
 
 
@@ -1102,6 +1135,7 @@ def _parse_config(w: _Walker, root: Node, source: str) -> Config:
         telemetry=_parse_telemetry(m.section("telemetry", attr.fields_dict(TelemetryConfig))),
         limits=_parse_limits(w, m.section("limits", attr.fields_dict(LimitsConfig))),
         license=_parse_license(m.section("license", ("file",))),
+        tools=_parse_tools(w, m.section("tools", ("pinning",))),
         source=source,
     )
 
@@ -1634,3 +1668,21 @@ def _parse_license(m: _Map | None) -> LicenseConfig:
     if m is None:
         return LicenseConfig()
     return LicenseConfig(file=m.file("file", must_exist=True))
+
+
+def _parse_tools(w: _Walker, m: _Map | None) -> ToolsConfig:
+    default_lock = os.path.join(w.base_dir, "tools.lock")
+    if m is None:
+        return ToolsConfig(PinningConfig(lock_file=default_lock))
+    p = m.section("pinning", ("mode", "lock_file"))
+    if p is None:
+        return ToolsConfig(PinningConfig(lock_file=default_lock))
+    mode = "off"
+    node = p.get("mode")
+    if node is not None:
+        # YAML 1.1 reads a bare off as false: that is what the user meant.
+        value = w.scalar(node, p.at("mode"))
+        mode = "off" if value is False else p.choice("mode", PINNING_MODES, "off")
+    return ToolsConfig(
+        PinningConfig(mode=mode, lock_file=p.file("lock_file", must_exist=False) or default_lock)
+    )

@@ -23,7 +23,10 @@ class GatewayError(Exception):
 
     @cvar status: the HTTP status code.
     @cvar code: the JSON-RPC error code.
-    @cvar message: the JSON-RPC error message; also the audit line's C{error} value.
+    @cvar message: the JSON-RPC error message; also the audit line's C{error} value unless
+        C{auditName} is set.
+    @cvar auditName: the audit line's C{error} value when it names the refusal more precisely
+        than C{message} (empty: C{message}).
     @ivar detail: a human-readable explanation, sent as C{error.data.detail}.
     @ivar requestId: the JSON-RPC id of the request, when the error knows it.
     @ivar data: extra members of C{error.data}.
@@ -32,6 +35,7 @@ class GatewayError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[int] = -32603
     message: ClassVar[str] = "internal_error"
+    auditName: ClassVar[str] = ""
 
     def __init__(self, detail: str | None = None, *, requestId: Any = None, **data: Any) -> None:
         super().__init__(detail or self.message)
@@ -103,6 +107,27 @@ class PolicyDenied(GatewayError):
     status = 403
     code = -32001
     message = "policy_denied"
+
+
+class ToolNotApproved(PolicyDenied):
+    """
+    Tool pinning (C{enforce}): the called tool is not in the lock file, or its latest listed
+    definition is not the approved one. C{data}: C{reason: tool_not_approved}, C{tool} and
+    C{pin} (C{new} or C{changed}). The JSON-RPC message is policy's (clients treat it alike);
+    the audit line's C{error} says C{tool_not_approved}, so replays of the audit (C{mcpgw
+    policy test}) tell it from a policy decision.
+    """
+
+    auditName = "tool_not_approved"
+
+    def __init__(self, tool: str, pin: str, *, requestId: Any = None) -> None:
+        super().__init__(
+            f"tool {tool!r} is {pin} and not approved: mcpgw tools approve, then reload",
+            requestId=requestId,
+            reason="tool_not_approved",
+            tool=tool,
+            pin=pin,
+        )
 
 
 class RateLimited(GatewayError):

@@ -10,6 +10,7 @@ whose address and timeouts did not change, so a reload drops no keep-alive conne
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,6 +21,7 @@ from mcpgw.auth import Authenticator
 from mcpgw.buckets import TokenBuckets
 from mcpgw.config import Config, ListenConfig, UpstreamConfig
 from mcpgw.errors import HostNotAllowed, OriginNotAllowed
+from mcpgw.pinning import readLock
 from mcpgw.policy import Policy
 from mcpgw.proxy.mcpheaders import ToolHeaders
 from mcpgw.proxy.upstream import UpstreamPool
@@ -180,6 +182,8 @@ class Generation:
     @ivar inputLimit: the per-address buckets of C{limits.input_rate_limit}, or C{None}.
     @ivar tls: the listener's TLS options (context built, so the files are known good), or
         C{None} without C{tls}.
+    @ivar toolLock: the tool pinning lock file, C{(upstream, tool) -> SHA-256 hex} (empty when
+        C{tools.pinning.mode} is off; L{mcpgw.pinning}).
     """
 
     number: int
@@ -191,6 +195,7 @@ class Generation:
     auth: Authenticator
     inputLimit: TokenBuckets | None
     tls: ServerTLS | None = None
+    toolLock: Mapping[tuple[str, str], str] = attr.Factory(dict)
 
     @property
     def pools(self) -> list[UpstreamPool]:
@@ -221,7 +226,12 @@ def buildGeneration(
     where an upstream's address and timeouts are unchanged.
 
     @raise mcpgw.tls.TLSError: the TLS files are unusable (the reload is rejected).
+    @raise mcpgw.pinning.LockError: the tool pinning lock file is unreadable or malformed (the
+        reload is rejected).
     """
+    toolLock: dict[tuple[str, str], str] = {}
+    if config.tools.pinning.mode != "off":
+        toolLock = readLock(config.tools.pinning.lock_file)
     tls = None
     if config.tls is not None:
         tls = loadServerTLS(config.tls, previous.tls if previous is not None else None)
@@ -247,4 +257,5 @@ def buildGeneration(
         auth=Authenticator(reactor, config.auth, config.tls, authPool),
         inputLimit=_inputLimit(config, previous),
         tls=tls,
+        toolLock=toolLock,
     )

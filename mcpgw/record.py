@@ -62,6 +62,7 @@ class RequestRecord(NamedTuple):
     endedAt: float
     principal: str | None
     redactedResults: int | None
+    toolPin: str | None
 
 
 #: Indexes of the fields the span encoder reads (a tuple index is the cheapest access).
@@ -99,10 +100,12 @@ class RequestRecord(NamedTuple):
 #: Fields added after the original span layout.
 R_PRINCIPAL = 32
 R_REDACTED_RESULTS = 33
+R_TOOL_PIN = 34
 
 
 assert RequestRecord._fields[R_PRINCIPAL] == "principal"
 assert RequestRecord._fields[R_REDACTED_RESULTS] == "redactedResults"
+assert RequestRecord._fields[R_TOOL_PIN] == "toolPin"
 
 
 def recordOf(x: Any, endedAt: float, now: float) -> RequestRecord:
@@ -150,6 +153,7 @@ def recordOf(x: Any, endedAt: float, now: float) -> RequestRecord:
         endedAt,
         x.principal,
         x.redactedResults,
+        x.toolPin,
     )
 
 
@@ -189,12 +193,14 @@ def auditLine(r: RequestRecord) -> dict[str, Any]:
         "principal": r.principal,
         "redacted_results": r.redactedResults,
         "target": r.target,
+        "tool_pin": r.toolPin,
     }
 
 
 _EXAMPLE = RequestRecord(
     1, 1, None, None, 0, 0, None, None, b"", b"", None, None, None, None, "allow", None, None,
     None, 0, 0, None, None, None, "", False, None, None, None, None, None, 0.0, 0.0, None, None,
+    None,
 )  # fmt: skip
 
 #: The audit line's field names, in order.

@@ -8,6 +8,7 @@ one job, handed what it needs.
   - L{PoolService}: the Argon2 thread pool;
   - span export (L{mcpgw.telemetry.Telemetry});
   - the license log (L{mcpgw.license.LicenseService});
+  - tool pinning's remembered definitions (L{mcpgw.pinning.PinningService});
   - L{Reloader}: SIGHUP re-reads the config, builds a new generation and publishes it to whoever
     subscribed (the gateway, the sinks, telemetry, the license), no polling;
   - L{ListenerService}: the listening port, the slow-client sweep, and the drain at stop.
@@ -38,6 +39,7 @@ from mcpgw.audit.writer import AuditWriter
 from mcpgw.config import ConfigError, ListenConfig, load_config
 from mcpgw.generation import Generation, buildGeneration
 from mcpgw.health import Readiness
+from mcpgw.pinning import LockError
 from mcpgw.proxy.gateway import Gateway
 from mcpgw.proxy.server import GatewaySite
 from mcpgw.tls import ServerTLSFactory, SwappableServerTLS, TLSError
@@ -195,7 +197,7 @@ class Reloader(Service):
                 # Same reactor turn as the generation swap: new connections get the new
                 # certificate and CA from here on; open ones keep theirs.
                 self._tlsCreator.swap(new.tls)
-        except TLSError as e:
+        except (TLSError, LockError) as e:
             log.error("reload rejected, keeping generation {gen}: {e}", gen=old.number, e=e)
             return None
         except Exception:
@@ -309,7 +311,16 @@ class GatewayService(MultiService):
         are stopped last, in reverse order of addition).
     """
 
-    stopOrder = ("listener", "reloader", "license", "audit", "shipping", "telemetry", "argon2")
+    stopOrder = (
+        "listener",
+        "reloader",
+        "pinning",
+        "license",
+        "audit",
+        "shipping",
+        "telemetry",
+        "argon2",
+    )
 
     def __init__(
         self,

@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 
 def loadChecked(path: str) -> tuple[Config, LicenseState]:
     """
-    Everything a start checks before serving: the config, the license it names, and the TLS
-    files (certificate, key, client CA) it points to.
+    Everything a start checks before serving: the config, the license it names, the TLS
+    files (certificate, key, client CA) it points to, and the tool pinning lock file.
 
     @raise ConfigError: with every problem, in the C{path.in.yaml: what is wrong} shape.
     """
@@ -33,6 +33,13 @@ def loadChecked(path: str) -> tuple[Config, LicenseState]:
             loadServerTLS(config.tls)
         except TLSError as e:
             raise ConfigError((Problem("tls", str(e)),), path) from None
+    if config.tools.pinning.mode != "off":
+        from mcpgw.pinning import LockError, readLock
+
+        try:
+            readLock(config.tools.pinning.lock_file)
+        except LockError as e:
+            raise ConfigError((Problem("tools.pinning.lock_file", str(e)),), path) from None
     return config, state
 
 
@@ -69,6 +76,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Gatew
     from mcpgw.audit.writer import AuditWriter
     from mcpgw.generation import buildGeneration
     from mcpgw.health import Readiness
+    from mcpgw.pinning import PinningService
     from mcpgw.proxy.gateway import Gateway
     from mcpgw.proxy.server import GatewaySite
     from mcpgw.service import (
@@ -97,7 +105,10 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Gatew
     shipping = ShippingService(reactor, config.audit, WriterSource(writer))
     shipping.setName("shipping")
     readiness.extraChecks.append(shipping.readinessCheck)
-    gateway = Gateway(reactor, buildGeneration(reactor, config, authPool=pool), writer, readiness)
+    pinning = PinningService(reactor, config.audit.state_dir)
+    generation = buildGeneration(reactor, config, authPool=pool)
+    pinning.configure(generation.config, generation.toolLock)
+    gateway = Gateway(reactor, generation, writer, readiness, pins=pinning)
     site = GatewaySite(gateway, reactor, CLIENT_IDLE_TIMEOUT)
     telemetry = Telemetry(reactor, gateway, config.telemetry)
     tls = gateway.generation.tls
@@ -108,6 +119,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Gatew
     # What a reload reaches: the audit file first (logrotate), then the new generation.
     reloader.onReopen(writer.reopen)
     reloader.onReopen(shipping.auditReopened)
+    reloader.subscribe(lambda g: pinning.configure(g.config, g.toolLock))
     reloader.subscribe(gateway.publish)
     reloader.subscribe(lambda g: shipping.reconfigure(g.config.audit))
     reloader.subscribe(lambda g: telemetry.reconfigure(g.config.telemetry))
@@ -124,6 +136,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Gatew
         readiness=readiness,
     )
     # Started in this order; stopped in GatewayService.stopOrder.
-    for child in (audit, shipping, PoolService(pool), telemetry, license, reloader, root.listener):
+    children = (audit, shipping, PoolService(pool), telemetry, license, pinning, reloader)
+    for child in (*children, root.listener):
         child.setServiceParent(root)
     return root

@@ -87,6 +87,7 @@ from mcpgw.record import (
     R_STATUS,
     R_TARGET,
     R_TOOL,
+    R_TOOL_PIN,
     R_TRACE,
     R_UPSTREAM,
     RequestRecord,
@@ -281,6 +282,8 @@ A_AUTH_RESULT = _key("mcp.auth.result")
 A_ERROR_KIND = _key("mcp.error.kind")
 A_REDACTED = _key("mcp.policy.redacted")
 A_REDACTED_RESULTS = _key("mcp.policy.redacted_results")
+#: Tool pinning's verdict (C{new} or C{changed}; absent when approved or pinning is off).
+A_TOOL_PIN = _key("mcp.tool.pin")
 #: The caller policy saw (key id, certificate, external or OAuth identity): OpenTelemetry's
 #: C{enduser.id} ("a username, email address, or other identifier").
 A_PRINCIPAL = _key("enduser.id")
@@ -309,7 +312,7 @@ ERROR_CODES: dict[str, int] = {}
 
 def _collectCodes(cls: type[errors.GatewayError]) -> None:
     for sub in cls.__subclasses__():
-        ERROR_CODES.setdefault(sub.message, sub.code)
+        ERROR_CODES.setdefault(sub.auditName or sub.message, sub.code)
         _collectCodes(sub)
 
 
@@ -475,6 +478,8 @@ def encodeSpan(rec: Sequence[Any]) -> bytes:
         fields.append(A_FILTERED.integer(rec[R_FILTERED]))
     if rec[R_REDACTED_RESULTS] is not None:
         fields.append(A_REDACTED_RESULTS.integer(rec[R_REDACTED_RESULTS]))
+    if rec[R_TOOL_PIN] is not None:
+        fields.append(A_TOOL_PIN.string(rec[R_TOOL_PIN]))
     if rec[R_BATCH] is not None:
         fields.append(A_BATCH.integer(rec[R_BATCH]))
     parent = rec[R_PARENT]

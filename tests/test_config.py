@@ -33,6 +33,7 @@ from mcpgw.config import (
     ListenConfig,
     MatchSpec,
     ObjectLockConfig,
+    PinningConfig,
     PolicyConfig,
     PolicyRule,
     Problem,
@@ -41,6 +42,7 @@ from mcpgw.config import (
     TelemetryConfig,
     Timeouts,
     TLSConfig,
+    ToolsConfig,
     UpstreamConfig,
     WebhookSinkConfig,
     config_from_string,
@@ -206,6 +208,7 @@ class DesignExampleTests(ConfigTestCase):
                 max_body_bytes=4194304, input_rate_limit=InputRateLimit(rate=200.0, burst=400.0)
             ),
             license=LicenseConfig(file=f"{d}/license.jwt"),
+            tools=ToolsConfig(PinningConfig(lock_file=f"{d}/tools.lock")),
             source=self.path,
         )
         self.assertEqual(load_config(self.path), expected)
@@ -297,6 +300,7 @@ class DefaultTests(ConfigTestCase):
                     ),
                 ),
                 audit=AuditConfig(path=f"{self.dir}/audit.jsonl", state_dir=f"{self.dir}/state"),
+                tools=ToolsConfig(PinningConfig("off", f"{self.dir}/tools.lock")),
             ),
         )
         self.assertEqual(config.listen, ListenConfig("127.0.0.1", 8080, False, (), ()))

@@ -54,6 +54,7 @@ def exchange(**changes: Any) -> Any:
         clientCert=None,
         principal="ci-bot",
         redactedResults=2,
+        toolPin="changed",
     )
     x.__dict__.update(changes)
     return x
@@ -102,3 +103,5 @@ class RecordTests(SynchronousTestCase):
         self.assertEqual(attrs["mcp.auth.key_id"], line["auth_key_id"])
         self.assertEqual(attrs["enduser.id"], line["principal"])
         self.assertEqual(attrs["mcp.policy.redacted_results"], line["redacted_results"])
+        self.assertEqual(attrs["mcp.tool.pin"], line["tool_pin"])
+        self.assertEqual(line["tool_pin"], "changed")

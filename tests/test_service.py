@@ -138,10 +138,22 @@ class CompositionTests(GatewayTestCase):
     reloadable = True
 
     def test_everyServiceIsAChild(self) -> None:
-        """Audit, sinks, Argon2 pool, telemetry, license, reloader and listener, in start order."""
+        """
+        Audit, sinks, Argon2 pool, telemetry, license, tool pinning, reloader and listener, in
+        start order.
+        """
         self.assertEqual(
             [child.name for child in self.service],
-            ["audit", "shipping", "argon2", "telemetry", "license", "reloader", "listener"],
+            [
+                "audit",
+                "shipping",
+                "argon2",
+                "telemetry",
+                "license",
+                "pinning",
+                "reloader",
+                "listener",
+            ],
         )
         self.assertTrue(all(child.running for child in self.service))
 
@@ -169,5 +181,14 @@ class CompositionTests(GatewayTestCase):
         yield self.service.stopService()
         self.assertEqual(
             stopped,
-            ["listener", "reloader", "license", "audit", "shipping", "telemetry", "argon2"],
+            [
+                "listener",
+                "reloader",
+                "pinning",
+                "license",
+                "audit",
+                "shipping",
+                "telemetry",
+                "argon2",
+            ],
         )

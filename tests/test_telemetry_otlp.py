@@ -66,6 +66,7 @@ def record(**changes: Any) -> tuple[Any, ...]:
         "R_TARGET": None,
         "R_PRINCIPAL": None,
         "R_REDACTED_RESULTS": None,
+        "R_TOOL_PIN": None,
     }
     values.update(changes)
     out: list[Any] = [None] * len(RequestRecord._fields)

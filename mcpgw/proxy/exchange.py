@@ -28,6 +28,7 @@ from mcpgw.errors import (
 from mcpgw.generation import Generation, Route
 from mcpgw.interfaces import IResponseSink
 from mcpgw.jsonrpc import RpcSummary
+from mcpgw.pinning import UpstreamPins
 from mcpgw.policy import ANONYMOUS, Caller
 from mcpgw.proxy.headers import (
     RESPONSE_DROP,
@@ -48,6 +49,14 @@ from mcpgw.telemetry import (
 log = Logger()
 
 _EVENT_STREAM = b"text/event-stream"
+
+
+def _isEventStream(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether an answer's C{Content-Type} is C{text/event-stream}."""
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            return value[: len(_EVENT_STREAM)].lower() == _EVENT_STREAM
+    return False
 
 
 def _encoded(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -120,6 +129,7 @@ class ProxyExchange:
         "method",
         "parent",
         "path",
+        "pins",
         "principal",
         "protocolVersion",
         "redacted",
@@ -136,6 +146,7 @@ class ProxyExchange:
         "status",
         "target",
         "tool",
+        "toolPin",
         "traceId",
         "transform",
         "upstream",
@@ -193,6 +204,10 @@ class ProxyExchange:
         self._listers: dict[str, Callable[[str], bool] | None] | None = None
         self.listing = False
         self.filteredTools: int | None = None
+        #: Tool pinning for this request's upstream (C{None}: off).
+        self.pins: UpstreamPins | None = None
+        #: Tool pinning's verdict for the audit line: C{new}, C{changed} or C{None}.
+        self.toolPin: str | None = None
         self.headerRewrite: dict[tuple[bytes, bytes], bytes] | None = None
         #: The bearer token presented in C{Authorization} (never forwarded, in any header).
         self.credential: bytes | None = None
@@ -215,6 +230,13 @@ class ProxyExchange:
     ) -> None:
         if self.closed:
             return
+        pins = self.pins
+        if self.transform is None and pins is not None and _isEventStream(headers):
+            # Pinning: a tools/list result may come on any SSE stream (a resumed GET, another
+            # request's answer); every response with a tool list goes through the pin step.
+            self.transform = ResponseTransform(
+                {}, pin=pins.listed, holdBack=pins.enforce, pinAny=True
+            )
         if self.transform is not None and 200 <= status < 300 and _encoded(headers):
             # Asked for identity (outbound), encoded anyway: an answer mcpgw must inspect and
             # cannot is not relayed (fail closed).
@@ -286,7 +308,8 @@ class ProxyExchange:
     def prepareTransforms(self, messages: list[dict[str, Any]]) -> None:
         """
         Decide which response transforms the answer goes through (L{mcpgw.proxy.transforms}):
-        listing answers filtered for this caller (and checked for x-mcp-header annotations),
+        listing answers filtered for this caller (and checked for x-mcp-header annotations, and
+        by tool pinning: not approved tools noted, or held back in C{enforce} mode),
         C{cacheScope} made private in listing and C{resources/read} answers when policy depends
         on the caller (L{CACHEABLE}), and the results of calls under C{redact_results} scrubbed.
         Nothing applies: no transform at all.
@@ -307,11 +330,15 @@ class ProxyExchange:
         redactors: dict[Any, Redact] | None = None
         if rules:
             redactors = {rid: partial(policy.redactResult, rule) for rid, rule in rules.items()}
+        pins = self.pins
         transform = ResponseTransform(
             methods,
             keep=self._keep if listing else None,
             privateCache=privateCache,
             redactors=redactors,
+            pin=pins.listed if pins is not None else None,
+            holdBack=pins is not None and pins.enforce,
+            pinAny=pins is not None,
         )
         if transform.active:
             self.transform = transform
@@ -483,7 +510,7 @@ class ProxyExchange:
         """Answer the client with C{error}'s JSON-RPC error response and end the exchange."""
         status, headers, body = errorResponse(error, self.jsonrpcId, self.batchIds)
         self.status = status
-        self.error = error.message
+        self.error = error.auditName or error.message
         request = self.request
         request.setResponseCode(status, reasonPhrase(status))
         out = request.responseHeaders
@@ -497,8 +524,10 @@ class ProxyExchange:
     def _end(self) -> None:
         transform = self.transform
         if transform is not None and self._transforming:
-            if self.listing:
+            if self.listing or transform.removed:
                 self.filteredTools = transform.removed
+            if transform.pinned is not None and self.toolPin is None:
+                self.toolPin = transform.pinned
             if self.resultRules:
                 self.redactedResults = transform.redactedResults
         self.closed = True

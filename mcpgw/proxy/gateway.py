@@ -34,10 +34,12 @@ from mcpgw.errors import (
     InternalError,
     PayloadTooLarge,
     ShuttingDown,
+    ToolNotApproved,
 )
 from mcpgw.generation import Generation, Route
 from mcpgw.interfaces import IAuditLog
 from mcpgw.jsonrpc import RpcSummary
+from mcpgw.pinning import PinningService, UpstreamPins
 from mcpgw.proxy.admission import Admission
 from mcpgw.proxy.exchange import ProxyExchange
 from mcpgw.proxy.inbound import inspect
@@ -73,12 +75,15 @@ class Gateway:
         audit: IAuditLog,
         readiness: Any = None,
         wallClock: Callable[[], float] = time.time,
+        pins: PinningService | None = None,
     ) -> None:
         self.reactor = reactor
         self.wallClock = wallClock
         self.generation = generation
         self.audit = audit
         self.readiness = readiness
+        #: Tool pinning (C{None}: off whatever the config says, e.g. a gateway built by hand).
+        self.pins = pins
         self.inflight: set[ProxyExchange] = set()
         self.connections: set[Any] = set()
         self.admission = Admission(reactor, lambda: self.generation, self.connections)
@@ -169,6 +174,8 @@ class Gateway:
         x.authResult, x.authKeyId, x.clientCert = auth.result, auth.keyId, auth.clientCert
         x.principal = auth.principal
         x.caller = auth.caller(x.clientIp, x.sessionId)
+        if self.pins is not None:
+            x.pins = self.pins.upstream(route.name)
         try:
             if summary is not None:
                 body = self._decide(x, summary, body)
@@ -196,6 +203,8 @@ class Gateway:
 
         @return: the body to forward.
         """
+        if x.pins is not None and summary.method is not None:
+            self._pinned(x, x.pins, summary)
         policy = x.generation.policy
         verdict = policy.verdict(summary.messages, x.caller, self.reactor.seconds())
         x.decision, x.ruleId, x.redacted = verdict.decision, verdict.ruleId, verdict.redacted
@@ -210,6 +219,36 @@ class Gateway:
         if verdict.changed:
             return orjson.dumps(summary.messages if summary.isBatch else summary.messages[0])
         return body
+
+    def _pinned(self, x: ProxyExchange, pins: UpstreamPins, summary: RpcSummary) -> None:
+        """
+        Tool pinning on the request's C{tools/call}s (each of a batch): one dict lookup per
+        call. A tool that is new or changed since approval is noted for the audit line (the
+        first such call's verdict) and, in C{enforce} mode, refused before policy is asked (the
+        upstream is never contacted; a batch is refused whole, as for policy).
+
+        @raise ToolNotApproved: C{enforce}, and a called tool is not approved as last listed.
+        """
+        if summary.isBatch:
+            calls = [
+                p.get("name") if isinstance(p := m.get("params"), dict) else None
+                for m in summary.messages
+                if m.get("method") == "tools/call"
+            ]
+        elif summary.method == "tools/call":
+            calls = [x.tool]
+        else:
+            return
+        for tool in calls:
+            name = tool if isinstance(tool, str) else ""
+            status = pins.callStatus(name)
+            if status is None:
+                continue
+            if x.toolPin is None:
+                x.toolPin = status
+            if pins.enforce:
+                x.decision, x.ruleId = "deny", None
+                raise ToolNotApproved(name, status)
 
     def _authFailed(self, failure: Failure, x: ProxyExchange) -> None:
         if x.closed:

@@ -96,7 +96,8 @@ def upstreamRequest(
     extra = x.generation.auth.headersToDrop(x.clientIp)
     if extra:
         drop = drop | extra  # an identity header from a peer that is not a trusted proxy
-    inspected = x.transform is not None
+    # Asked uncompressed: an answer mcpgw rewrites, or (tool pinning) any SSE stream it reads.
+    inspected = x.transform is not None or x.pins is not None
     for name, value in endToEnd(list(rh.getAllRawHeaders()), drop):
         low = name.lower()
         if inspected and low == b"accept-encoding":

@@ -24,6 +24,16 @@ Transforms (each acts on the C{result} of a JSON-RPC response whose id the reque
     the caller may read a resource is decided per caller too). A result with C{ttlMs} but no
     C{cacheScope} gets C{"private"} (some SDKs read a missing scope as public); a result with
     neither (an earlier protocol revision: no caching hints) is left alone;
+  - tool pinning (C{pin}, C{holdBack}; L{mcpgw.pinning}): a C{tools/list} answer's tool list is
+    passed whole to C{pin}, which says which tools the lock file does not approve (memoised by
+    the list's bytes, so an unchanged list is not hashed again); the worst verdict is kept in
+    L{ResponseTransform.pinned} (C{changed} over C{new}). With C{holdBack} (C{enforce}) those
+    tools are left out, in the same pass as the listing filter, and an answer that lost one
+    gets a private C{cacheScope} (as for C{privateCache}, below). Every entry of a tool whose
+    name is not approved is left out, even when the same name is listed twice. With C{pinAny}
+    (SSE streams, GET ones included, when pinning is on) the same step applies to any response
+    whose C{result.tools} is a list, whatever its id: an upstream cannot slip a listing past it
+    on a resumed stream or inside another request's stream;
   - result redaction (C{redactResult} with C{resultIds}, or C{redactors} per id): the C{result}
     of a response whose id was asked for is replaced by what the function returns; the count it
     returns adds to L{ResponseTransform.redactedResults}. Any method's response is scrubbed when
@@ -35,8 +45,9 @@ a new one, or C{None} when it leaves it alone). Steps act on C{result}, so the q
 below (C{result} spelled in the bytes) holds for them; a transform acting elsewhere adds its own.
 
 Which messages are touched: only responses (no C{method} member) whose C{id} is one of the
-request's and whose C{result} is an object; requests from the server reuse ids from another
-space and are never touched, nor are notifications and error responses. Ids match as JSON values
+request's (or, for C{pinAny}, whose C{result.tools} is a list) and whose C{result} is an
+object; requests from the server reuse ids from another space and are never touched, nor are
+notifications and error responses. Ids match as JSON values
 (C{1} and C{1.0} alike; a boolean is never an id). Every response with a watched id is
 transformed, even a second one.
 
@@ -82,12 +93,18 @@ __all__ = [
     "CACHEABLE",
     "LISTS",
     "Keep",
+    "Pin",
     "Redact",
     "ResponseTransform",
 ]
 
 #: Decides whether one listed item stays: C{keep(kind, item)}, C{kind} as in L{LISTS}.
 Keep = Callable[[str, dict[str, Any]], bool]
+
+#: Tool pinning's verdict on one C{tools/list} answer's C{result.tools}: the name of each tool
+#: the lock file does not approve -> C{"new"} or C{"changed"}
+#: (L{mcpgw.pinning.UpstreamPins.listed}).
+Pin = Callable[[list[Any]], Mapping[str, str]]
 
 #: Scrubs one C{result}: the new result (the same object when nothing changed) and how many
 #: strings changed.
@@ -142,6 +159,8 @@ class ResponseTransform:
     @ivar redactedResults: strings changed in results so far.
     @ivar refused: responses replaced by an error because they could not be inspected or
         re-serialised.
+    @ivar pinned: tool pinning's verdict on the listed tools: C{"changed"} if any listed tool
+        changed since approval, else C{"new"} if any is not approved, else C{None}.
     """
 
     def __init__(
@@ -153,6 +172,9 @@ class ResponseTransform:
         redactResult: Redact | None = None,
         resultIds: Collection[Any] = (),
         redactors: Mapping[Any, Redact] | None = None,
+        pin: Pin | None = None,
+        holdBack: bool = False,
+        pinAny: bool = False,
     ) -> None:
         """
         @param methods: JSON-RPC request id -> method, for every request the answer may respond
@@ -162,8 +184,14 @@ class ResponseTransform:
         @param redactResult: scrubs the results of the responses to C{resultIds}.
         @param redactors: request id -> its scrubbing function, for a batch whose calls need
             different ones (wins over C{redactResult} for its ids).
+        @param pin: tool pinning's verdict on a C{tools/list} answer's tools (C{None}: off).
+        @param holdBack: leave the tools C{pin} names out (C{enforce}); else only note them.
+        @param pinAny: also pass through C{pin} the tool list of any other response whose
+            C{result.tools} is a list, whatever its id (a C{tools/list} result delivered on a
+            resumed GET stream or inside another request's stream).
         """
         self.removed = 0
+        self.pinned: str | None = None
         self.redactedResults = 0
         self.refused = 0
         byId: dict[str | int | float, str] = {}
@@ -185,8 +213,9 @@ class ResponseTransform:
         for key in byId.keys() | scrubbers.keys():
             answers = byId.get(key, "")
             steps: list[_Step] = []
-            if keep is not None and answers in LISTS:
-                steps.append(self._listStep(LISTS[answers][0], keep))
+            pinning = pin if answers == "tools/list" else None
+            if (keep is not None or pinning is not None) and answers in LISTS:
+                steps.append(self._listStep(LISTS[answers][0], keep, pinning, holdBack))
             if privateCache and answers in CACHEABLE:
                 steps.append(_privateScope)
             if key in scrubbers:
@@ -194,23 +223,49 @@ class ResponseTransform:
             if steps:
                 plans[key] = tuple(steps)
         self._plans = plans
-        self.active = bool(plans)
+        self._anyTools: tuple[_Step, ...] | None = None
+        if pinAny and pin is not None:
+            self._anyTools = (self._listStep("tools", None, pin, holdBack),)
+        self.active = bool(plans) or self._anyTools is not None
         self._buf = bytearray()
         self._scan = 0
         self._atStart = True
 
     # -- Steps -------------------------------------------------------------------------------
 
-    def _listStep(self, kind: str, keep: Keep) -> _Step:
+    def _listStep(self, kind: str, keep: Keep | None, pin: Pin | None, holdBack: bool) -> _Step:
         def step(result: dict[str, Any]) -> dict[str, Any] | None:
             items = result.get(kind)
             if not isinstance(items, list):
                 return None
-            kept = [item for item in items if not isinstance(item, dict) or keep(kind, item)]
+            held: Mapping[str, str] | None = None
+            if pin is not None:
+                verdicts = pin(items)
+                if verdicts:
+                    worst = "changed" if "changed" in verdicts.values() else "new"
+                    if self.pinned != "changed":
+                        self.pinned = worst
+                    if holdBack:
+                        held = verdicts
+            if held is None:
+                if keep is None:
+                    return None
+                kept = [item for item in items if not isinstance(item, dict) or keep(kind, item)]
+            else:
+                kept = [
+                    item
+                    for item in items
+                    if not isinstance(item, dict)
+                    or (not _named(item, held) and (keep is None or keep(kind, item)))
+                ]
             if len(kept) == len(items):
                 return None
             self.removed += len(items) - len(kept)
-            return {**result, kind: kept}
+            new = {**result, kind: kept}
+            if held is not None and any(isinstance(i, dict) and _named(i, held) for i in items):
+                # A transitional answer (tools held back until approved): no shared cache.
+                new = _privateScope(new) or new
+            return new
 
         return step
 
@@ -247,7 +302,9 @@ class ResponseTransform:
         key = _idKey(message.get("id"))
         plan = self._plans.get(key) if key is not None else None
         if plan is None:
-            return message
+            if self._anyTools is None or not isinstance(result.get("tools"), list):
+                return message
+            plan = self._anyTools
         new = result
         try:
             for step in plan:
@@ -336,7 +393,7 @@ class ResponseTransform:
 
         @return: C{body} itself when nothing changed, else the re-serialised answer.
         """
-        if not self._plans:
+        if not self.active:
             return body
         new = self._payload(body)
         return body if new is None else new
@@ -350,7 +407,7 @@ class ResponseTransform:
         @return: the bytes to send now: every event completed by C{data}, rewritten if it holds a
             response that changes, else byte for byte (a partial event waits for its end).
         """
-        if not self._plans:
+        if not self.active:
             return data
         buf: bytes | bytearray
         if self._buf:
@@ -445,6 +502,12 @@ def _blankEnd(buf: bytes | bytearray, pos: int) -> int:
     if buf[best + 1] == 0x0D and buf[end : end + 1] == b"\n":
         end += 1
     return end
+
+
+def _named(item: dict[str, Any], names: Mapping[str, str]) -> bool:
+    """Whether a listed item's C{name} is one of C{names}."""
+    name = item.get("name")
+    return isinstance(name, str) and name in names
 
 
 def _privateScope(result: dict[str, Any]) -> dict[str, Any] | None:
