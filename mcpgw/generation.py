@@ -244,7 +244,14 @@ def buildGeneration(
         hostGuard=HostGuard.fromConfig(config.listen),
         maxBodyBytes=config.limits.max_body_bytes,
         policy=policy,
-        auth=Authenticator(reactor, config.auth, config.tls, authPool),
+        auth=Authenticator(
+            reactor,
+            config.auth,
+            config.tls,
+            authPool,
+            paths=tuple(u.path for u in config.upstreams),
+            previous=previous.auth if previous is not None else None,
+        ),
         inputLimit=_inputLimit(config, previous),
         tls=tls,
     )
