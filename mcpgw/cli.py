@@ -65,6 +65,23 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="a call argument (NAME may be a dotted path); repeat for several",
     )
+    explain.add_argument(
+        "--claim",
+        dest="claims",
+        action="append",
+        default=[],
+        type=_argument,
+        metavar="NAME=VALUE",
+        help="a claim of the caller's OAuth token; repeat a NAME for a list claim",
+    )
+    explain.add_argument(
+        "--scope",
+        dest="scopes",
+        action="append",
+        default=[],
+        metavar="SCOPE",
+        help="a scope granted to the caller's OAuth token (space-separated ones too); repeat",
+    )
     test = psub.add_parser(
         "test", help="replay audited calls through a config's policy; print what would change"
     )
@@ -233,6 +250,8 @@ def policyExplain(
     identity: str | None = None,
     client: str | None = None,
     arguments: Sequence[tuple[str, str]] = (),
+    claims: Sequence[tuple[str, str]] = (),
+    scopes: Sequence[str] = (),
 ) -> int:
     """
     Print which rule decides a call of C{method} on C{target} by that caller with those
@@ -249,7 +268,22 @@ def policyExplain(
             "pass, audited)"
         )
         return 0
-    caller = Caller(keyId=keyId, principal=identity or keyId, client=client)
+    tokenClaims: dict[str, Any] | None = None
+    if claims:
+        tokenClaims = {}
+        for name, value in claims:
+            if name in tokenClaims:
+                old = tokenClaims[name]
+                tokenClaims[name] = [*old, value] if isinstance(old, list) else [old, value]
+            else:
+                tokenClaims[name] = value
+    caller = Caller(
+        keyId=keyId,
+        principal=identity or keyId,
+        client=client,
+        claims=tokenClaims,
+        scopes=frozenset(s for text in scopes for s in text.split()),
+    )
     args = _arguments(arguments) if arguments else None
     print(policy.explain(method, target, caller, args).render())
     decision = policy.decide(method, target, caller, args)
@@ -512,6 +546,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.identity,
             args.client,
             args.args,
+            args.claims,
+            args.scopes,
         )
     if args.command == "policy" and args.policy_command == "test":
         return policyTest(args.config, args.against, args.fail_on_change)
