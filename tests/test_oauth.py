@@ -56,7 +56,7 @@ class OAuthTestCase(GatewayTestCase):
         self.idp = IdentityProvider()
         site = server.Site(JWKSResource(self.idp))
         site.noisy = False
-        self.idpPort = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.idpPort = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[arg-type]
         self.addCleanup(self.idpPort.stopListening)
         return super().setUp()
 
@@ -82,11 +82,17 @@ class OAuthTestCase(GatewayTestCase):
             "    required_scopes: [mcp:tools]\n" + self.oauthExtra + self.policy
         )
 
-    def bearer(self, token: str, path: str = "/mcp", body: bytes | None = None, **headers: str):  # type: ignore[no-untyped-def]
+    def bearer(
+        self,
+        token: str,
+        path: str = "/mcp",
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
         return self.call(
             body=body if body is not None else call(),
             path=path,
-            headers={"Authorization": f"Bearer {token}", **headers},
+            headers={"Authorization": f"Bearer {token}", **(headers or {})},
         )
 
     def source(self) -> Any:
@@ -105,7 +111,8 @@ class OAuthTestCase(GatewayTestCase):
         line = self.auditLines()[-1]
         self.assertEqual((line["status"], line["auth_result"]), (status, authResult))
         self.assertEqual(line["error"], body["error"]["message"])
-        return body["error"]  # type: ignore[no-any-return]
+        error: dict[str, Any] = body["error"]
+        return error
 
 
 class TokenTests(OAuthTestCase):
@@ -244,7 +251,7 @@ class TokenTests(OAuthTestCase):
     def test_neverForwarded(self) -> Any:
         """The token reaches the upstream in no header: Authorization, a copy elsewhere, a cookie."""
         token = self.idp.token(RESOURCE)
-        reply = yield self.bearer(token, **{"X-Token": token, "Cookie": f"t={token}"})
+        reply = yield self.bearer(token, headers={"X-Token": token, "Cookie": f"t={token}"})
         self.assertEqual(reply.status, 200)
         (seen,) = self.upstream.seen
         self.assertEqual(seen.header("Authorization"), [])
