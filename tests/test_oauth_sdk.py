@@ -106,8 +106,8 @@ def stack(
 def test_sdkWithToken(
     stack: tuple[DemoServer, Gateway], idp: tuple[IdentityProvider, ThreadedJWKS], mode: str
 ) -> None:
-    """An intern's token: add and broadcast hidden and refused (-32001), echo and whoami work, whoami sees no credential, the audit names the intern."""
-    demo, gw = stack
+    """An intern's token: add and broadcast hidden, add refused (-32001), echo and whoami work, whoami sees no credential, the audit names the intern."""
+    _demo, gw = stack
     provider, _ = idp
     email = f"intern-{mode}@corp.example"
     token = provider.token(
