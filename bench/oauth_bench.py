@@ -27,12 +27,12 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from argon2 import PasswordHasher  # noqa: E402
-from twisted.internet.task import Clock  # noqa: E402
+from argon2 import PasswordHasher
+from twisted.internet.task import Clock
 
-from mcpgw.auth import Authenticator  # noqa: E402
-from mcpgw.config import config_from_string  # noqa: E402
-from tests.idp import IdentityProvider  # noqa: E402
+from mcpgw.auth import Authenticator
+from mcpgw.config import config_from_string
+from tests.idp import IdentityProvider
 
 RESOURCE = "https://mcp.example.com/mcp"
 
