@@ -411,3 +411,54 @@ class FileKeysTests(OAuthTestCase):
         reply = yield self.bearer(token)
         self.assertEqual(reply.status, 200)
         self.assertEqual(self.idp.fetches, 0)
+
+
+class TLSKeysTests(OAuthTestCase):
+    """The JWKS over https, trusted through ca_file; without it, nothing verifies (503)."""
+
+    trusted = True
+
+    def setUp(self) -> Any:
+        from twisted.internet import ssl
+
+        from tests.pki import CA
+
+        self.ca = CA("idp test CA")
+        issued = self.ca.server()
+        self.idp = IdentityProvider()
+        site = server.Site(JWKSResource(self.idp))
+        site.noisy = False
+        options = ssl.PrivateCertificate.loadPEM(issued.certPEM + issued.keyPEM).options()
+        self.idpPort = reactor.listenSSL(0, site, options, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(self.idpPort.stopListening)
+        return GatewayTestCase.setUp(self)
+
+    def configText(self) -> str:
+        text = super().configText()
+        line = next(line for line in text.splitlines() if "jwks_url:" in line)
+        url = line.split("jwks_url: ")[1].replace("http://127.0.0.1", "https://localhost")
+        new = f"        jwks_url: {url}"
+        if self.trusted:
+            new += f"\n        ca_file: {self.ca.writeCert(self.tmp, 'idp-ca')}"
+        return text.replace(line, new)
+
+    @inlineCallbacks
+    def test_https(self) -> Any:
+        """The key set is fetched over https from a server the ca_file vouches for."""
+        reply = yield self.bearer(self.idp.token(RESOURCE, "ec"))
+        self.assertEqual(reply.status, 200, reply.body)
+        self.assertEqual(self.idp.fetches, 1)
+
+
+class UntrustedTLSKeysTests(TLSKeysTests):
+    trusted = False
+
+    @inlineCallbacks
+    def test_https(self) -> Any:
+        """A JWKS server the system store does not trust: no keys, so 503 auth_unavailable (not a 401 that would send the client to log in again)."""
+        reply = yield self.bearer(self.idp.token(RESOURCE, "ec"))
+        self.assertEqual(reply.status, 503, reply.body)
+        self.assertEqual(reply.json()["error"]["message"], "auth_unavailable")
+        self.assertEqual(reply.header("Retry-After"), ["5"])
+        self.assertEqual(self.idp.fetches, 0)  # the handshake failed: no request reached it
+        self.assertEqual(self.auditLines()[-1]["error"], "auth_unavailable")
