@@ -429,7 +429,7 @@ class TLSKeysTests(OAuthTestCase):
         site = server.Site(JWKSResource(self.idp))
         site.noisy = False
         options = ssl.PrivateCertificate.loadPEM(issued.certPEM + issued.keyPEM).options()
-        self.idpPort = reactor.listenSSL(0, site, options, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.idpPort = reactor.listenSSL(0, site, options, interface="127.0.0.1")
         self.addCleanup(self.idpPort.stopListening)
         return GatewayTestCase.setUp(self)
 
