@@ -297,3 +297,38 @@ class ExplainTests(SynchronousTestCase):
         got = explain()
         self.assertIn("when.claims.groups: no such claim", got)
         self.assertIn("when.scopes: scope(s) mcp:write not granted", got)
+
+    def test_policyTestSkipsTokenCallers(self) -> None:
+        """policy test does not replay OAuth callers' calls through rules on claims or scopes (the audit does not keep them), and says so; shadowing sees claims and scopes."""
+        from mcpgw.config import PolicyConfig
+        from mcpgw.policy import shadowedRules
+
+        tmp = tempfile.mkdtemp()
+        path = os.path.join(tmp, "c.yaml")
+        with open(path, "w") as f:
+            f.write(
+                BASE + "policy:\n"
+                "  rules:\n"
+                "    - {id: admins, action: deny, match: {exact: t}, when: {scopes: [a]}}\n"
+            )
+        audit = os.path.join(tmp, "audit.jsonl")
+        line = {"method": "tools/call", "tool": "t", "decision": "allow", "error": None}
+        with open(audit, "w") as f:
+            f.write(json.dumps({**line, "auth_result": "oauth", "principal": "alice"}) + "\n")
+            f.write(json.dumps({**line, "auth_result": "ok", "auth_key_id": "ci"}) + "\n")
+        out = io.StringIO()
+        with redirect_stdout(out):
+            main(["policy", "test", "-c", path, "--against", audit])
+        self.assertIn("replayed 1 call(s)", out.getvalue())
+        self.assertIn("1 of OAuth token callers", out.getvalue())
+        config = config_from_string(
+            BASE + "policy:\n"
+            "  rules:\n"
+            "    - {id: a, action: deny, match: {exact: t}, when: {scopes: [x]}}\n"
+            "    - {id: b, action: deny, match: {exact: t}, when: {scopes: [x, y]}}\n"
+            "    - {id: c, action: deny, match: {exact: u}, when: {claims: {g: ['a*']}}}\n"
+            "    - {id: d, action: deny, match: {exact: u}, when: {claims: {g: [ab]}}}\n"
+            "    - {id: e, action: deny, match: {exact: u}, when: {claims: {h: [ab]}}}\n"
+        )
+        self.assertIsInstance(config.policy, PolicyConfig)
+        self.assertEqual([i for i, _ in shadowedRules(config.policy)], [1, 3])
