@@ -165,6 +165,28 @@ class VerifierTests(SynchronousTestCase):
         self.assertIn("'email'", str(error2.detail))
 
 
+class ReloadTests(SynchronousTestCase):
+    def test_remoteKeysKept(self) -> None:
+        """A new generation keeps the fetched key set of an unchanged jwks_url; a changed one starts afresh."""
+
+        def verifier(url: str, previous: TokenVerifier | None = None) -> TokenVerifier:
+            config = config_from_string(
+                BASE + "auth:\n"
+                "  enabled: true\n"
+                "  oauth:\n"
+                "    public_url: https://mcp.example.com\n"
+                f"    issuers: [{{issuer: 'https://a.test', jwks_url: '{url}'}}]\n"
+            )
+            assert config.auth.oauth is not None
+            return TokenVerifier(Clock(), config.auth.oauth, ["/mcp"], previous)
+
+        first = verifier("https://a.test/k")
+        second = verifier("https://a.test/k", first)
+        third = verifier("https://a.test/other", second)
+        self.assertIs(second.sources["https://a.test"], first.sources["https://a.test"])
+        self.assertIsNot(third.sources["https://a.test"], first.sources["https://a.test"])
+
+
 class KeyTableTests(SynchronousTestCase):
     def test_keyTable(self) -> None:
         """Only signing keys of accepted algorithms: no oct (HMAC), no enc, no RS512."""
