@@ -354,3 +354,34 @@ class ExplainTests(SynchronousTestCase):
         )
         self.assertIsInstance(config.policy, PolicyConfig)
         self.assertEqual([i for i, _ in shadowedRules(config.policy)], [1, 3])
+
+
+class ClaimConditionTests(SynchronousTestCase):
+    def test_claimPaths(self) -> None:
+        """A claim named with dots is that claim if it exists, else a path into nested objects; numbers and booleans match as JSON text; a caller's different claim values are cached apart."""
+        from mcpgw.policy import Caller, Policy
+
+        config = config_from_string(
+            BASE + "policy:\n"
+            "  default_action: deny\n"
+            "  rules:\n"
+            "    - {id: kc, action: allow, match: {exact: a},"
+            " when: {claims: {realm_access.roles: [admin]}}}\n"
+            "    - {id: url, action: allow, match: {exact: b},"
+            " when: {claims: {'https://corp.example/roles': ['ops-*']}}}\n"
+            "    - {id: num, action: allow, match: {exact: c},"
+            " when: {claims: {level: ['3'], verified: ['true']}}}\n"
+        )
+        policy = Policy.fromConfig(config.policy)
+
+        def action(tool: str, **claims: object) -> str:
+            return policy.decide("tools/call", tool, Caller(principal="p", claims=claims)).action
+
+        self.assertEqual(action("a", realm_access={"roles": ["user", "admin"]}), "allow")
+        self.assertEqual(action("a", realm_access={"roles": ["user"]}), "deny")
+        self.assertEqual(action("a", **{"realm_access.roles": "admin"}), "allow")
+        self.assertEqual(action("b", **{"https://corp.example/roles": ["ops-eu"]}), "allow")
+        self.assertEqual(action("b", **{"https://corp.example/roles": "dev"}), "deny")
+        self.assertEqual(action("c", level=3, verified=True), "allow")
+        self.assertEqual(action("c", level=3, verified=False), "deny")
+        self.assertEqual(action("c", level={"x": 3}, verified=True), "deny")
