@@ -1,10 +1,12 @@
 # mcpgw developer commands. Everything installs itself on first use into .venv/.
 #   make run     start the demo MCP server and the gateway in front of it (Ctrl-C stops both)
 #   make test    lint (ruff), types (mypy) and the whole test suite (pytest)
-#   make bench   added latency and throughput vs direct and the reference proxy; policy, edge and pinning cost
+#   make bench   added latency and throughput vs direct and the reference proxy; policy, edge,
+#                pinning and OAuth token cost
 #   make wheelhouse  dist/wheelhouse: every wheel, for pip install --no-index --find-links
 #   make rpm     dist/mcpgw-VERSION-1.ARCH.rpm (rpmbuild; Debian: apt-get install rpm)
 #   make conformance-deps  the MCP conformance suite and Node 22 (npm ci into .cache/conformance/)
+#   make oidc-deps  node-oidc-provider for the OAuth end-to-end test (npm ci into .cache/oidc/)
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -14,8 +16,12 @@ STAMP   = $(VENV)/.installed
 # self-ignoring directory. Needs npm (Debian: apt-get install nodejs npm).
 CONFORMANCE_DIR   = .cache/conformance
 CONFORMANCE_STAMP = $(CONFORMANCE_DIR)/.installed
+# tests/test_oauth_oidc.py: a real authorization server (node-oidc-provider, tests/oidc/
+# package-lock.json) from the npm registry, run on the Node of the conformance suite.
+OIDC_DIR   = .cache/oidc
+OIDC_STAMP = $(OIDC_DIR)/.installed
 
-.PHONY: run test lint typecheck unit bench clean wheelhouse rpm conformance-deps
+.PHONY: run test lint typecheck unit bench clean wheelhouse rpm conformance-deps oidc-deps
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +41,16 @@ $(CONFORMANCE_STAMP): tests/conformance/package.json tests/conformance/package-l
 
 conformance-deps: $(CONFORMANCE_STAMP)
 
+$(OIDC_STAMP): tests/oidc/package.json tests/oidc/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "npm is missing: the OAuth end-to-end test's authorization server installs with it (Debian: apt-get install nodejs npm)" >&2; exit 1; }
+	mkdir -p $(OIDC_DIR)
+	printf '*\n' > .cache/.gitignore
+	cp tests/oidc/package.json tests/oidc/package-lock.json $(OIDC_DIR)/
+	cd $(OIDC_DIR) && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+	touch $(OIDC_STAMP)
+
+oidc-deps: $(OIDC_STAMP)
+
 run: $(STAMP)
 	$(PY) -m mcpgw.demo.run --config etc/mcpgw.yaml
 
@@ -44,7 +60,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-unit: $(STAMP) $(CONFORMANCE_STAMP)
+unit: $(STAMP) $(CONFORMANCE_STAMP) $(OIDC_STAMP)
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck unit
@@ -55,6 +71,7 @@ bench: $(STAMP)
 	$(PY) bench/policy_bench.py
 	$(PY) bench/edge_bench.py
 	$(PY) bench/pinning_bench.py
+	$(PY) bench/oauth_bench.py
 
 wheelhouse: $(STAMP)
 	PYTHON=$(PY) packaging/build-wheelhouse dist/wheelhouse

@@ -9,6 +9,8 @@ Starts (each in its own process group, all stopped at the end, also on Ctrl-C or
   twisted-proxy  bench/twisted_proxy.py, the reference stand-in (twisted.web + Agent) in front of it
   mcpgw          python -m mcpgw run --config <generated YAML> in front of it, audit line on
   mcpgw-auth     the same with API keys on
+  mcpgw-oauth    the same with OAuth access tokens on (auth.oauth, an ES256 key from a JWKS file;
+                 one token, verified once, then the cache)
   mcpgw-full     API key on (cached), 20 policy rules with caller conditions (keys, identities,
                  clients), the deciding one conditional on the key, audit line on: the issue #12 bar
   mcpgw-otel     the same with span export on (telemetry.otlp_endpoint = a local OTLP sink,
@@ -51,7 +53,15 @@ import loadgen  # noqa: E402  (vendored beside this file)
 #: venv for the upstream when the running interpreter has no uvloop (override: MCPGW_BENCH_VENV).
 UPSTREAM_VENV = Path(os.environ.get("MCPGW_BENCH_VENV", "/tmp/mcpgw-bench-venv"))
 UPSTREAM_SPEC = ["uvloop==0.23.0", "httptools==0.9.0", "orjson==3.13.0"]
-SYSTEMS = ("direct", "twisted-proxy", "mcpgw", "mcpgw-auth", "mcpgw-otel", "mcpgw-full")
+SYSTEMS = (
+    "direct",
+    "twisted-proxy",
+    "mcpgw",
+    "mcpgw-auth",
+    "mcpgw-oauth",
+    "mcpgw-otel",
+    "mcpgw-full",
+)
 STANDIN = "twisted-proxy"
 #: The issue's bar: mcpgw added p50 / stand-in added p50 <= 0.5; mcpgw / stand-in req/s at C=32 >= 2.
 BAR_P50 = 0.5
@@ -103,6 +113,35 @@ def full_policy_yaml() -> str:
         "    - {id: bench-echo, action: allow, match: {exact: echo}, when: {keys: [bench]}}"
     )
     return "\n".join(lines) + "\n"
+
+
+def oauth_yaml(tmp: Path) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The C{auth.oauth} block of C{mcpgw-oauth} (keys from a JWKS file) and its token header."""
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
+    jwk.update(kid="bench", use="sig", alg="ES256")
+    path = tmp / "bench-jwks.json"
+    path.write_text(json.dumps({"keys": [jwk]}))
+    issuer = "https://idp.bench.example"
+    now = int(time.time())
+    claims = {
+        "iss": issuer,
+        "aud": "https://mcp.bench.example/mcp",
+        "sub": "bench",
+        "scope": "mcp:tools",
+        "iat": now,
+        "exp": now + 6 * 3600,
+    }
+    token = jwt.encode(claims, key, algorithm="ES256", headers={"kid": "bench"})
+    block = (
+        "auth:\n  enabled: true\n  oauth:\n    public_url: https://mcp.bench.example\n"
+        f"    issuers: [{{issuer: '{issuer}', jwks_file: '{path}'}}]\n"
+    )
+    return block, (("Authorization", f"Bearer {token}"),)
 
 
 def sink_yaml(mode: str, tmp: Path, procs: Any) -> str:
@@ -882,6 +921,9 @@ def main() -> int:
                 f"auth:\n  enabled: true\n  keys: [{{id: bench, hash: '{hashKey(key)}'}}]\n",
                 (("Authorization", f"Bearer {key}"),),
             )
+        if "mcpgw-oauth" in names:
+            # the same gateway validating an OAuth access token (ES256): verified once, then cached
+            spawn_mcpgw("mcpgw-oauth", *oauth_yaml(tmp))
         if "mcpgw-full" in names:
             # API key on and cached, 20 caller-conditioned rules, audit line: the #12 bar
             from mcpgw.auth import generateKey, hashKey

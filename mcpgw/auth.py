@@ -9,6 +9,12 @@ Which applies, per generation:
     the audit field C{client_cert}.
   - C{tls.client_ca} without API keys: the verified client certificate is the caller
     (C{auth_result: mtls}, C{auth_key_id} = SPIFFE URI SAN, else subject CN).
+  - C{auth.enabled: true} with C{auth.oauth}: C{Authorization: Bearer <token>} carries an OAuth
+    access token, verified by L{mcpgw.oauth.TokenVerifier} for the upstream the request is for
+    (C{auth_result} C{oauth}; the principal is the C{principal_claim}; the token's claims and
+    scopes go to policy). With API keys as well, an C{mcpgw_} credential is checked as an API
+    key and anything else as a token. A missing or invalid credential then gets the upstream's
+    OAuth challenge (C{resource_metadata}), so MCP clients find where to log in.
   - otherwise: C{auth_result: external}.
 Without API keys, C{auth.external} names the header in which an auth proxy in front of mcpgw
 names the caller: a request from a trusted proxy (its peer address in C{trusted_proxies}) carrying
@@ -37,6 +43,7 @@ import os
 import re
 import secrets
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import attr
@@ -51,6 +58,7 @@ from mcpgw.buckets import TokenBuckets
 from mcpgw.config import AuthConfig, TLSConfig
 from mcpgw.errors import RateLimited, Unauthenticated
 from mcpgw.interfaces import IAuthenticator
+from mcpgw.oauth import TokenInfo, TokenVerifier
 from mcpgw.policy import Caller, Network, addressIn, networks
 
 #: Seconds a verification result stays cached.
@@ -63,6 +71,7 @@ MISS_RATE, MISS_BURST = 1.0, 10.0
 MAX_PENDING = 16
 #: Prefix of keys made by C{mcpgw key generate}.
 KEY_PREFIX = "mcpgw_"
+KEY_PREFIX_BYTES = KEY_PREFIX.encode()
 
 #: A token shaped like an mcpgw API key (what C{mcpgw key generate} makes, or a near miss).
 _KEY_SHAPED = re.compile(rb"mcpgw_[A-Za-z0-9_-]{8,}")
@@ -79,19 +88,24 @@ class AuthResult:
     """
     Who the caller is.
 
-    @ivar result: C{ok}, C{mtls} or C{external} (failures are raised as L{Unauthenticated}).
+    @ivar result: C{ok}, C{oauth}, C{mtls} or C{external} (failures are raised as
+        L{Unauthenticated}).
     @ivar keyId: the API key id or the certificate identity.
     @ivar clientCert: the verified client certificate identity, if any.
     @ivar principal: the identity policy matches C{when.identities} against (the audit field
         C{principal}): the key id, else the certificate identity (so the part-1 constructor
         calls keep their meaning), or the identity a trusted auth proxy named; C{None} when
         anonymous.
+    @ivar claims: an OAuth token's claims (C{when.claims}), else C{None}.
+    @ivar scopes: an OAuth token's scopes (C{when.scopes}).
     """
 
     result: str
     keyId: str | None = None
     clientCert: str | None = None
     principal: str | None = attr.field(default=attr.Factory(_defaultPrincipal, takes_self=True))
+    claims: Mapping[str, object] | None = attr.field(default=None, eq=False)
+    scopes: frozenset[str] = frozenset()
 
     def caller(self, client: str | None, session: str | None) -> Caller:
         """
@@ -104,6 +118,8 @@ class AuthResult:
             principal=self.principal,
             client=client,
             session=session,
+            claims=self.claims,
+            scopes=self.scopes,
         )
 
 
@@ -136,7 +152,9 @@ class Authenticator:
     """
     The authentication of one generation.
 
-    @ivar mode: C{keys}, C{mtls} or C{external}.
+    @ivar mode: C{keys} (API keys, OAuth tokens or both), C{mtls} or C{external}.
+    @ivar oauth: the token verifier (C{auth.oauth}), or C{None}.
+    @ivar documents: gateway path -> RFC 9728 metadata document (empty without C{auth.oauth}).
     @ivar identityHeader: the lower-case name of C{auth.external.identity_header}, or C{None}.
     @ivar dropHeaders: the lower-case names of the headers the gateway removes before forwarding
         a request from a peer that is not a trusted proxy (L{headersToDrop}).
@@ -149,10 +167,27 @@ class Authenticator:
         tls: TLSConfig | None,
         pool: ThreadPool | None,
         throttle: TokenBuckets | None = None,
+        paths: tuple[str, ...] = (),
+        previous: Authenticator | None = None,
     ) -> None:
+        """
+        @param paths: the upstreams' gateway paths (each a protected resource with C{auth.oauth}).
+        @param previous: the authenticator of the generation being replaced: JWKS fetched from
+            URLs that did not change are kept (a reload does not refetch them).
+        """
         self._reactor = reactor
         self._hashes = tuple((k.id, k.hash) for k in auth.keys)
-        if auth.enabled and self._hashes:
+        self.oauth: TokenVerifier | None = None
+        self.documents: dict[bytes, bytes] = {}
+        if auth.enabled and auth.oauth is not None:
+            self.oauth = TokenVerifier(
+                reactor,
+                auth.oauth,
+                paths,
+                previous.oauth if previous is not None else None,
+            )
+            self.documents = self.oauth.documents
+        if auth.enabled and (self._hashes or self.oauth is not None):
             self.mode = "keys"
         elif tls is not None and tls.client_ca is not None:
             self.mode = "mtls"
@@ -193,6 +228,7 @@ class Authenticator:
         clientAddress: str,
         certIdentity: str | None,
         identity: bytes | None = None,
+        path: bytes = b"",
     ) -> AuthResult | Deferred[AuthResult]:
         """
         @param authorization: the request's C{Authorization} header value.
@@ -200,6 +236,7 @@ class Authenticator:
         @param identity: the value of the request's L{identityHeader}, if it has one (the
             gateway passes C{None} when the header is absent; a header sent twice should be
             refused as ambiguous before this is called).
+        @param path: the gateway path (which upstream, so which token audience).
         @return: the result now (cached or no keys) or a Deferred of it (Argon2 on the pool).
         @raise Unauthenticated: missing or malformed credentials (or, via the Deferred, invalid).
         @raise RateLimited: too many uncached verifications from this address, or overall.
@@ -214,14 +251,20 @@ class Authenticator:
         if mode == "mtls":
             return AuthResult("mtls", certIdentity, certIdentity)
         presented = bearerToken(authorization)
-        if presented is None:
+        oauth = self.oauth
+        if oauth is not None:
+            if presented is None:
+                raise oauth.missing(path)
+            if not self._hashes or not presented.startswith(KEY_PREFIX_BYTES):
+                return self._token(oauth, presented, path, certIdentity)
+        elif presented is None:
             raise Unauthenticated(auth_result="missing")
         digest = hmac.digest(self._secret, presented, "sha256")
         now = self._reactor.seconds()
         entry = self._cache.get(digest)
         if entry is not None and entry[1] > now:
             self._cache.move_to_end(digest)
-            return self._result(entry[0], certIdentity)
+            return self._result(entry[0], certIdentity, path)
         pending = self._pending.get(digest)
         if pending is None:
             wait = self._throttle.take(clientAddress, now)
@@ -234,7 +277,20 @@ class Authenticator:
             pending = self._verify(digest, presented)
         d: Deferred[str | None] = Deferred()
         pending.addCallback(_fanOut, d)
-        return d.addCallback(self._result, certIdentity)
+        return d.addCallback(self._result, certIdentity, path)
+
+    def _token(
+        self, oauth: TokenVerifier, token: bytes, path: bytes, certIdentity: str | None
+    ) -> AuthResult | Deferred[AuthResult]:
+        """An OAuth access token: verified (cached) for the upstream at C{path}."""
+        info = oauth.verify(token, path)
+        if type(info) is TokenInfo:
+            result = info.result
+            if result is None:
+                result = info.result = _tokenResult(info, None)
+            return result if certIdentity is None else _tokenResult(info, certIdentity)
+        assert isinstance(info, Deferred)
+        return info.addCallback(_tokenResult, certIdentity)
 
     def _verify(self, digest: bytes, presented: bytes) -> Deferred[str | None]:
         assert self._pool is not None
@@ -252,9 +308,10 @@ class Authenticator:
 
         return d.addCallback(done)
 
-    @staticmethod
-    def _result(keyId: str | None, certIdentity: str | None) -> AuthResult:
+    def _result(self, keyId: str | None, certIdentity: str | None, path: bytes) -> AuthResult:
         if keyId is None:
+            if self.oauth is not None:
+                raise self.oauth.invalid(path, "not a valid API key")
             raise Unauthenticated(auth_result="invalid")
         return AuthResult("ok", keyId, certIdentity)
 
@@ -287,6 +344,13 @@ class Authenticator:
     def cacheSize(self) -> int:
         """Cached verification results."""
         return len(self._cache)
+
+
+def _tokenResult(info: TokenInfo, certIdentity: str | None) -> AuthResult:
+    """The result of a verified OAuth token."""
+    return AuthResult(
+        "oauth", None, certIdentity, info.principal, claims=info.claims, scopes=info.scopes
+    )
 
 
 def _usesExternal(mode: str) -> bool:

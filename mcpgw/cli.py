@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         "--identity",
         "-i",
         default=None,
-        help="the principal: certificate or external identity (default: the key id)",
+        help="the principal: certificate, external or OAuth identity (default: the key id)",
     )
     explain.add_argument("--client", default=None, type=_address, help="client IP address")
     explain.add_argument(
@@ -64,6 +64,23 @@ def _parser() -> argparse.ArgumentParser:
         type=_argument,
         metavar="NAME=VALUE",
         help="a call argument (NAME may be a dotted path); repeat for several",
+    )
+    explain.add_argument(
+        "--claim",
+        dest="claims",
+        action="append",
+        default=[],
+        type=_argument,
+        metavar="NAME=VALUE",
+        help="a claim of the caller's OAuth token; repeat a NAME for a list claim",
+    )
+    explain.add_argument(
+        "--scope",
+        dest="scopes",
+        action="append",
+        default=[],
+        metavar="SCOPE",
+        help="a scope granted to the caller's OAuth token (space-separated ones too); repeat",
     )
     test = psub.add_parser(
         "test", help="replay audited calls through a config's policy; print what would change"
@@ -254,6 +271,8 @@ def policyExplain(
     identity: str | None = None,
     client: str | None = None,
     arguments: Sequence[tuple[str, str]] = (),
+    claims: Sequence[tuple[str, str]] = (),
+    scopes: Sequence[str] = (),
 ) -> int:
     """
     Print which rule decides a call of C{method} on C{target} by that caller with those
@@ -270,7 +289,22 @@ def policyExplain(
             "pass, audited)"
         )
         return 0
-    caller = Caller(keyId=keyId, principal=identity or keyId, client=client)
+    tokenClaims: dict[str, Any] | None = None
+    if claims:
+        tokenClaims = {}
+        for name, value in claims:
+            if name in tokenClaims:
+                old = tokenClaims[name]
+                tokenClaims[name] = [*old, value] if isinstance(old, list) else [old, value]
+            else:
+                tokenClaims[name] = value
+    caller = Caller(
+        keyId=keyId,
+        principal=identity or keyId,
+        client=client,
+        claims=tokenClaims,
+        scopes=frozenset(s for text in scopes for s in text.split()),
+    )
     args = _arguments(arguments) if arguments else None
     print(policy.explain(method, target, caller, args).render())
     decision = policy.decide(method, target, caller, args)
@@ -395,6 +429,12 @@ def policyTest(path: str, audits: Sequence[str], failOnChange: bool) -> int:
         "refused by tool pinning": 0,
         "without a target": 0,
     }
+    # The audit keeps an OAuth caller's principal, not its token's claims and scopes.
+    onToken = any(
+        r.when is not None and (r.when.claims or r.when.scopes) for r in config.policy.rules
+    )
+    tokenNote = "of OAuth token callers (rules on claims or scopes; the audit does not keep them)"
+    skipped[tokenNote] = 0
     for audit in audits:
         try:
             for number, text in _auditLines(audit):
@@ -423,6 +463,9 @@ def policyTest(path: str, audits: Sequence[str], failOnChange: bool) -> int:
                     target = ""  # decided as the empty name, as the gateway does
                 if not isinstance(target, str):
                     skipped["without a target"] += 1
+                    continue
+                if onToken and line.get("auth_result") == "oauth":
+                    skipped[tokenNote] += 1
                     continue
                 caller = _callerOf(line)
                 new = policy.decideWithoutArguments(method, target, caller)
@@ -732,6 +775,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.identity,
             args.client,
             args.args,
+            args.claims,
+            args.scopes,
         )
     if args.command == "policy" and args.policy_command == "test":
         return policyTest(args.config, args.against, args.fail_on_change)

@@ -71,11 +71,13 @@ __all__ = [
     "ExternalAuthConfig",
     "GCSSinkConfig",
     "InputRateLimit",
+    "IssuerConfig",
     "KafkaSinkConfig",
     "LicenseConfig",
     "LimitsConfig",
     "ListenConfig",
     "MatchSpec",
+    "OAuthConfig",
     "ObjectLockConfig",
     "PinningConfig",
     "PolicyConfig",
@@ -266,15 +268,57 @@ class ExternalAuthConfig:
 
 
 @attr.frozen
+class IssuerConfig:
+    """
+    C{auth.oauth.issuers[]}: an authorization server whose access tokens are accepted, with
+    exactly one source of its signing keys.
+
+    @ivar issuer: the tokens' C{iss}, exactly.
+    @ivar jwks_url: where its JWKS is fetched (http or https), or C{None}.
+    @ivar jwks_file: the absolute path of a JWKS file (air-gapped hosts), or C{None}.
+    @ivar ca_file: the absolute path of the trust root for C{jwks_url} (default: the system's).
+    """
+
+    issuer: str
+    jwks_url: str | None = None
+    jwks_file: str | None = None
+    ca_file: str | None = None
+
+
+@attr.frozen
+class OAuthConfig:
+    """
+    C{auth.oauth}: mcpgw as the OAuth 2.1 resource server of every upstream (MCP authorization).
+
+    @ivar public_url: how clients reach the gateway, without a trailing slash: an upstream's
+        resource identifier (RFC 8707) is C{public_url} + its path.
+    @ivar principal_claim: the claim naming the caller (the audit line's C{principal}).
+    @ivar scopes_supported: advertised in the protected-resource metadata (RFC 9728).
+    @ivar required_scopes: every token must carry all of these (else 403 insufficient_scope).
+    """
+
+    public_url: str
+    issuers: tuple[IssuerConfig, ...]
+    principal_claim: str = "sub"
+    scopes_supported: tuple[str, ...] = ()
+    required_scopes: tuple[str, ...] = ()
+
+    def resource(self, path: str) -> str:
+        """The resource identifier of the upstream at gateway path C{path}."""
+        return self.public_url + path
+
+
+@attr.frozen
 class AuthConfig:
     """
-    C{auth}: API-key authentication (off: an external proxy authenticates, and C{external} may
-    say how it names the caller).
+    C{auth}: inbound authentication: API keys and/or OAuth access tokens when C{enabled} (off:
+    an external proxy authenticates, and C{external} may say how it names the caller).
     """
 
     enabled: bool = False
     keys: tuple[APIKey, ...] = ()
     external: ExternalAuthConfig | None = None
+    oauth: OAuthConfig | None = None
 
 
 @attr.frozen
@@ -313,17 +357,22 @@ class Conditions:
     @ivar identities: globs on the principal (key id, certificate or external identity).
     @ivar clients: networks (normalised CIDR text) the client address must be in.
     @ivar arguments: C{(path, matcher)}: the argument at the dotted path, as text, must match.
+    @ivar claims: C{(claim, globs)}: a value of the OAuth token's claim (any item of a list
+        claim) must match one of the globs.
+    @ivar scopes: every one of these scopes must be granted to the OAuth token.
     """
 
     keys: tuple[str, ...] = ()
     identities: tuple[str, ...] = ()
     clients: tuple[str, ...] = ()
     arguments: tuple[tuple[str, MatchSpec], ...] = ()
+    claims: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    scopes: tuple[str, ...] = ()
 
     @property
     def onCaller(self) -> bool:
         """Whether a condition is about the caller (who, from where)."""
-        return bool(self.keys or self.identities or self.clients)
+        return bool(self.keys or self.identities or self.clients or self.claims or self.scopes)
 
 
 @attr.frozen
@@ -1114,7 +1163,9 @@ def _check_unique(w: _Walker, items: Sequence[tuple[str, str, Node]], what: str)
 
 _TOP_KEYS = tuple(key for key in attr.fields_dict(Config) if key != "source")
 _POLICY_KEYS = ("default_action", "filter_tools_list", "rules")
-_AUTH_KEYS = ("enabled", "keys", "external")
+_AUTH_KEYS = ("enabled", "keys", "external", "oauth")
+_OAUTH_KEYS = tuple(attr.fields_dict(OAuthConfig))
+_ISSUER_KEYS = tuple(attr.fields_dict(IssuerConfig))
 _RULE_KEYS = tuple(attr.fields_dict(PolicyRule))
 _CONDITION_KEYS = tuple(attr.fields_dict(Conditions))
 
@@ -1242,6 +1293,8 @@ def _route(w: _Walker, node: Node, path: str) -> str | None:
         w.report(path, "must start with /", node)
     elif route in RESERVED_PATHS:
         w.report(path, f"{route} is reserved for health checks", node)
+    elif route.startswith("/.well-known/"):
+        w.report(path, "/.well-known/ paths are reserved (OAuth protected-resource metadata)", node)
     elif any(c in route for c in "?#") or any(c.isspace() for c in route):
         w.report(path, "must be a plain path (no query, fragment or spaces)", node)
     else:
@@ -1268,8 +1321,16 @@ def _parse_auth(w: _Walker, root: _Map, tls: TLSConfig | None) -> AuthConfig:
         keys.append(APIKey(id=key_id, hash=digest))
     _check_unique(w, ids, "key id")
     enabled = m.bool_or("enabled", False)
-    if enabled and not keys and (tls is None or tls.client_ca is None):
+    oauth = _parse_oauth(w, m.section("oauth", _OAUTH_KEYS))
+    oauthNode = m.get("oauth")
+    if enabled and not keys and oauthNode is None and (tls is None or tls.client_ca is None):
         w.report(m.at("enabled"), "true but no keys are configured", m.get("enabled"))
+    if oauthNode is not None and not enabled:
+        w.report(
+            m.at("oauth"),
+            "is only used with auth.enabled: true (set it to validate access tokens)",
+            oauthNode,
+        )
     external = _parse_external(w, m.section("external", ("identity_header", "trusted_proxies")))
     if external is not None and enabled:
         w.report(
@@ -1277,7 +1338,92 @@ def _parse_auth(w: _Walker, root: _Map, tls: TLSConfig | None) -> AuthConfig:
             "is only used with auth.enabled: false (an auth proxy authenticates the caller)",
             m.get("external"),
         )
-    return AuthConfig(enabled=enabled, keys=tuple(keys), external=external)
+    return AuthConfig(enabled=enabled, keys=tuple(keys), external=external, oauth=oauth)
+
+
+def _parse_oauth(w: _Walker, m: _Map | None) -> OAuthConfig | None:
+    """C{auth.oauth}: public_url without a fragment or query; each issuer one key source."""
+    if m is None:
+        return None
+    public = m.url_or("public_url", required=True) or ""
+    if public:
+        parts = urlsplit(public)
+        if parts.fragment or "#" in public:
+            w.report(m.at("public_url"), "must not have a fragment (RFC 8707)", m.get("public_url"))
+        elif parts.query:
+            w.report(m.at("public_url"), "must not have a query", m.get("public_url"))
+    issuers = []
+    names: list[tuple[str, str, Node]] = []
+    node = m.get("issuers", required=True)
+    items = m.items("issuers")
+    if node is not None and isinstance(node, SequenceNode) and not items:
+        w.report(m.at("issuers"), "must list at least one issuer", node)
+    for path, item in items:
+        i = w.mapping(item, path, _ISSUER_KEYS)
+        if i is None:
+            continue
+        issuer = i.value("issuer", _issuer_url(w), "", required=True)
+        url = i.url_or("jwks_url")
+        jwks = i.value("jwks_file", _jwks_file(w), None, required=False)
+        ca = i.file("ca_file", must_exist=True)
+        given = [k for k in ("jwks_url", "jwks_file") if i.get(k) is not None]
+        if len(given) != 1:
+            w.report(
+                path,
+                "needs exactly one key source: jwks_url or jwks_file"
+                + (" (both are set)" if given else ""),
+                item,
+            )
+        if i.get("ca_file") is not None and i.get("jwks_url") is None:
+            w.report(i.at("ca_file"), "is only used with jwks_url", i.get("ca_file"))
+        if (n := i.get("issuer")) is not None and issuer:
+            names.append((issuer, i.at("issuer"), n))
+        issuers.append(IssuerConfig(issuer=issuer, jwks_url=url, jwks_file=jwks, ca_file=ca))
+    _check_unique(w, names, "issuer")
+    scopes = m.strings("scopes_supported", check=_check_scope)
+    return OAuthConfig(
+        public_url=public.rstrip("/"),
+        issuers=tuple(issuers),
+        principal_claim=m.str_or("principal_claim", "sub"),
+        scopes_supported=scopes,
+        required_scopes=m.strings("required_scopes", check=_check_scope),
+    )
+
+
+def _check_scope(scope: str) -> str | None:
+    """A scope token (RFC 6749 section 3.3: no spaces, quotes or backslashes)."""
+    if any(c.isspace() or c in '"\\' for c in scope):
+        return f"{scope!r} is not a scope (no spaces, quotes or backslashes)"
+    return None
+
+
+def _issuer_url(w: _Walker) -> Callable[[Node, str], str | None]:
+    def convert(node: Node, path: str) -> str | None:
+        value = w.url(node, path)
+        if value is not None and (urlsplit(value).fragment or "#" in value):
+            w.report(path, "must not have a fragment", node)
+            return None
+        return value
+
+    return convert
+
+
+def _jwks_file(w: _Walker) -> Callable[[Node, str], str | None]:
+    """An existing file holding a JWKS with at least one usable signing key."""
+
+    def convert(node: Node, path: str) -> str | None:
+        value = w.file(node, path, must_exist=True)
+        if value is None:
+            return None
+        from mcpgw.oauth import jwksFileProblem
+
+        problem = jwksFileProblem(value)
+        if problem is not None:
+            w.report(path, problem, node)
+            return None
+        return value
+
+    return convert
 
 
 def _parse_external(w: _Walker, m: _Map | None) -> ExternalAuthConfig | None:
@@ -1424,7 +1570,22 @@ def _parse_conditions(w: _Walker, m: _Map | None) -> Conditions | None:
                 spec = _parse_matcher(w, matcher)
                 if spec is not None:
                     arguments.append((name, spec))
+    claims = []
+    c = m.get("claims")
+    if c is not None:
+        entries = w.pairs(c, m.at("claims"))
+        if entries is not None and not entries:
+            w.report(m.at("claims"), "must not be empty", c)
+        for name, path, key_node, value_node in entries or ():
+            if not name:
+                w.report(path, "claim names must not be empty", key_node)
+                continue
+            globs = w.strings(value_node, path, nonempty=True, check=_check_glob)
+            if globs is not None:
+                claims.append((name, globs))
     return Conditions(
+        claims=tuple(claims),
+        scopes=m.strings("scopes", nonempty=True, check=_check_scope),
         keys=m.strings("keys", nonempty=True, check=_check_glob),
         identities=m.strings("identities", nonempty=True, check=_check_glob),
         clients=tuple(

@@ -150,14 +150,70 @@ class RateLimited(GatewayError):
 
 
 class Unauthenticated(GatewayError):
-    """No valid credential (C{data.auth_result}: C{missing} or C{invalid})."""
+    """
+    No valid credential (C{data.auth_result}: C{missing} or C{invalid}).
+
+    @ivar challenge: the C{WWW-Authenticate} value: C{Bearer realm="mcpgw"}, or with OAuth the
+        upstream's C{resource_metadata} (and C{error="invalid_token"} when a token was presented).
+    """
 
     status = 401
     code = -32003
     message = "unauthenticated"
 
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        challenge: bytes = b'Bearer realm="mcpgw"',
+        **kw: Any,
+    ) -> None:
+        super().__init__(detail, **kw)
+        self.challenge = challenge
+
     def headers(self) -> list[tuple[bytes, bytes]]:
-        return [(b"WWW-Authenticate", b'Bearer realm="mcpgw"')]
+        return [(b"WWW-Authenticate", self.challenge)]
+
+
+class InsufficientScope(GatewayError):
+    """
+    A valid OAuth access token without every scope C{auth.oauth.required_scopes} lists (RFC 6750
+    section 3.1): 403 with C{WWW-Authenticate: Bearer error="insufficient_scope", scope="..."}.
+
+    @ivar principal: who the token names (for the audit line).
+    """
+
+    status = 403
+    code = -32009
+    message = "insufficient_scope"
+
+    def __init__(
+        self, detail: str | None = None, *, challenge: bytes, principal: str, **kw: Any
+    ) -> None:
+        super().__init__(detail, **kw)
+        self.challenge = challenge
+        self.principal = principal
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"WWW-Authenticate", self.challenge)]
+
+
+class AuthUnavailable(GatewayError):
+    """
+    An OAuth token cannot be checked: its issuer's keys (C{jwks_url}) could not be fetched and
+    none are held yet. Not the client's fault, so not a 401 (which would send it to log in again).
+    """
+
+    status = 503
+    code = -32016
+    message = "auth_unavailable"
+
+    def __init__(self, detail: str | None = None, *, retryAfter: int = 5, **kw: Any) -> None:
+        super().__init__(detail, **kw)
+        self.retryAfter = retryAfter
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"Retry-After", b"%d" % self.retryAfter)]
 
 
 class RequestTimeout(GatewayError):

@@ -69,17 +69,23 @@ class IAuthenticator(Interface):
     identityHeader = Attribute(
         "The lower-case name of the header a trusted auth proxy names the caller in, or C{None}."
     )
+    documents = Attribute(
+        "Gateway path (bytes) -> the RFC 9728 protected-resource metadata (JSON) served there."
+    )
 
     def authenticate(
         authorization: bytes | None,
         clientAddress: str,
         certIdentity: str | None,
         identity: bytes | None = None,
+        path: bytes = b"",
     ) -> Any:
         """
-        An L{mcpgw.auth.AuthResult} now, or a Deferred of one (a key verified off the reactor).
-        Raises (or fails with) L{mcpgw.errors.Unauthenticated} or L{mcpgw.errors.RateLimited}.
-        C{identity}: the request's L{identityHeader} value, if any.
+        An L{mcpgw.auth.AuthResult} now, or a Deferred of one (a key verified off the reactor, an
+        issuer's keys fetched). Raises (or fails with) L{mcpgw.errors.Unauthenticated},
+        L{mcpgw.errors.InsufficientScope}, L{mcpgw.errors.AuthUnavailable} or
+        L{mcpgw.errors.RateLimited}. C{identity}: the request's L{identityHeader} value, if any;
+        C{path}: the gateway path (which upstream: an OAuth token's audience).
         """
 
     def headersToDrop(clientAddress: str | None) -> frozenset[bytes]:

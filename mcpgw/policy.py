@@ -15,6 +15,10 @@ target (the tool name, the resource URI, the prompt name) and every C{when} cond
   - C{regex}: L{re.search}: a regex matches if it matches anywhere in the target; anchors
     (C{^...$}) are the author's to write.
   - C{when.keys} / C{when.identities}: a glob matches the API key id / the principal;
+    C{when.claims}: for each claim named, one of its globs matches the OAuth token's claim (any
+    item of a list claim; numbers and booleans as their JSON text; a name with dots that is not
+    a claim of its own reaches into nested objects); C{when.scopes}: the token was granted every
+    scope listed;
     C{when.clients}: the client address is in one of the networks; C{when.arguments}: the
     argument at each dotted path, as text (strings as they are, numbers and booleans as their
     JSON text), matches its matcher. A condition about something absent (no key, no principal, no
@@ -115,11 +119,11 @@ class Caller:
 
     @ivar keyId: the authenticated API key id (C{when.keys}).
     @ivar principal: the identity C{when.identities} matches: the key id, the verified client
-        certificate identity, the identity an auth proxy vouched for (later: the OAuth principal).
+        certificate identity, the identity an auth proxy vouched for, the OAuth principal.
     @ivar client: the client address (C{when.clients}).
     @ivar session: the MCP session id (the C{session} rate-limit bucket).
-    @ivar claims: reserved for OAuth token claims (not used yet).
-    @ivar scopes: reserved for OAuth token scopes (not used yet).
+    @ivar claims: the OAuth access token's claims (C{when.claims}), else C{None}.
+    @ivar scopes: the OAuth access token's scopes (C{when.scopes}).
     """
 
     keyId: str | None = None
@@ -142,6 +146,11 @@ class Caller:
             )
             if value is not None
         ]
+        if self.scopes:
+            parts.append(f"scopes {' '.join(sorted(self.scopes))}")
+        if self.claims:
+            shown = ", ".join(f"{k}={v}" for k, v in self.claims.items())
+            parts.append(f"claims {shown}")
         return ", ".join(parts) or "anonymous"
 
 
@@ -328,9 +337,11 @@ def conditionsText(when: Conditions | None) -> str | None:
             ("keys", when.keys),
             ("identities", when.identities),
             ("clients", when.clients),
+            ("scopes", when.scopes),
         )
         if values
     ]
+    parts += [f"claim {name} [{', '.join(globs)}]" for name, globs in when.claims]
     parts += [f"argument {path} {_specText(spec)}" for path, spec in when.arguments]
     return ", ".join(parts)
 
@@ -477,9 +488,39 @@ def _callerTest(when: Conditions) -> Callable[[Caller], bool]:
     if when.clients:
         nets = networks(when.clients)
         tests.append(lambda caller: addressIn(caller.client, nets))
+    for name, patterns in when.claims:
+        tests.append(_claimTest(name, _globs(patterns)))
+    if when.scopes:
+        wanted = frozenset(when.scopes)
+        tests.append(lambda caller: wanted <= caller.scopes)
     if len(tests) == 1:
         return tests[0]
     return lambda caller: all(test(caller) for test in tests)
+
+
+def claimTexts(claims: Mapping[str, object] | None, name: str) -> tuple[str, ...]:
+    """
+    The values of claim C{name} as texts: a string as it is, a number or a boolean as its JSON
+    text, each scalar item of a list; C{()} when absent, null or an object. A name with dots that
+    is not a claim of its own reaches into nested objects (C{realm_access.roles}).
+    """
+    if claims is None:
+        return ()
+    value = claims.get(name)
+    if value is None and "." in name:
+        node: object = claims
+        for key in name.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        value = node
+    if isinstance(value, list):
+        texts = (argumentText(item, ()) for item in value)
+        return tuple(t for t in texts if t is not None)
+    text = argumentText(value, ())
+    return () if text is None else (text,)
+
+
+def _claimTest(name: str, matches: Callable[[str | None], bool]) -> Callable[[Caller], bool]:
+    return lambda caller: any(matches(text) for text in claimTexts(caller.claims, name))
 
 
 class _ArgumentPlan:
@@ -528,7 +569,20 @@ def _callerKeyOf(rules: Sequence[PolicyRule]) -> Callable[[Caller], object] | No
         parts.append("principal")
     if any(when.clients for when in whens):
         parts.append("client")
-    return operator.attrgetter(*parts) if parts else None
+    claimNames = tuple(sorted({name for when in whens for name, _ in when.claims}))
+    scopes = frozenset(scope for when in whens for scope in when.scopes)
+    if not claimNames and not scopes:
+        return operator.attrgetter(*parts) if parts else None
+    plain = operator.attrgetter(*parts) if parts else None
+
+    def key(caller: Caller) -> object:
+        return (
+            plain(caller) if plain is not None else None,
+            tuple(claimTexts(caller.claims, name) for name in claimNames),
+            scopes & caller.scopes,
+        )
+
+    return key
 
 
 @implementer(IPolicy)
@@ -1104,6 +1158,16 @@ def _whyNot(
         if caller.client is None:
             return "when.clients: no client address"
         return f"when.clients: {caller.client} is in none of [{', '.join(when.clients)}]"
+    for name, patterns in when.claims:
+        texts = claimTexts(caller.claims, name)
+        if not texts:
+            return f"when.claims.{name}: no such claim"
+        if not any(_globs(patterns)(text) for text in texts):
+            shown = ", ".join(repr(t) for t in texts)
+            return f"when.claims.{name}: {shown} matches none of [{', '.join(patterns)}]"
+    missing = [scope for scope in when.scopes if scope not in caller.scopes]
+    if missing:
+        return f"when.scopes: scope(s) {', '.join(missing)} not granted"
     for path, spec in when.arguments:
         text = argumentText(arguments, path.split("."))
         if text is None:
@@ -1219,6 +1283,12 @@ def _implies(later: Conditions | None, earlier: Conditions | None) -> bool:
     if earlier.identities and not (
         later.identities and _globsCover(earlier.identities, later.identities)
     ):
+        return False
+    laterClaims = dict(later.claims)
+    for name, globs in earlier.claims:
+        if name not in laterClaims or not _globsCover(globs, laterClaims[name]):
+            return False
+    if not set(earlier.scopes) <= set(later.scopes):
         return False
     if earlier.clients:
         wide = networks(earlier.clients)

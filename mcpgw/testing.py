@@ -105,6 +105,7 @@ class StaticAuthenticator:
 
     mode = "external"
     identityHeader: bytes | None = None
+    documents: dict[bytes, bytes] = {}
 
     def __init__(self, result: AuthResult | Exception = EXTERNAL) -> None:
         self.result = result
@@ -116,6 +117,7 @@ class StaticAuthenticator:
         clientAddress: str,
         certIdentity: str | None,
         identity: bytes | None = None,
+        path: bytes = b"",
     ) -> AuthResult:
         self.calls.append((authorization, clientAddress, certIdentity))
         if isinstance(self.result, Exception):

@@ -1504,7 +1504,7 @@ class PolicyConditionTests(ConfigTestCase):
                 "policy.rules[3].action: redact rewrites arguments: resources/read has none "
                 "(line 26)",
                 "policy.rules[3].when: must have at least one of keys, identities, clients, "
-                "arguments (line 26)",
+                "arguments, claims, scopes (line 26)",
                 "policy.rules[4].when.arguments: resources/read has no arguments (line 27)",
                 "policy.rules[5].when.arguments: must not be empty (line 28)",
             ],

@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from mcpgw.errors import (
     GatewayError,
+    InsufficientScope,
     Unauthenticated,
     UpstreamBadResponse,
     errorResponse,
@@ -504,6 +505,8 @@ class ProxyExchange:
             self.jsonrpcId = error.requestId
         if isinstance(error, Unauthenticated):
             self.authResult = error.data.get("auth_result")
+        elif isinstance(error, InsufficientScope):
+            self.authResult, self.principal = "oauth", error.principal
         self.respondError(error)
 
     def respondError(self, error: GatewayError) -> None:

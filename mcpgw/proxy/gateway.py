@@ -39,6 +39,7 @@ from mcpgw.errors import (
 from mcpgw.generation import Generation, Route
 from mcpgw.interfaces import IAuditLog
 from mcpgw.jsonrpc import RpcSummary
+from mcpgw.oauth import serveMetadata
 from mcpgw.pinning import PinningService, UpstreamPins
 from mcpgw.proxy.admission import Admission
 from mcpgw.proxy.exchange import ProxyExchange
@@ -123,9 +124,14 @@ class Gateway:
         path = request.path
         gen = self.generation
         route = gen.routes.get(path)
-        if route is None and self.readiness is not None and path in (b"/healthz", b"/readyz"):
-            self.readiness.render(request, path, gen)
-            return
+        if route is None:
+            if self.readiness is not None and path in (b"/healthz", b"/readyz"):
+                self.readiness.render(request, path, gen)
+                return
+            document = gen.auth.documents.get(path)
+            if document is not None:  # RFC 9728 protected-resource metadata (auth.oauth)
+                serveMetadata(request, document)
+                return
         x = ProxyExchange(self, request, gen)
         self.inflight.add(x)
         request.exchange = x
@@ -147,6 +153,7 @@ class Gateway:
                 x.clientIp or "",
                 _certIdentity(request) if x.secure else None,
                 identity,
+                path,
             )
             if isinstance(result, Deferred):
                 result.addCallbacks(
