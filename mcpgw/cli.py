@@ -91,7 +91,10 @@ def _parser() -> argparse.ArgumentParser:
         help="audit files, oldest first (rotated ones too, .gz accepted; sink copies too)",
     )
     verify.add_argument(
-        "--public-key", default=None, metavar="KEY", help="Ed25519 public key (PEM): check signatures"
+        "--public-key",
+        default=None,
+        metavar="KEY",
+        help="Ed25519 public key (PEM): check signatures",
     )
     verify.add_argument(
         "--live",

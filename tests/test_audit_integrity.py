@@ -216,7 +216,9 @@ class RealRunTests(TestCase):
         self.assertEqual((old[0]["prev_seq"], old[0]["reason"]), (0, "start"))
         self.assertEqual(new[0]["event"], "chain")
         self.assertEqual(new[0]["reason"], "rotate")
-        self.assertEqual((new[0]["prev_seq"], new[0]["prev_hash"]), (old[-1]["seq"], old[-1]["hash"]))
+        self.assertEqual(
+            (new[0]["prev_seq"], new[0]["prev_hash"]), (old[-1]["seq"], old[-1]["hash"])
+        )
         starts = [x for x in new if x.get("event") == "chain" and x["reason"] == "start"]
         self.assertEqual(len(starts), 1)
         stops = [x for x in old + new if x.get("event") == "checkpoint" and x["reason"] == "stop"]
@@ -264,10 +266,10 @@ class RealRunTests(TestCase):
         """A copied line, and a forged line without chain fields, are both detected."""
         data = self.raw(self.old)
         i = self.requestLineIndexes(self.old)[4]
-        self.rewrite(self.old, data[: i + 1] + [data[i]] + data[i + 1 :])
+        self.rewrite(self.old, [*data[: i + 1], data[i], *data[i + 1 :]])
         self.assertEqual(self.brk(), ("audit.jsonl.1", i + 2, "inserted"))
         forged = b'{"ts":"2026-12-01T00:00:00.000Z","request_id":"x","status":200}\n'
-        self.rewrite(self.old, data[: i + 1] + [forged] + data[i + 1 :])
+        self.rewrite(self.old, [*data[: i + 1], forged, *data[i + 1 :]])
         self.assertEqual(self.brk(), ("audit.jsonl.1", i + 2, "inserted"))
 
     def test_swappedLines(self) -> None:
@@ -296,7 +298,7 @@ class RealRunTests(TestCase):
         data = self.raw(self.new)
         self.rewrite(self.new, data[:-2])
         self.assertEqual(self.brk()[2], "truncated")
-        self.rewrite(self.new, data[:-1] + [data[-1][:40]])
+        self.rewrite(self.new, [*data[:-1], data[-1][:40]])
         self.assertEqual(self.brk(), ("audit.jsonl", len(data), "truncated"))
 
     def test_rebuiltChainWithoutKey(self) -> None:

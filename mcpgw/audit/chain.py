@@ -26,7 +26,7 @@ import gzip
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import attr
 import orjson
@@ -70,10 +70,7 @@ class Chain:
         @return: the chained line, newline included.
         """
         seq = self.seq + 1
-        if body == b"{}":
-            head = b'{"seq":%d' % seq
-        else:
-            head = body[:-1] + b',"seq":%d' % seq
+        head = b'{"seq":%d' % seq if body == b"{}" else body[:-1] + b',"seq":%d' % seq
         digest = hashlib.sha256(self.digest + head).digest()
         self.seq = seq
         self.digest = digest
@@ -121,7 +118,7 @@ def _openAny(path: str) -> IO[bytes]:
     f: IO[bytes] = open(path, "rb")  # noqa: SIM115
     if f.read(2) == b"\x1f\x8b":
         f.close()
-        return gzip.open(path, "rb")
+        return cast(IO[bytes], gzip.open(path, "rb"))
     f.seek(0)
     return f
 
@@ -441,7 +438,9 @@ class Verifier:
             self._stopped = False
             prevSeq, prevHash = obj.get("prev_seq"), obj.get("prev_hash")
             if (prevSeq, prevHash) != (self._seq, self._digest.hex()):
-                self._break("altered", "the chain line's prev_seq/prev_hash are not the line before")
+                self._break(
+                    "altered", "the chain line's prev_seq/prev_hash are not the line before"
+                )
             return
         if event != "checkpoint":
             self._stopped = False

@@ -200,9 +200,7 @@ class AuditWriter:
                     log.warn("cannot read {p} to resume the audit chain: {e}", p=previous, e=e)
         if state is not None:
             self._chain.seq, self._chain.digest = state
-            log.info(
-                "audit chain resumes after seq {seq} of {source}", seq=state[0], source=source
-            )
+            log.info("audit chain resumes after seq {seq} of {source}", seq=state[0], source=source)
         self._event("chain", reason="start", torn_bytes=torn)
 
     def _event(self, event: str, **fields: Any) -> None:
