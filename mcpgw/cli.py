@@ -101,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the last file is still being written: it need not end with the stop checkpoint",
     )
+    verify.add_argument(
+        "--sort-by-seq",
+        action="store_true",
+        help="the files are objects a sink shipped, in any order: order them by their first seq",
+    )
     keygen = asub.add_parser("keygen", help="write an Ed25519 key pair for signed checkpoints")
     keygen.add_argument(
         "--out",
@@ -524,13 +529,15 @@ def run(path: str) -> int:
     return 0
 
 
-def auditVerify(files: Sequence[str], publicKeyPath: str | None, live: bool) -> int:
+def auditVerify(
+    files: Sequence[str], publicKeyPath: str | None, live: bool, sortBySeq: bool = False
+) -> int:
     """
     Check the chain and checkpoints of audit files (oldest first).
 
     @return: 0 intact, 1 broken (the first break printed: file, line, kind) or unreadable key.
     """
-    from mcpgw.audit.chain import describe, loadPublicKey, verify
+    from mcpgw.audit.chain import bySeq, describe, loadPublicKey, verify
 
     key = None
     if publicKeyPath is not None:
@@ -538,6 +545,12 @@ def auditVerify(files: Sequence[str], publicKeyPath: str | None, live: bool) -> 
             key = loadPublicKey(publicKeyPath)
         except (OSError, ValueError) as e:
             print(f"mcpgw: cannot use the public key: {e}", file=sys.stderr)
+            return 1
+    if sortBySeq:
+        try:
+            files = bySeq(files)
+        except OSError as e:
+            print(f"mcpgw: {e}", file=sys.stderr)
             return 1
     report = verify(files, key, live)
     if report.brk is not None:
@@ -586,7 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "policy" and args.policy_command == "test":
         return policyTest(args.config, args.against, args.fail_on_change)
     if args.command == "audit" and args.audit_command == "verify":
-        return auditVerify(args.files, args.public_key, args.live)
+        return auditVerify(args.files, args.public_key, args.live, args.sort_by_seq)
     if args.command == "audit" and args.audit_command == "keygen":
         return auditKeygen(args.out)
     if args.command == "license" and args.license_command == "show":

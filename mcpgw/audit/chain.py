@@ -166,6 +166,24 @@ def previousFile(path: str) -> str | None:
     return best[1] if best else None
 
 
+def firstSeq(path: str) -> int:
+    """The C{seq} of the first chained line of an audit file (-1 if it has none)."""
+    with _openAny(path) as f:
+        for line in f:
+            state = chainState(line)
+            if state is not None:
+                return state[0]
+    return -1
+
+
+def bySeq(paths: Sequence[str]) -> list[str]:
+    """
+    Audit files in chain order, by the C{seq} of their first chained line: for the objects a
+    sink shipped (batches of consecutive lines), downloaded in any order.
+    """
+    return sorted(paths, key=firstSeq)
+
+
 # -- keys ------------------------------------------------------------------------------
 
 
