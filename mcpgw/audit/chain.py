@@ -24,7 +24,10 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import io
 import os
+from binascii import Error as HexError
+from binascii import unhexlify
 from collections.abc import Iterator, Sequence
 from typing import IO, Any, cast
 
@@ -115,10 +118,10 @@ def readTail(fd: int) -> tuple[bytes | None, int, int]:
 
 
 def _openAny(path: str) -> IO[bytes]:
-    f: IO[bytes] = open(path, "rb")  # noqa: SIM115
+    f: IO[bytes] = open(path, "rb", buffering=1 << 20)  # noqa: SIM115
     if f.read(2) == b"\x1f\x8b":
         f.close()
-        return cast(IO[bytes], gzip.open(path, "rb"))
+        return io.BufferedReader(cast(Any, gzip.open(path, "rb")), buffer_size=1 << 20)
     f.seek(0)
     return f
 
@@ -392,7 +395,14 @@ class Verifier:
             if lineSeq != seq + 1:
                 self._seq, self._digest = seq, digest
                 self._misordered(lineSeq, seq + 1, lines)
-            if sha(digest + head).hexdigest().encode() != hexed:
+            h = sha(digest)
+            h.update(head)
+            lineDigest = h.digest()
+            try:
+                stated = unhexlify(hexed)
+            except HexError:
+                stated = b""
+            if lineDigest != stated:
                 self._seq, self._digest = seq, digest
                 self._break(
                     "altered",
@@ -400,7 +410,7 @@ class Verifier:
                     "replaced)",
                 )
             prevSeq, prevDigest = seq, digest
-            seq, digest = lineSeq, bytes.fromhex(hexed.decode("ascii"))
+            seq, digest = lineSeq, lineDigest
             report.lines += 1
             if isEvent:
                 self._seq, self._digest = prevSeq, prevDigest
