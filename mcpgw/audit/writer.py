@@ -29,6 +29,7 @@ losing them; L{failing} says so meanwhile (C{audit.on_write_failure: refuse} ans
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -210,7 +211,14 @@ class AuditWriter:
         ts = rfc3339ms(self._clock())
         body: dict[str, Any] = {"ts": ts, "event": event}
         if event == "chain":
-            body.update(prev_seq=chain.seq, prev_hash=chain.digest.hex())
+            # host and a random nonce: no two chain lines are alike, so neither are the files
+            # they start (a sink names a file by its first line; two hosts may share a bucket).
+            body.update(
+                prev_seq=chain.seq,
+                prev_hash=chain.digest.hex(),
+                host=socket.gethostname(),
+                nonce=os.urandom(8).hex(),
+            )
         body.update(fields)
         if event == "checkpoint":
             seq, digest = chain.seq, chain.digest.hex()
