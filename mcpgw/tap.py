@@ -122,6 +122,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Gatew
     reloader.onReopen(writer.reopen)
     reloader.onReopen(shipping.auditReopened)
     reloader.subscribe(gateway.publish)
+    reloader.subscribe(lambda g: writer.configChanged(g.config.audit))
     reloader.subscribe(lambda g: shipping.reconfigure(g.config.audit))
     reloader.subscribe(lambda g: telemetry.reconfigure(g.config.telemetry))
     reloader.subscribe(lambda g: license.configChanged(g.config))

@@ -144,6 +144,13 @@ class ChainWriterTests(TestCase):
         self.assertIn("not an Ed25519 key", str(e.exception))
         ok = config_from_string(text.replace(bad, self.key), base_dir=self.dir)
         self.assertTrue(ok.audit.integrity.chain)
+        with self.assertRaises(ConfigError) as e:
+            config_from_string(
+                text.replace("chain: true", "chian: true").replace(bad, self.key),
+                base_dir=self.dir,
+            )
+        self.assertIn("audit.integrity.chian: unknown key; did you mean 'chain'?", str(e.exception))
+        self.assertIn("needs audit.integrity.chain: true", str(e.exception))
 
 
 class RefuseTests(GatewayTestCase):

@@ -65,7 +65,7 @@ def tearDownModule() -> None:
 class Gateway:
     """One C{mcpgw run} process on 127.0.0.1."""
 
-    def __init__(self, directory: str, audit: str) -> None:
+    def __init__(self, directory: str, audit: str, env: dict[str, str] | None = None) -> None:
         self.port = freePort()
         self.config = os.path.join(directory, "mcpgw.yaml")
         with open(self.config, "w") as f:
@@ -79,6 +79,7 @@ class Gateway:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env=env,
         )
         deadline = time.monotonic() + 30
         while True:
@@ -422,14 +423,7 @@ class SyncBeforeAnswerTests(TestCase):
                 "os.fdatasync = _stalled\n"
             )
         env = dict(os.environ, PYTHONPATH=d + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        old = os.environ.copy()
-        os.environ.clear()
-        os.environ.update(env)
-        try:
-            gw = Gateway(d, f"{{path: {audit}, fsync: always}}")
-        finally:
-            os.environ.clear()
-            os.environ.update(old)
+        gw = Gateway(d, f"{{path: {audit}, fsync: always}}", env)
         self.addCleanup(gw.kill)
         with open(gate, "w"):
             pass

@@ -171,8 +171,19 @@ class AuditWriter:
                 self._checkpoints.start(self._cpSeconds, now=False)
 
     def _openFd(self) -> int:
-        # Read-write: a chained writer reads the file's last line to resume from it.
-        return os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        # A chained writer reads the file's last line to resume from it.
+        mode = os.O_RDWR if self._chain is not None else os.O_WRONLY
+        return os.open(self.path, mode | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+    def configChanged(self, audit: Any) -> None:
+        """A reload: C{integrity} and C{fsync} are fixed at start; say so if they changed."""
+        integrity = audit.integrity
+        if (
+            integrity.chain != self.chained
+            or audit.fsync != self.fsync
+            or (integrity.signing_key is not None) != (self._signer is not None)
+        ):
+            log.warn("audit.fsync and audit.integrity changes take effect at the next restart")
 
     # -- the chain -----------------------------------------------------------------------
 
