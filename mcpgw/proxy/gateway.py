@@ -275,6 +275,9 @@ class Gateway:
         (C{fsync: always}), only once the line is synced, so no answer goes out without its
         line on disk. The exchange is in flight until then (a graceful stop waits for it).
         """
+        if release is not None and not self.audit.durable:
+            release()  # the answer first, as it always was; the record after
+            release = None
         record = recordOf(x, self.wallClock(), self.reactor.seconds())
         synced = None
         try:
