@@ -539,4 +539,7 @@ def test_tools_list_filtered(
             "gateway bug: filtered_tools is null when the client closes an SSE tools/list answer "
             "after its result event but before the upstream ends the stream"
         )
-    assert (line["status"], line["error"], line["filtered_tools"]) == (200, None, filtered)
+    # The same race after the filter ran: answered in full, counted; client_closed is no error
+    # here, as in call_lines().
+    error = None if (line["status"], line["error"]) == (200, "client_closed") else line["error"]
+    assert (line["status"], error, line["filtered_tools"]) == (200, None, filtered)
