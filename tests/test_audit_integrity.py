@@ -244,6 +244,37 @@ class RealRunTests(TestCase):
         self.assertIsNone(report.brk)
         self.assertEqual(report.signatures, report.checkpoints)
 
+    def test_documentedFormatByHand(self) -> None:
+        """
+        A verifier written from docs/audit.md alone (hashlib, byte slicing, the signed message)
+        accepts the real run's files: the documentation is enough.
+        """
+        import base64
+        import hashlib
+
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        with open(self.pub, "rb") as f:
+            key: Any = load_pem_public_key(f.read())
+        prev, seq = bytes(32), 0
+        for path in (self.old, self.new):
+            with open(path, "rb") as f:
+                for line in f:
+                    head, rest = line[:-76], line[-76:]
+                    self.assertEqual((rest[:9], rest[-3:]), (b',"hash":"', b'"}\n'))
+                    self.assertTrue(head.endswith(b',"seq":%d' % (seq + 1)))
+                    digest = hashlib.sha256(prev + head).digest()
+                    self.assertEqual(digest.hex().encode(), rest[9:73])
+                    obj = json.loads(line)
+                    if obj.get("event") == "checkpoint":
+                        message = (
+                            f"mcpgw-audit-checkpoint/v1 {obj['signed_seq']} {obj['signed_hash']} "
+                            f"{obj['ts']} {obj['reason']}"
+                        ).encode()
+                        self.assertEqual((obj["signed_seq"], obj["signed_hash"]), (seq, prev.hex()))
+                        key.verify(base64.b64decode(obj["sig"]), message)
+                    prev, seq = digest, seq + 1
+
     def test_deletedLine(self) -> None:
         data = self.raw(self.old)
         i = self.requestLineIndexes(self.old)[3]
