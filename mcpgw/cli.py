@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_cli,tests.test_cli_policy -*-
 """
 The C{mcpgw} command: C{run}, C{config check}, C{policy explain}, C{policy test},
-C{tools status}, C{tools approve}, C{key generate}, C{license show}, C{--version}.
+C{tools status}, C{tools approve}, C{key generate}, C{audit verify}, C{audit keygen},
+C{license show}, C{--version}.
 """
 
 from __future__ import annotations
@@ -116,6 +117,40 @@ def _parser() -> argparse.ArgumentParser:
     )
     approve.add_argument(
         "--all", action="store_true", help="approve every new or changed remembered definition"
+    )
+    audit = sub.add_parser("audit", help="audit trail tools")
+    asub = audit.add_subparsers(dest="audit_command", metavar="SUBCOMMAND")
+    verify = asub.add_parser(
+        "verify", help="check the hash chain and signed checkpoints of audit files"
+    )
+    verify.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="audit files, oldest first (rotated ones too, .gz accepted; sink copies too)",
+    )
+    verify.add_argument(
+        "--public-key",
+        default=None,
+        metavar="KEY",
+        help="Ed25519 public key (PEM): check signatures",
+    )
+    verify.add_argument(
+        "--live",
+        action="store_true",
+        help="the last file is still being written: it need not end with the stop checkpoint",
+    )
+    verify.add_argument(
+        "--sort-by-seq",
+        action="store_true",
+        help="the files are objects a sink shipped, in any order: order them by their first seq",
+    )
+    keygen = asub.add_parser("keygen", help="write an Ed25519 key pair for signed checkpoints")
+    keygen.add_argument(
+        "--out",
+        default="audit-signing.key",
+        metavar="PATH",
+        help="private key file (mode 0600; the public key goes to PATH.pub); never overwritten",
     )
     lic = sub.add_parser("license", help="license tools")
     lsub = lic.add_subparsers(dest="license_command", metavar="SUBCOMMAND")
@@ -758,6 +793,55 @@ def run(path: str) -> int:
     return 0
 
 
+def auditVerify(
+    files: Sequence[str], publicKeyPath: str | None, live: bool, sortBySeq: bool = False
+) -> int:
+    """
+    Check the chain and checkpoints of audit files (oldest first).
+
+    @return: 0 intact, 1 broken (the first break printed: file, line, kind) or unreadable key.
+    """
+    from mcpgw.audit.chain import bySeq, describe, loadPublicKey, verify
+
+    key = None
+    if publicKeyPath is not None:
+        try:
+            key = loadPublicKey(publicKeyPath)
+        except (OSError, ValueError) as e:
+            print(f"mcpgw: cannot use the public key: {e}", file=sys.stderr)
+            return 1
+    if sortBySeq:
+        try:
+            files = bySeq(files)
+        except OSError as e:
+            print(f"mcpgw: {e}", file=sys.stderr)
+            return 1
+    report = verify(files, key, live)
+    if report.brk is not None:
+        print(f"BROKEN: {report.brk}")
+        print(
+            f"verified {report.lines} chained line(s) up to seq {report.lastSeq} before the break"
+        )
+        return 1
+    print(describe(report, key))
+    return 0
+
+
+def auditKeygen(out: str) -> int:
+    """Write an Ed25519 key pair: C{out} (private, 0600) and C{out}.pub."""
+    from mcpgw.audit.chain import keygen
+
+    try:
+        kid = keygen(out, out + ".pub")
+    except OSError as e:
+        print(f"mcpgw: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} (private, keep it on the gateway host) and {out}.pub (key id {kid})")
+    print(f"config: audit: {{integrity: {{chain: true, signing_key: {out}}}}}")
+    print(f"verify: mcpgw audit verify --public-key {out}.pub FILE...")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
@@ -784,6 +868,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return toolsStatus(args.config)
     if args.command == "tools" and args.tools_command == "approve":
         return toolsApprove(args.config, args.targets, args.all)
+    if args.command == "audit" and args.audit_command == "verify":
+        return auditVerify(args.files, args.public_key, args.live, args.sort_by_seq)
+    if args.command == "audit" and args.audit_command == "keygen":
+        return auditKeygen(args.out)
     if args.command == "license" and args.license_command == "show":
         return licenseShow(args.file)
     _parser().print_help(sys.stderr)

@@ -65,12 +65,14 @@ __all__ = [
     "AuditConfig",
     "AuthConfig",
     "BatchConfig",
+    "CheckpointConfig",
     "Conditions",
     "Config",
     "ConfigError",
     "ExternalAuthConfig",
     "GCSSinkConfig",
     "InputRateLimit",
+    "IntegrityConfig",
     "IssuerConfig",
     "KafkaSinkConfig",
     "LicenseConfig",
@@ -465,6 +467,8 @@ class GCSSinkConfig:
     prefix: str = ""
     endpoint_url: str | None = None
     batch: BatchConfig = BatchConfig(10000, 60.0)
+    #: The bucket's retention policy must keep objects at least this many days (checked at start).
+    min_retention_days: int | None = None
 
 
 @attr.frozen
@@ -499,6 +503,26 @@ SinkConfig: TypeAlias = S3SinkConfig | GCSSinkConfig | KafkaSinkConfig | Webhook
 
 
 @attr.frozen
+class CheckpointConfig:
+    """C{audit.integrity.checkpoint}: a checkpoint line every C{lines} lines or C{seconds}."""
+
+    lines: int = 10000
+    seconds: float = 60.0
+
+
+@attr.frozen
+class IntegrityConfig:
+    """
+    C{audit.integrity}: the hash chain (C{chain}) and signed checkpoints (C{signing_key}, an
+    Ed25519 private key in PEM, read when the config is loaded).
+    """
+
+    chain: bool = False
+    signing_key: str | None = None
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+
+@attr.frozen
 class AuditConfig:
     """C{audit}: the canonical file (absolute C{path}, C{state_dir}) and its sinks."""
 
@@ -506,6 +530,8 @@ class AuditConfig:
     fsync: str = "interval"
     state_dir: str = "state"
     sinks: tuple[SinkConfig, ...] = ()
+    integrity: IntegrityConfig = IntegrityConfig()
+    on_write_failure: str = "serve"
 
 
 @attr.frozen
@@ -1687,7 +1713,33 @@ def _parse_audit(w: _Walker, m: _Map | None) -> AuditConfig:
         fsync=m.choice("fsync", ("none", "interval", "always"), "interval"),
         state_dir=m.file("state_dir", must_exist=False) or default.state_dir,
         sinks=tuple(sinks),
+        integrity=_parse_integrity(w, m.section("integrity", attr.fields_dict(IntegrityConfig))),
+        on_write_failure=m.choice("on_write_failure", ("serve", "refuse"), "serve"),
     )
+
+
+def _parse_integrity(w: _Walker, m: _Map | None) -> IntegrityConfig:
+    if m is None:
+        return IntegrityConfig()
+    chain = m.bool_or("chain", False)
+    key = m.file("signing_key", must_exist=True)
+    if key is not None:
+        from mcpgw.audit.chain import loadSigningKey
+
+        try:
+            loadSigningKey(key)
+        except (OSError, ValueError) as e:
+            w.report(m.at("signing_key"), str(e), m.get("signing_key"))
+        if not chain:
+            w.report(m.at("signing_key"), "needs audit.integrity.chain: true", m.get("signing_key"))
+    cp = m.section("checkpoint", attr.fields_dict(CheckpointConfig))
+    checkpoint = CheckpointConfig()
+    if cp is not None:
+        checkpoint = CheckpointConfig(
+            lines=cp.int_or("lines", checkpoint.lines, 1),
+            seconds=cp.number("seconds", checkpoint.seconds, above=0),
+        )
+    return IntegrityConfig(chain=chain, signing_key=key, checkpoint=checkpoint)
 
 
 def _default_audit(w: _Walker) -> AuditConfig:
@@ -1734,6 +1786,9 @@ def _parse_sink(w: _Walker, path: str, item: Node) -> tuple[SinkConfig, Node] | 
             prefix=m.str_or("prefix", "", nonempty=False),
             endpoint_url=m.url_or("endpoint_url"),
             batch=_parse_batch(m, kind),
+            min_retention_days=m.value(
+                "min_retention_days", lambda n, p: w.integer(n, p, 1), None, required=False
+            ),
         )
     else:
         lock = m.section("object_lock", ("mode", "retain_days"))

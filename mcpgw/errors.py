@@ -319,6 +319,20 @@ class ShuttingDown(GatewayError):
     message = "shutting_down"
 
 
+class AuditUnavailable(GatewayError):
+    """
+    C{audit.on_write_failure: refuse} and the audit file cannot be written: no request is served
+    without its record. Serving resumes by itself once lines can be written again.
+    """
+
+    status = 503
+    code = -32017
+    message = "audit_unavailable"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"Retry-After", b"1")]
+
+
 class InternalError(GatewayError):
     """A bug: an unexpected exception while handling a request (logged with its traceback)."""
 

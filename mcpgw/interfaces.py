@@ -52,8 +52,17 @@ class IUpstreamPool(Interface):
 class IAuditLog(Interface):
     """The canonical, append-only audit trail: one JSON object per line."""
 
-    def write(record: dict[str, Any]) -> None:
-        """Append one record as one line. Never blocks on the disk's sync."""
+    failing = Attribute("True while lines cannot be written (they wait in memory).")
+    durable = Attribute(
+        "True when write() returns a Deferred that fires once the line is synced (fsync: always);"
+        " the gateway answers the request only then."
+    )
+
+    def write(record: dict[str, Any]) -> Deferred[None] | None:
+        """
+        Append one record as one line. Never blocks on the disk's sync; with C{durable}, the
+        Deferred returned fires once the line is synced (else C{None}).
+        """
 
     def reopen() -> None:
         """Reopen the file by path (after logrotate renamed it)."""

@@ -72,6 +72,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Gatew
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
+    from mcpgw.audit.chain import loadSigningKey
     from mcpgw.audit.shipper import ShippingService, WriterSource
     from mcpgw.audit.writer import AuditWriter
     from mcpgw.generation import buildGeneration
@@ -98,13 +99,25 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Gatew
         config = load_config(path)
     state = options.get("license") or licenseState(config)
 
-    writer = AuditWriter(reactor, config.audit.path, config.audit.fsync)
+    integrity = config.audit.integrity
+    writer = AuditWriter(
+        reactor,
+        config.audit.path,
+        config.audit.fsync,
+        chain=integrity.chain,
+        signingKey=loadSigningKey(integrity.signing_key) if integrity.signing_key else None,
+        checkpointLines=integrity.checkpoint.lines,
+        checkpointSeconds=integrity.checkpoint.seconds,
+    )
     audit = AuditService(writer)
     pool = argon2Pool()
     readiness = Readiness(reactor)
     shipping = ShippingService(reactor, config.audit, WriterSource(writer))
     shipping.setName("shipping")
     readiness.extraChecks.append(shipping.readinessCheck)
+    readiness.extraChecks.append(
+        lambda: writer.readinessCheck(gateway.generation.config.audit.on_write_failure == "refuse")
+    )
     pinning = PinningService(reactor, config.audit.state_dir)
     generation = buildGeneration(reactor, config, authPool=pool)
     pinning.configure(generation.config, generation.toolLock)
@@ -121,6 +134,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Gatew
     reloader.onReopen(shipping.auditReopened)
     reloader.subscribe(lambda g: pinning.configure(g.config, g.toolLock))
     reloader.subscribe(gateway.publish)
+    reloader.subscribe(lambda g: writer.configChanged(g.config.audit))
     reloader.subscribe(lambda g: shipping.reconfigure(g.config.audit))
     reloader.subscribe(lambda g: telemetry.reconfigure(g.config.telemetry))
     reloader.subscribe(lambda g: license.configChanged(g.config))

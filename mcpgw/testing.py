@@ -26,6 +26,9 @@ class MemoryAuditLog:
     @ivar reopened: how many times L{reopen} was called.
     """
 
+    failing = False
+    durable = False
+
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
         self.reopened = 0

@@ -107,3 +107,89 @@ class GCSSinkTests(SinkContract, TestCase):
         yield sink.ship(again)
         self.assertEqual(sink.alreadyStored, 1)
         self.assertEqual(batch.state, "running")
+
+
+class _RetentionProxy:
+    """
+    fake-gcs-server does not keep bucket retention policies: this forwards every request to it
+    and adds C{retentionPolicy} (C{days}) to the answers about the bucket itself.
+    """
+
+    def __init__(self, target: str, days: int) -> None:
+        import http.server
+        import threading
+        import urllib.request
+
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                req = urllib.request.Request(target + self.path, headers=dict(self.headers))
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    body = r.read()
+                    status = r.status
+                if self.path.split("?")[0] == f"/storage/v1/b/{BUCKET}":
+                    import json
+
+                    obj = json.loads(body)
+                    obj["retentionPolicy"] = {"retentionPeriod": str(proxy.days * 86400)}
+                    body = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.days = days
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class RetentionCheckTests(TestCase):
+    """C{min_retention_days}: the sink checks the bucket's retention policy at start."""
+
+    def setUp(self) -> None:
+        from twisted.python.threadpool import ThreadPool
+
+        self.gcs = server()
+        self.patch(
+            os,
+            "environ",
+            {k: v for k, v in os.environ.items() if k != "GOOGLE_APPLICATION_CREDENTIALS"},
+        )
+        self.pool = ThreadPool(1, 1, "gcs-test")
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+
+    def sink(self, url: str, days: int) -> Any:
+        from twisted.internet import reactor
+
+        config = GCSSinkConfig(name="gcs", bucket=BUCKET, endpoint_url=url, min_retention_days=days)
+        return gcsmod.GCSSink(reactor, config, self.pool)
+
+    @inlineCallbacks
+    def test_bucketWithoutRetentionIsRefused(self) -> Any:
+        from mcpgw.audit.sinks import SinkRefused
+
+        with self.assertRaises(SinkRefused) as e:
+            yield self.sink(self.gcs.url, 30).start()
+        self.assertIn("has no retention policy", str(e.exception))
+
+    @inlineCallbacks
+    def test_retentionTooShortIsRefusedLongEnoughRuns(self) -> Any:
+        from mcpgw.audit.sinks import SinkRefused
+
+        proxy = _RetentionProxy(self.gcs.url, 7)
+        self.addCleanup(proxy.close)
+        with self.assertRaises(SinkRefused) as e:
+            yield self.sink(proxy.url, 30).start()
+        self.assertIn("retains objects 7 days, less than min_retention_days (30)", str(e.exception))
+        yield self.sink(proxy.url, 7).start()

@@ -1041,6 +1041,18 @@ def _stopPool(reactor: Any, pool: ThreadPool) -> Deferred[None]:
 # -- All sinks --------------------------------------------------------------------------------
 
 
+def _verifiesBucket(config: SinkConfig) -> bool:
+    """
+    Whether a sink promises something about its bucket that its start checks (S3 Object Lock and
+    versioning, a GCS retention policy): such a sink is restarted on every reload, so the check
+    runs again (a bucket's settings can change under a running gateway).
+    """
+    return (
+        getattr(config, "object_lock", None) is not None
+        or getattr(config, "min_retention_days", None) is not None
+    )
+
+
 class ShippingService(MultiService):
     """
     The sinks of one gateway: started with it, stopped after the audit writer's final flush,
@@ -1102,8 +1114,9 @@ class ShippingService(MultiService):
     def reconfigure(self, audit: AuditConfig) -> Deferred[Any]:
         """
         Apply a reloaded C{audit} section: add, remove or change sinks. A changed or halted or
-        refused sink is stopped (its batch in flight finished) and started again from its saved
-        cursor; an unchanged running sink keeps going. C{path} and C{state_dir} changes need a
+        refused sink, or one whose bucket settings its start checks (L{_verifiesBucket}), is
+        stopped (its batch in flight finished) and started again from its saved cursor; an
+        unchanged running sink keeps going. C{path} and C{state_dir} changes need a
         restart.
         """
         if (audit.path, audit.state_dir) != (self.audit.path, self.audit.state_dir):
@@ -1134,6 +1147,7 @@ class ShippingService(MultiService):
                 or config != shipper.config
                 or not shipper.ready
                 or (shipper.state == "halted")
+                or _verifiesBucket(config)
             ):
                 restart.append(shipper)
         for shipper in restart:

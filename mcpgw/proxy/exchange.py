@@ -419,8 +419,16 @@ class ProxyExchange:
             self._heldBytes += len(data)
             if self._heldBytes <= HOLD_BYTES:
                 return
-            data = b"".join(held)
-            self._held = None
+            if self.gateway.audit.durable:
+                # The answer's last bytes wait for its audit line (fsync: always): keep the
+                # last piece back, relay the rest.
+                last = held.pop()
+                data = b"".join(held)
+                self._held = [last]
+                self._heldBytes = len(last)
+            else:
+                data = b"".join(held)
+                self._held = None
         if self._transforming:
             assert self.transform is not None
             data = self.transform.feed(data)
@@ -450,9 +458,7 @@ class ProxyExchange:
             tail = transform.flush()
         if tail:
             self.bytesOut += len(tail)
-            request.write(tail)
-        request.finish()
-        self._end()
+        self._end(tail)
 
     def upstreamFailed(self, error: Any, midResponse: bool) -> None:
         if self.closed:
@@ -520,11 +526,14 @@ class ProxyExchange:
         for name, value in headers:
             out.setRawHeaders(name, [value])
         self.bytesOut = len(body)
-        request.write(body)
-        request.finish()
-        self._end()
+        self._end(body)
 
-    def _end(self) -> None:
+    def _end(self, tail: bytes | None = None) -> None:
+        """
+        The exchange is over: write its audit line. With C{tail} (the answer is complete), the
+        rest of the answer, C{tail} and the end, goes out once the gateway releases it
+        (L{Gateway.exchangeEnded}): with C{fsync: always}, after the line is synced.
+        """
         transform = self.transform
         if transform is not None and self._transforming:
             if self.listing or transform.removed:
@@ -534,5 +543,17 @@ class ProxyExchange:
             if self.resultRules:
                 self.redactedResults = transform.redactedResults
         self.closed = True
-        self.request.exchange = None
-        self.gateway.exchangeEnded(self)
+        request = self.request
+        request.exchange = None
+        if tail is None:
+            self.gateway.exchangeEnded(self)
+            return
+
+        def release() -> None:
+            if request.finished or request._disconnected:
+                return
+            if tail:
+                request.write(tail)
+            request.finish()
+
+        self.gateway.exchangeEnded(self, release)

@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 
 from mcpgw.auth import AuthResult, bearerToken
 from mcpgw.errors import (
+    AuditUnavailable,
     GatewayError,
     InternalError,
     PayloadTooLarge,
@@ -139,6 +140,10 @@ class Gateway:
         try:
             summary, body = inspect(x, request, route, gen)
             assert route is not None  # inspect() raised NotFound otherwise
+            if self.audit.failing and gen.config.audit.on_write_failure == "refuse":
+                raise AuditUnavailable(
+                    "the audit trail cannot be written; requests are refused until it can"
+                )
             headers = request.requestHeaders
             auths = headers.getRawHeaders(b"authorization")
             authorization = auths[0] if auths else None
@@ -309,11 +314,20 @@ class Gateway:
             request.loseConnection()
             x._end()
 
-    def exchangeEnded(self, x: ProxyExchange) -> None:
-        self.inflight.discard(x)
+    def exchangeEnded(self, x: ProxyExchange, release: Callable[[], None] | None = None) -> None:
+        """
+        Write the audit line of an exchange that ended. C{release} sends what is left of its
+        answer (the body, or a stream's end): at once, or, when the audit log is durable
+        (C{fsync: always}), only once the line is synced, so no answer goes out without its
+        line on disk. The exchange is in flight until then (a graceful stop waits for it).
+        """
+        if release is not None and not self.audit.durable:
+            release()  # the answer first, as it always was; the record after
+            release = None
         record = recordOf(x, self.wallClock(), self.reactor.seconds())
+        synced = None
         try:
-            self.audit.write(auditLine(record))
+            synced = self.audit.write(auditLine(record))
         except Exception:
             log.failure("could not write the audit line of request {id}", id=x.requestId)
         tracer = self.tracer
@@ -322,6 +336,22 @@ class Gateway:
                 tracer.ended(record)
             except Exception:
                 log.failure("could not record the span of request {id}", id=x.requestId)
+        if synced is None:
+            if release is not None:
+                release()
+            self._settled(x)
+            return
+
+        def released(_: object) -> None:
+            if release is not None:
+                release()
+
+        synced.addCallback(released)
+        synced.addErrback(lambda f: log.failure("could not answer request {id}", f, id=x.requestId))
+        synced.addBoth(lambda _: self._settled(x))
+
+    def _settled(self, x: ProxyExchange) -> None:
+        self.inflight.discard(x)
         if not self.inflight and self._idleWaiters:
             waiters, self._idleWaiters = self._idleWaiters, []
             for d in waiters:

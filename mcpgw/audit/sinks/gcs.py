@@ -6,7 +6,9 @@ thread pool.
 Uploads are create-only (C{if_generation_match=0}): an object that already exists under the
 batch's key (L{Batch.objectKey}) answers 412, which means an earlier attempt of this same batch
 was stored, so it counts as shipped. Objects are never overwritten. Retention on GCS is a bucket
-retention policy (or object retention lock) set up out of band.
+retention policy set up out of band; with C{min_retention_days}, the sink checks at start and on
+every reload that the bucket's policy keeps objects at least that long, else refuses to ship
+(L{SinkRefused}, not ready in C{/readyz} with the reason).
 
 Credentials come from Google's standard chain (C{GOOGLE_APPLICATION_CREDENTIALS}, metadata
 server). With C{endpoint_url} (an emulator or private endpoint) and no
@@ -27,7 +29,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from mcpgw.audit.sinks import Batch, ISink, PooledSink
+from mcpgw.audit.sinks import Batch, ISink, PooledSink, SinkRefused
 from mcpgw.config import GCSSinkConfig
 
 #: Per-request timeout and total time the library's own retries may take, in seconds; after
@@ -64,6 +66,23 @@ class GCSSink(PooledSink):
             project=project or "mcpgw", credentials=credentials, client_options=options
         )
         self._bucket = client.bucket(c.bucket)
+        if c.min_retention_days is not None:
+            self._checkRetention(client, c.bucket, c.min_retention_days)
+
+    def _checkRetention(self, client: Any, name: str, days: int) -> None:
+        """The bucket's retention policy must keep objects at least C{days} days."""
+        bucket = client.get_bucket(name, timeout=TIMEOUT)
+        seconds = bucket.retention_period
+        if seconds is None:
+            raise SinkRefused(
+                f"bucket {name} has no retention policy, but min_retention_days is {days}; "
+                "refusing to ship to it"
+            )
+        if int(seconds) < days * 86400:
+            raise SinkRefused(
+                f"bucket {name} retains objects {int(seconds) / 86400:g} days, less than "
+                f"min_retention_days ({days}); refusing to ship to it"
+            )
 
     def ship(self, batch: Batch) -> Deferred[None]:
         return self._call(self._upload, batch)

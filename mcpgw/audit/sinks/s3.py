@@ -5,8 +5,9 @@ The C{s3} sink: one object per batch, put with boto3 on the sink's dedicated thr
   - Key: C{<prefix>YYYY/MM/DD/<fileId>-<start>-<end>.jsonl} (L{Batch.objectKey}); a re-sent batch
     has the same key, and with versioning (Object Lock implies it) only adds an identical version.
   - C{Content-MD5} of the body on every put (S3 verifies it; Object Lock puts require a checksum).
-  - With C{object_lock}: at start, C{GetObjectLockConfiguration} must say C{Enabled}, or the sink
-    refuses to ship (L{SinkRefused}); each put carries C{ObjectLockMode} and
+  - With C{object_lock}: at start and on every reload, C{GetObjectLockConfiguration} must say
+    C{Enabled} and C{GetBucketVersioning} C{Enabled}, or the sink refuses to ship (L{SinkRefused},
+    not ready in C{/readyz} with the reason); each put carries C{ObjectLockMode} and
     C{ObjectLockRetainUntilDate} = now + C{retain_days}.
 
 Credentials come from boto3's standard chain (environment, shared config, instance roles).
@@ -78,6 +79,12 @@ class S3Sink(PooledSink):
             raise SinkRefused(
                 f"bucket {c.bucket} does not have Object Lock enabled "
                 f"(ObjectLockEnabled={enabled!r}); refusing to ship to it"
+            )
+        versioning = self._client.get_bucket_versioning(Bucket=c.bucket).get("Status")
+        if versioning != "Enabled":
+            raise SinkRefused(
+                f"bucket {c.bucket} has Object Lock but versioning is {versioning or 'off'}, "
+                "so retained objects are not protected; refusing to ship to it"
             )
 
     def ship(self, batch: Batch) -> Deferred[None]:
