@@ -50,7 +50,7 @@ from zope.interface import implementer
 from mcpgw.buckets import TokenBuckets
 from mcpgw.config import AuthConfig, TLSConfig
 from mcpgw.errors import RateLimited, Unauthenticated
-from mcpgw.interfaces import IAuthenticator
+from mcpgw.interfaces import IAuthenticator, IBuckets
 from mcpgw.policy import Caller, Network, addressIn, networks
 
 #: Seconds a verification result stays cached.
@@ -148,7 +148,7 @@ class Authenticator:
         auth: AuthConfig,
         tls: TLSConfig | None,
         pool: ThreadPool | None,
-        throttle: TokenBuckets | None = None,
+        throttle: IBuckets | None = None,
     ) -> None:
         self._reactor = reactor
         self._hashes = tuple((k.id, k.hash) for k in auth.keys)
@@ -164,7 +164,7 @@ class Authenticator:
         self._pending: dict[bytes, Deferred[str | None]] = {}
         #: The lengths of the valid keys verified so far (see L{carriesKey}).
         self._validLengths: set[int] = set()
-        self._throttle = throttle or TokenBuckets(MISS_RATE, MISS_BURST, 1_000_000)
+        self._throttle: IBuckets = throttle or TokenBuckets(MISS_RATE, MISS_BURST, 1_000_000)
         external = auth.external if _usesExternal(self.mode) else None
         self.identityHeader: bytes | None = None
         self._trusted: tuple[Network, ...] = ()
@@ -225,6 +225,19 @@ class Authenticator:
         pending = self._pending.get(digest)
         if pending is None:
             wait = self._throttle.take(clientAddress, now)
+            if isinstance(wait, Deferred):  # a shared throttle (Redis) answers later
+                return wait.addCallback(self._throttled, digest, presented, certIdentity)
+            return self._throttled(wait, digest, presented, certIdentity)
+        d: Deferred[str | None] = Deferred()
+        pending.addCallback(_fanOut, d)
+        return d.addCallback(self._result, certIdentity)
+
+    def _throttled(
+        self, wait: float | None, digest: bytes, presented: bytes, certIdentity: str | None
+    ) -> Deferred[AuthResult]:
+        """The throttle answered: refuse, or verify the key (or join its verification)."""
+        pending = self._pending.get(digest)  # another request may have started it meanwhile
+        if pending is None:
             if wait is not None or len(self._pending) >= MAX_PENDING:
                 raise RateLimited(
                     "too many API key verifications; retry later",

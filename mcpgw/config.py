@@ -45,7 +45,7 @@ import os
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import ClassVar, TypeAlias, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import attr
 import yaml
@@ -480,6 +480,51 @@ class LimitsConfig:
     body_timeout: float = 60.0
 
 
+def _masked(url: str) -> str:
+    """A Redis URL with its password (if any) replaced by C{***}, for logs and C{/readyz}."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+@attr.frozen
+class RedisConfig:
+    """
+    C{state.redis}: the Redis (or Valkey) server that holds the shared token buckets.
+
+    @ivar url: C{redis://[user:password@]host[:port][/db]} or C{rediss://...} (TLS), with
+        C{${ENV}} already expanded; kept out of C{repr} (it may carry a password): use
+        L{display}.
+    @ivar timeout_ms: how long a decision waits for Redis before L{on_error} applies.
+    @ivar on_error: C{allow} or C{deny}: the decision when Redis does not answer in time (or is
+        not connected).
+    """
+
+    url: str = attr.field(default="redis://127.0.0.1:6379/0", repr=False)
+    key_prefix: str = "mcpgw:"
+    timeout_ms: float = 50.0
+    on_error: str = "allow"
+
+    @property
+    def display(self) -> str:
+        """The URL with its password masked."""
+        return _masked(self.url)
+
+
+@attr.frozen
+class StateConfig:
+    """
+    C{state}: where rate-limit buckets, the input limit and the auth brute-force throttle live
+    (C{memory}: in each process; C{redis}: shared by every worker and replica).
+    """
+
+    backend: str = "memory"
+    redis: RedisConfig = RedisConfig()
+
+
 @attr.frozen
 class LicenseConfig:
     """C{license}: the absolute path of the license file, if any."""
@@ -504,6 +549,7 @@ class Config:
     telemetry: TelemetryConfig = TelemetryConfig()
     limits: LimitsConfig = LimitsConfig()
     license: LicenseConfig = LicenseConfig()
+    state: StateConfig = StateConfig()
     source: str = "<string>"
 
 
@@ -1102,6 +1148,7 @@ def _parse_config(w: _Walker, root: Node, source: str) -> Config:
         telemetry=_parse_telemetry(m.section("telemetry", attr.fields_dict(TelemetryConfig))),
         limits=_parse_limits(w, m.section("limits", attr.fields_dict(LimitsConfig))),
         license=_parse_license(m.section("license", ("file",))),
+        state=_parse_state(w, m.section("state", attr.fields_dict(StateConfig))),
         source=source,
     )
 
@@ -1628,6 +1675,54 @@ def _parse_limits(w: _Walker, m: _Map | None) -> LimitsConfig:
         header_timeout=m.number("header_timeout", 10.0, above=0),
         body_timeout=m.number("body_timeout", 60.0, above=0),
     )
+
+
+def redis_address(url: str) -> tuple[bool, str, int, int, str | None, str | None]:
+    """
+    Split a C{redis://} or C{rediss://} URL.
+
+    @return: C{(tls, host, port, db, username, password)} (user and password percent-decoded).
+    @raise ValueError: it is not a usable Redis URL (the message never repeats the password).
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError("must be a redis:// or rediss:// URL")
+    try:
+        host, port = parts.hostname, parts.port or 6379
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    if not host:
+        raise ValueError("has no host")
+    path = parts.path.strip("/") or "0"
+    if not path.isdigit():
+        raise ValueError(f"database must be a number, got {path!r}")
+    if parts.query or parts.fragment:
+        raise ValueError("takes no query or fragment")
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    return parts.scheme == "rediss", host, port, int(path), user, password
+
+
+def _parse_state(w: _Walker, m: _Map | None) -> StateConfig:
+    if m is None:
+        return StateConfig()
+    backend = m.choice("backend", ("memory", "redis"), "memory")
+    r = m.section("redis", attr.fields_dict(RedisConfig))
+    redis = RedisConfig()
+    if r is not None:
+        url = r.str_or("url", redis.url)
+        node = r.get("url")
+        try:
+            redis_address(url)
+        except ValueError as e:
+            w.report(r.at("url"), f"{e} (got {_masked(url)!r})", node)
+        redis = RedisConfig(
+            url=url,
+            key_prefix=r.str_or("key_prefix", redis.key_prefix, nonempty=False),
+            timeout_ms=r.number("timeout_ms", redis.timeout_ms, above=0),
+            on_error=r.choice("on_error", ("allow", "deny"), redis.on_error),
+        )
+    return StateConfig(backend=backend, redis=redis)
 
 
 def _parse_license(m: _Map | None) -> LicenseConfig:

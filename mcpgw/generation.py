@@ -16,10 +16,11 @@ from urllib.parse import urlsplit
 import attr
 from twisted.internet.ssl import optionsForClientTLS
 
-from mcpgw.auth import Authenticator
-from mcpgw.buckets import TokenBuckets
+from mcpgw.auth import MISS_BURST, MISS_RATE, Authenticator
+from mcpgw.buckets import MemoryState
 from mcpgw.config import Config, ListenConfig, UpstreamConfig
 from mcpgw.errors import HostNotAllowed, OriginNotAllowed
+from mcpgw.interfaces import IBuckets, IStateBackend
 from mcpgw.policy import Policy
 from mcpgw.proxy.mcpheaders import ToolHeaders
 from mcpgw.proxy.upstream import UpstreamPool
@@ -180,6 +181,8 @@ class Generation:
     @ivar inputLimit: the per-address buckets of C{limits.input_rate_limit}, or C{None}.
     @ivar tls: the listener's TLS options (context built, so the files are known good), or
         C{None} without C{tls}.
+    @ivar state: where token buckets live (C{state.backend}); the process's first generation's,
+        kept by every later one (changing C{state} takes a restart).
     """
 
     number: int
@@ -189,8 +192,9 @@ class Generation:
     maxBodyBytes: int
     policy: Policy
     auth: Authenticator
-    inputLimit: TokenBuckets | None
+    inputLimit: IBuckets | None
     tls: ServerTLS | None = None
+    state: IStateBackend = attr.ib(factory=MemoryState)
 
     @property
     def pools(self) -> list[UpstreamPool]:
@@ -198,7 +202,9 @@ class Generation:
         return [r.pool for r in self.routes.values()]
 
 
-def _inputLimit(config: Config, previous: Generation | None) -> TokenBuckets | None:
+def _inputLimit(
+    config: Config, previous: Generation | None, state: IStateBackend
+) -> IBuckets | None:
     """The per-address input buckets; unchanged settings keep the previous generation's."""
     spec = config.limits.input_rate_limit
     if spec is None:
@@ -206,7 +212,7 @@ def _inputLimit(config: Config, previous: Generation | None) -> TokenBuckets | N
     old = previous.inputLimit if previous is not None else None
     if old is not None and (old.rate, old.burst) == (spec.rate, spec.burst):
         return old
-    return TokenBuckets(spec.rate, spec.burst, MAX_ADDRESSES)
+    return state.buckets("input", spec.rate, spec.burst, MAX_ADDRESSES)
 
 
 def buildGeneration(
@@ -215,10 +221,14 @@ def buildGeneration(
     number: int = 1,
     previous: Generation | None = None,
     authPool: Any = None,
+    state: IStateBackend | None = None,
 ) -> Generation:
     """
     Build a complete generation from a validated config, reusing the previous generation's pools
     where an upstream's address and timeouts are unchanged.
+
+    @param state: where token buckets live (default: the previous generation's, else this
+        process's memory).
 
     @raise mcpgw.tls.TLSError: the TLS files are unusable (the reload is rejected).
     """
@@ -235,8 +245,13 @@ def buildGeneration(
             routes[u.path.encode()] = makeRoute(u, old.pool, old.toolHeaders)
         else:
             routes[u.path.encode()] = makeRoute(u, makePool(reactor, u))
+    if state is None:
+        state = previous.state if previous is not None else MemoryState()
     pc = config.policy
-    policy = Policy.fromConfig(pc, previous.policy if previous is not None else None)
+    policy = Policy.fromConfig(pc, previous.policy if previous is not None else None, state)
+    # A memory throttle starts empty with each generation (as its key cache does); a shared one
+    # is the same buckets whatever the generation.
+    throttle = state.buckets("auth", MISS_RATE, MISS_BURST, 1_000_000)
     return Generation(
         number=number,
         config=config,
@@ -244,7 +259,8 @@ def buildGeneration(
         hostGuard=HostGuard.fromConfig(config.listen),
         maxBodyBytes=config.limits.max_body_bytes,
         policy=policy,
-        auth=Authenticator(reactor, config.auth, config.tls, authPool),
-        inputLimit=_inputLimit(config, previous),
+        auth=Authenticator(reactor, config.auth, config.tls, authPool, throttle),
+        inputLimit=_inputLimit(config, previous, state),
         tls=tls,
+        state=state,
     )

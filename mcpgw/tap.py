@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from twisted.application.service import IService
 from twisted.python import usage
 
 from mcpgw.config import Config, ConfigError, Problem, load_config
+from mcpgw.interfaces import IStateBackend
 from mcpgw.license import LicenseService, LicenseState, licenseState
 
 if TYPE_CHECKING:
@@ -90,6 +92,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Gatew
         config = load_config(path)
     state = options.get("license") or licenseState(config)
 
+    stateBackend = makeState(reactor, config)
     writer = AuditWriter(reactor, config.audit.path, config.audit.fsync)
     audit = AuditService(writer)
     pool = argon2Pool()
@@ -97,7 +100,10 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Gatew
     shipping = ShippingService(reactor, config.audit, WriterSource(writer))
     shipping.setName("shipping")
     readiness.extraChecks.append(shipping.readinessCheck)
-    gateway = Gateway(reactor, buildGeneration(reactor, config, authPool=pool), writer, readiness)
+    if stateBackend.shared:
+        readiness.extraChecks.append(stateBackend.readinessCheck)
+    generation = buildGeneration(reactor, config, authPool=pool, state=stateBackend)
+    gateway = Gateway(reactor, generation, writer, readiness)
     site = GatewaySite(gateway, reactor, CLIENT_IDLE_TIMEOUT)
     telemetry = Telemetry(reactor, gateway, config.telemetry)
     tls = gateway.generation.tls
@@ -123,7 +129,25 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Gatew
         telemetry=telemetry,
         readiness=readiness,
     )
-    # Started in this order; stopped in GatewayService.stopOrder.
-    for child in (audit, shipping, PoolService(pool), telemetry, license, reloader, root.listener):
+    # Started in this order; stopped in GatewayService.stopOrder (the state backend last: the
+    # requests drained at stop may still take tokens).
+    children: list[Any] = [audit, shipping, PoolService(pool), telemetry, license, reloader]
+    if isinstance(stateBackend, IService):
+        children.insert(0, stateBackend)
+    for child in (*children, root.listener):
         child.setServiceParent(root)
     return root
+
+
+def makeState(reactor: Any, config: Config) -> IStateBackend:
+    """
+    The C{state.backend}: this process's memory, or a Redis connection (an C{IService} the
+    root service starts and stops).
+    """
+    if config.state.backend == "redis":
+        from mcpgw.redisstate import RedisState
+
+        return RedisState(reactor, config.state.redis)
+    from mcpgw.buckets import MemoryState
+
+    return MemoryState()

@@ -38,6 +38,7 @@ from mcpgw.errors import (
 from mcpgw.generation import Generation, Route
 from mcpgw.interfaces import IAuditLog
 from mcpgw.jsonrpc import RpcSummary
+from mcpgw.policy import Verdict
 from mcpgw.proxy.admission import Admission
 from mcpgw.proxy.exchange import ProxyExchange
 from mcpgw.proxy.inbound import inspect
@@ -169,9 +170,44 @@ class Gateway:
         x.authResult, x.authKeyId, x.clientCert = auth.result, auth.keyId, auth.clientCert
         x.principal = auth.principal
         x.caller = auth.caller(x.clientIp, x.sessionId)
+        if summary is None:
+            self._forward(None, x, route, None, body)
+            return
+        try:
+            verdict = x.generation.policy.verdict(
+                summary.messages, x.caller, self.reactor.seconds()
+            )
+        except GatewayError as e:
+            x.fail(e)
+            return
+        except Exception:
+            self.internalError(x.request, Failure())
+            return
+        if isinstance(verdict, Deferred):  # a shared rate-limit bucket answers later
+            verdict.addCallback(self._forward, x, route, summary, body)
+            verdict.addErrback(self._forwardFailed, x)
+            return
+        self._forward(verdict, x, route, summary, body)
+
+    def _forwardFailed(self, failure: Failure, x: ProxyExchange) -> None:
+        if not x.closed:
+            self.internalError(x.request, failure)
+
+    def _forward(
+        self,
+        verdict: Verdict | None,
+        x: ProxyExchange,
+        route: Route,
+        summary: RpcSummary | None,
+        body: bytes,
+    ) -> None:
+        """Policy's verdict is in (C{None} for a body-less request): apply it, then forward."""
+        if x.closed:
+            return  # the client left while a rate-limit bucket was being asked
         try:
             if summary is not None:
-                body = self._decide(x, summary, body)
+                assert verdict is not None
+                body = self._decide(x, verdict, summary, body)
                 if x.metaTrace and self.tracer is not None:
                     # SEP-414: the upstream's parent is the gateway's span, in _meta too.
                     injectMeta(summary.messages, x)
@@ -186,7 +222,9 @@ class Gateway:
         except Exception:
             self.internalError(x.request, Failure())
 
-    def _decide(self, x: ProxyExchange, summary: RpcSummary, body: bytes) -> bytes:
+    def _decide(
+        self, x: ProxyExchange, verdict: Verdict, summary: RpcSummary, body: bytes
+    ) -> bytes:
         """
         The policy verdict on the whole request (batch semantics live in
         L{mcpgw.policy.Policy.verdict}), applied: a refusal is raised, redacted arguments are
@@ -197,7 +235,6 @@ class Gateway:
         @return: the body to forward.
         """
         policy = x.generation.policy
-        verdict = policy.verdict(summary.messages, x.caller, self.reactor.seconds())
         x.decision, x.ruleId, x.redacted = verdict.decision, verdict.ruleId, verdict.redacted
         if verdict.refusal is not None:
             raise verdict.refusal
@@ -219,7 +256,9 @@ class Gateway:
         else:
             self.internalError(x.request, failure)
 
-    def admit(self, request: Any, length: int | None) -> GatewayError | None:
+    def admit(
+        self, request: Any, length: int | None
+    ) -> GatewayError | Deferred[GatewayError | None] | None:
         """Admission checks when the headers are in (L{Admission.admit})."""
         return self.admission.admit(request, length)
 

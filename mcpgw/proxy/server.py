@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, cast
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -158,14 +159,33 @@ class GatewayRequest(server.Request):
 
     body: list[bytes] = []
     bodySize = 0
+    #: The admission decision while it is awaited (a shared input limit answers later).
+    _admission: Deferred[GatewayError | None] | None = None
+    #: The request is complete and waits for L{_admission}.
+    _waiting = False
+    #: L{requestReceived} ran: method, URI and path are the request's.
+    _received = False
 
     def gotLength(self, length: int | None) -> None:
         # The first call on a new request: the headers are in, the body is next.
         self.gateway: Gateway = cast(GatewayChannel, self.channel).site.gateway
         self.body = []
         error = self.gateway.admit(self, length)
+        if isinstance(error, Deferred):
+            self._admission = error
+            error.addCallback(self._admitted)
+        elif error is not None:
+            self.rejectEarly(error)
+
+    def _admitted(self, error: GatewayError | None) -> None:
+        """The admission decision came (see L{gotLength}): refuse, or go on if it waited."""
+        self._admission = None
         if error is not None:
             self.rejectEarly(error)
+        elif self._waiting:
+            self._waiting = False
+            if not self._disconnected:
+                self.process()
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._rejected:
@@ -190,10 +210,11 @@ class GatewayRequest(server.Request):
         channel = self.channel
         if not hasattr(self, "gateway"):
             self.gateway = cast(GatewayChannel, channel).site.gateway
-        self.method = getattr(channel, "_command", b"GET")
-        self.uri = getattr(channel, "_path", b"/")
-        self.path = self.uri.split(b"?", 1)[0]
-        self.clientproto = getattr(channel, "_version", b"HTTP/1.1")
+        if not self._received:
+            self.method = getattr(channel, "_command", b"GET")
+            self.uri = getattr(channel, "_path", b"/")
+            self.path = self.uri.split(b"?", 1)[0]
+            self.clientproto = getattr(channel, "_version", b"HTTP/1.1")
         self.gateway.rejectEarly(self, error)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
@@ -204,6 +225,10 @@ class GatewayRequest(server.Request):
         self.clientproto = version
         self.path, _, self.query = path.partition(b"?")
         self.args = {}
+        self._received = True
+        if self._admission is not None:
+            self._waiting = True  # the input limit has not answered yet: _admitted goes on
+            return
         self.process()
 
     def process(self) -> None:
