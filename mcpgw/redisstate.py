@@ -17,8 +17,11 @@ How a decision is made:
     another's answer; the replies come back in order (L{RedisProtocol}). Nothing blocks the
     reactor thread; the Redis protocol is parsed by hiredis (C).
   - Each take waits at most C{timeout_ms}; then, or at once when there is no connection, the
-    C{on_error} rule answers (C{allow}: a token; C{deny}: refused, retry after a second). A
-    connection whose overdue replies stay missing for L{DEAD_AFTER} timeouts is dropped.
+    C{on_error} rule answers a policy C{rate_limit} call (C{allow}: a token; C{deny}: refused,
+    retry after a second). The input limit and the auth throttle fall back to this process's
+    own buckets instead (L{LOCAL_FALLBACK}): a flood or a key-guessing run stays limited (per
+    process) while Redis is away, and an outage never refuses every request. A connection whose
+    overdue replies stay missing for L{DEAD_AFTER} timeouts is dropped.
   - The connection is remade with exponential backoff (L{RETRY_INITIAL} to L{RETRY_MAX}
     seconds) by a C{ClientService}; C{AUTH} and C{SELECT} from the URL are sent first.
 
@@ -46,6 +49,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mcpgw.buckets import TokenBuckets
 from mcpgw.config import RedisConfig, redis_address
 from mcpgw.interfaces import IBuckets, IStateBackend
 
@@ -90,6 +94,8 @@ DEAD_AFTER = 20
 DEAD_MIN = 1.0
 #: C{Retry-After} seconds of a refusal decided by C{on_error: deny}.
 DENY_RETRY = 1.0
+#: Bucket kinds that fall back to in-process buckets (not C{on_error}) when Redis cannot answer.
+LOCAL_FALLBACK = frozenset({"input", "auth"})
 #: Upper bounds (seconds) of the latency histogram's buckets (plus +Inf).
 LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
@@ -115,7 +121,8 @@ class RedisStats:
     @ivar errors: takes that failed (an error reply, a lost connection).
     @ivar timeouts: takes not answered within C{timeout_ms}.
     @ivar unavailable: takes answered by C{on_error} at once, with no connection.
-    @ivar onError: decisions made by the C{on_error} rule (errors + timeouts + unavailable).
+    @ivar onError: decisions made without Redis (errors + timeouts + unavailable): by the
+        C{on_error} rule, or by the local fallback buckets of the input limit and auth throttle.
     @ivar lateReplies: replies that came after their take had timed out (dropped).
     @ivar latencyCounts: answered takes by latency, one count per L{LATENCY_BOUNDS} bound and a
         last one for larger (not cumulative).
@@ -159,7 +166,7 @@ class RedisStats:
             "errors": self.errors,
             "timeouts": self.timeouts,
             "unavailable": self.unavailable,
-            "on_error": self.onError,
+            "decided_without_redis": self.onError,
             "late_replies": self.lateReplies,
             "latency_ms_avg": (
                 round(self.latencySum / self.latencyCount * 1000, 3) if self.latencyCount else None
@@ -211,8 +218,11 @@ class RedisProtocol(Protocol):
         self._pending.append((d, deadline, now))
         assert self.transport is not None
         self.transport.write(hiredis.pack_command(args))  # type: ignore[arg-type]
-        if self._timer is None:
+        timer = self._timer
+        if timer is None:
             self._timer = self._reactor.callLater(deadline - now, self._expire)
+        elif timer.getTime() > deadline:  # it waits for a silent connection's end: sooner
+            timer.reset(deadline - now)
         return d
 
     def dataReceived(self, data: bytes) -> None:
@@ -287,11 +297,15 @@ class RedisProtocol(Protocol):
 class RedisBuckets:
     """The buckets of one kind, in Redis (keys C{<key_prefix>rl:<kind>:<key>})."""
 
-    def __init__(self, state: RedisState, kind: str, rate: float, burst: float) -> None:
+    def __init__(
+        self, state: RedisState, kind: str, rate: float, burst: float, maxBuckets: int
+    ) -> None:
         self._state = state
         self.kind = kind
         self.rate = rate
         self.burst = burst
+        #: The in-process buckets answering for Redis when it cannot (L{LOCAL_FALLBACK}).
+        self.local = TokenBuckets(rate, burst, maxBuckets) if kind in LOCAL_FALLBACK else None
         self._prefix = (state.config.key_prefix + "rl:" + kind + ":").encode("utf-8")
         self._rate = repr(float(rate)).encode("ascii")
         self._burst = repr(float(burst)).encode("ascii")
@@ -301,18 +315,29 @@ class RedisBuckets:
         Take a token on the server (C{now} is not used: the server's clock is).
 
         @return: a Deferred that never fails: C{None} (taken) or the seconds to wait; when
-            Redis fails or is late, the C{on_error} answer.
+            Redis fails or is late, the answer of L{withoutRedis}.
         """
         state = self._state
         proto = state.protocol
         if proto is None:
             state.stats.unavailable += 1
-            return succeed(state.errorAnswer())
+            return succeed(self.withoutRedis(key, now))
         state.stats.commands += 1
         d = proto.execute(
             b"EVALSHA", TAKE_SHA, b"1", self._prefix + key.encode("utf-8"), self._rate, self._burst
         )
-        return d.addCallbacks(_waitOf, state.takeFailed)
+        return d.addCallbacks(_waitOf, self._failed, errbackArgs=(key, now))
+
+    def withoutRedis(self, key: str, now: float) -> float | None:
+        """The answer when Redis cannot give one: the local buckets', or C{on_error}'s."""
+        self._state.stats.onError += 1
+        if self.local is not None:
+            return self.local.take(key, now)
+        return self._state.errorAnswer()
+
+    def _failed(self, failure: Failure, key: str, now: float) -> float | None:
+        self._state.takeFailed(failure)
+        return self.withoutRedis(key, now)
 
 
 def _waitOf(micros: int) -> float | None:
@@ -343,29 +368,37 @@ class RedisState(Service):
         self.stats = RedisStats()
         self.protocol: RedisProtocol | None = None
         tls, host, port, db, user, password = redis_address(config.url)
+        self._address = (tls, host, port)
         self._db, self._user, self._password = db, user, password
-        if endpoint is None:
-            endpoint = HostnameEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT)
-            if tls:
-                endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+        self._endpoint = endpoint
         self._timeout = config.timeout_ms / 1000.0
         self._deny = config.on_error == "deny"
         self._loading: Deferred[Any] | None = None
+        self._client: ClientService | None = None
+        self._stopping = False
+
+    def _clientService(self) -> ClientService:
+        reactor = self._reactor
+        endpoint = self._endpoint
+        if endpoint is None:
+            tls, host, port = self._address
+            endpoint = HostnameEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT)
+            if tls:
+                endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
         factory = Factory.forProtocol(lambda: RedisProtocol(reactor, self.stats, self._timeout))
         factory.noisy = False
-        self._client = ClientService(
+        return ClientService(
             endpoint,
             factory,
             retryPolicy=backoffPolicy(RETRY_INITIAL, RETRY_MAX),
             clock=reactor,
             prepareConnection=self._prepare,
         )
-        self._stopping = False
 
     # -- IStateBackend -------------------------------------------------------------------------
 
     def buckets(self, kind: str, rate: float, burst: float, maxBuckets: int) -> RedisBuckets:
-        return RedisBuckets(self, kind, rate, burst)
+        return RedisBuckets(self, kind, rate, burst, maxBuckets)
 
     def readinessCheck(self) -> tuple[str, bool, Any]:
         """
@@ -381,11 +414,10 @@ class RedisState(Service):
 
     def errorAnswer(self) -> float | None:
         """The C{on_error} decision: C{None} (allow) or the seconds to wait (deny)."""
-        self.stats.onError += 1
         return DENY_RETRY if self._deny else None
 
-    def takeFailed(self, failure: Failure) -> float | None:
-        """A take failed or timed out: count it, answer by C{on_error}."""
+    def takeFailed(self, failure: Failure) -> None:
+        """A take failed or timed out: count it (and reload the script if Redis lost it)."""
         stats = self.stats
         if failure.check(RedisTimeout):
             stats.timeouts += 1
@@ -397,12 +429,13 @@ class RedisState(Service):
                 self._loadScript()
             elif not failure.check(RedisError):
                 log.failure("state: unexpected error in a Redis take", failure)
-        return self.errorAnswer()
 
     # -- the connection ------------------------------------------------------------------------
 
-    def _prepare(self, proto: Any) -> Deferred[None]:
+    def _prepare(self, connected: Any) -> Deferred[None]:
         """A new connection: AUTH, SELECT, SCRIPT LOAD; then it serves takes."""
+        # ClientService hands over a proxy of the protocol (to hear of its loss): use ours.
+        proto: RedisProtocol = getattr(connected, "_protocol", connected)
         commands: list[tuple[bytes | str, ...]] = []
         if self._password is not None:
             if self._user is not None:
@@ -479,17 +512,20 @@ class RedisState(Service):
             t=self.config.timeout_ms,
             e=self.config.on_error,
         )
+        self._client = self._clientService()
         self._client.startService()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
         self._stopping = True
-        return self._client.stopService()
+        client, self._client = self._client, None
+        return client.stopService() if client is not None else succeed(None)
 
     def whenConnected(self) -> Deferred[Any]:
-        """Fires once a connection is ready (for tests and benchmarks)."""
+        """Fires once a connection is ready (for tests and benchmarks); needs L{startService}."""
         if self.protocol is not None:
             return succeed(self.protocol)
+        assert self._client is not None, "not started"
         return self._client.whenConnected()
 
 

@@ -132,7 +132,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Gatew
     # Started in this order; stopped in GatewayService.stopOrder (the state backend last: the
     # requests drained at stop may still take tokens).
     children: list[Any] = [audit, shipping, PoolService(pool), telemetry, license, reloader]
-    if isinstance(stateBackend, IService):
+    if IService.providedBy(stateBackend):
         children.insert(0, stateBackend)
     for child in (*children, root.listener):
         child.setServiceParent(root)
