@@ -13,9 +13,10 @@ How a decision is made:
   - The script runs by its SHA1 (C{EVALSHA}); it is loaded when the connection is made, and
     again if the server says C{NOSCRIPT} (a restart or C{SCRIPT FLUSH}; that one call gets the
     C{on_error} answer).
-  - Commands are pipelined on one connection: a take is written at once and never waits for
-    another's answer; the replies come back in order (L{RedisProtocol}). Nothing blocks the
-    reactor thread; the Redis protocol is parsed by hiredis (C).
+  - Commands are pipelined on one connection: a take never waits for another's answer, the
+    commands of one reactor turn go out in one send, and the replies come back in order
+    (L{RedisProtocol}); on an idle connection a take is sent at once (C{eagerWrite}). Nothing
+    blocks the reactor thread; the Redis protocol is parsed by hiredis (C).
   - Each take waits at most C{timeout_ms}; then, or at once when there is no connection, the
     C{on_error} rule answers a policy C{rate_limit} call (C{allow}: a token; C{deny}: refused,
     retry after a second). The input limit and the auth throttle fall back to this process's
@@ -52,6 +53,7 @@ from zope.interface import implementer
 from mcpgw.buckets import TokenBuckets
 from mcpgw.config import RedisConfig, redis_address
 from mcpgw.interfaces import IBuckets, IStateBackend
+from mcpgw.proxy.eager import eagerWrite
 
 log = Logger()
 
@@ -215,9 +217,16 @@ class RedisProtocol(Protocol):
         d: Deferred[Any] = Deferred()
         now = self._reactor.seconds()
         deadline = now + (self.timeout if timeout is None else timeout)
-        self._pending.append((d, deadline, now))
-        assert self.transport is not None
-        self.transport.write(hiredis.pack_command(args))  # type: ignore[arg-type]
+        pending = self._pending
+        data = hiredis.pack_command(args)  # type: ignore[arg-type]
+        if pending:
+            # Others are on their way: queue it, so that every command of this reactor turn
+            # goes out in one send (pipelining).
+            self.transport.write(data)  # type: ignore[union-attr]
+        else:
+            # An idle connection: send now rather than on the reactor's next pass.
+            eagerWrite(self.transport, data)
+        pending.append((d, deadline, now))
         timer = self._timer
         if timer is None:
             self._timer = self._reactor.callLater(deadline - now, self._expire)
