@@ -204,11 +204,14 @@ class Gateway:
         """Policy's verdict is in (C{None} for a body-less request): apply it, then forward."""
         if x.closed:
             return  # the client left while a rate-limit bucket was being asked
+        tracer = self.tracer
+        if tracer is not None:
+            x.sampled = tracer.sampled(x.traceId, x.parent)
         try:
             if summary is not None:
                 assert verdict is not None
                 body = self._decide(x, verdict, summary, body)
-                if x.metaTrace and self.tracer is not None:
+                if x.metaTrace and tracer is not None:
                     # SEP-414: the upstream's parent is the gateway's span, in _meta too.
                     injectMeta(summary.messages, x)
                     msgs = summary.messages
