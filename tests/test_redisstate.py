@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any
 
+import attr
 from argon2 import PasswordHasher
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -25,7 +26,8 @@ from zope.interface.verify import verifyObject
 
 from mcpgw.auth import MISS_BURST, Authenticator
 from mcpgw.buckets import MemoryState, TokenBuckets
-from mcpgw.config import RedisConfig, config_from_string
+from mcpgw.cli import stateWarnings
+from mcpgw.config import RedisConfig, StateConfig, config_from_string
 from mcpgw.errors import RateLimited
 from mcpgw.interfaces import IBuckets, IStateBackend
 from mcpgw.policy import Caller, Policy, Verdict
@@ -91,6 +93,29 @@ class SeamTests(SynchronousTestCase):
             answers = [self.successResultOf(buckets.take("10.0.0.9", 0.0)) for _ in range(3)]
             self.assertEqual(answers[:2], [None, None])
             self.assertIsNotNone(answers[2])
+
+
+class WorkersWarningTests(SynchronousTestCase):
+    def test_memoryWithWorkersWarns(self) -> None:
+        """config check warns that memory limits are per worker when there are several."""
+        text = (
+            "upstreams: [{name: a, url: 'http://127.0.0.1:9/mcp'}]\n"
+            "policy: {rules: [{id: r, action: rate_limit, match: {exact: t},"
+            " rate_limit: {rate: 1}}]}\n"
+        )
+        config = config_from_string(text)
+        self.assertEqual(stateWarnings(config), [])  # one worker (the default)
+        # listen.workers comes with the workers feature; a stand-in listen section here.
+        several = attr.evolve(config, listen=_Listen(workers=2))  # type: ignore[arg-type]
+        [warning] = stateWarnings(several)
+        self.assertIn("listen.workers 2: rate_limit rules are per worker", warning)
+        redis = attr.evolve(several, state=StateConfig(backend="redis"))
+        self.assertEqual(stateWarnings(redis), [])
+
+
+@attr.s(auto_attribs=True)
+class _Listen:
+    workers: int | str = 1
 
 
 class HeldPolicyTests(SynchronousTestCase):
