@@ -540,12 +540,15 @@ class RedisConfig:
     @ivar timeout_ms: how long a decision waits for Redis before L{on_error} applies.
     @ivar on_error: C{allow} or C{deny}: the decision when Redis does not answer in time (or is
         not connected).
+    @ivar ca_file: with C{rediss://}, the only trust root for the server's certificate
+        (default: the system's trust store).
     """
 
     url: str = attr.field(default="redis://127.0.0.1:6379/0", repr=False)
     key_prefix: str = "mcpgw:"
     timeout_ms: float = 50.0
     on_error: str = "allow"
+    ca_file: str | None = None
 
     @property
     def display(self) -> str:
@@ -1890,6 +1893,7 @@ def _parse_state(w: _Walker, m: _Map | None) -> StateConfig:
             key_prefix=r.str_or("key_prefix", redis.key_prefix, nonempty=False),
             timeout_ms=r.number("timeout_ms", redis.timeout_ms, above=0),
             on_error=r.choice("on_error", ("allow", "deny"), redis.on_error),
+            ca_file=r.file("ca_file", must_exist=True),
         )
     return StateConfig(backend=backend, redis=redis)
 

@@ -45,7 +45,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -393,7 +393,12 @@ class RedisState(Service):
             tls, host, port = self._address
             endpoint = HostnameEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT)
             if tls:
-                endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+                trustRoot: Any = None
+                if self.config.ca_file:
+                    with open(self.config.ca_file, "rb") as f:
+                        trustRoot = Certificate.loadPEM(f.read())
+                options = optionsForClientTLS(host, trustRoot=trustRoot)
+                endpoint = wrapClientTLS(options, endpoint)
         factory = Factory.forProtocol(lambda: RedisProtocol(reactor, self.stats, self._timeout))
         factory.noisy = False
         return ClientService(
@@ -483,6 +488,12 @@ class RedisState(Service):
                     e=message,
                 )
             self.stats.lastError = message
+            # ClientService leaves a connection whose preparation failed open, and would trip
+            # over its later loss (no transition for it while waiting to retry): close it
+            # ourselves, unheard by ClientService, which retries with its backoff.
+            connected._lostNotification = lambda reason: None
+            if proto.transport is not None:
+                proto.transport.abortConnection()  # type: ignore[attr-defined]
             return f
 
         return d.addCallbacks(ready, failed)

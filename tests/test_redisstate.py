@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from mcpgw.auth import MISS_BURST, Authenticator
@@ -475,3 +475,87 @@ class ReplicaTests(_RedisMixin, GatewayTestCase):
     async def _both(self) -> list[int]:
         a, b = self.startReplica(1), self.startReplica(2)
         return [await a, await b]
+
+
+class ConnectionTests(_RedisMixin, TestCase):
+    """Connecting for real: an ACL user with a password from the environment, a wrong
+    password, TLS with the operator's CA."""
+
+    def setUp(self) -> None:
+        self.startRedis()
+
+    def connect(self, yaml: str, **environ: str) -> RedisState:
+        config = config_from_string(
+            "upstreams: [{name: a, url: 'http://127.0.0.1:9/mcp'}]\n" + yaml,
+            environ=environ,
+            base_dir=self.redis.directory,
+        )
+        state = RedisState(reactor, config.state.redis)
+        state.startService()
+        self.addCleanup(state.stopService)
+        return state
+
+    @inlineCallbacks
+    def test_aclUserWithPasswordFromEnvironment(self) -> Any:
+        """A least-privilege ACL user (the commands docs/scaling-redis.md lists) is enough."""
+        self.assertEqual(
+            self.redis.command(
+                "ACL", "SETUSER", "mcpgw", "on", ">pw s3cret", "~t2:*", "+evalsha",
+                "+script|load", "+time", "+hmget", "+hset", "+pexpire",
+            ),
+            b"OK",
+        )  # fmt: skip
+        state = self.connect(
+            "state: {backend: redis, redis: {key_prefix: 't2:',"
+            f" url: 'redis://mcpgw:${{REDIS_PASSWORD}}@127.0.0.1:{self.redis.port}/0'}}}}\n",
+            REDIS_PASSWORD="pw%20s3cret",
+        )
+        yield state.whenConnected()
+        answers = []
+        for _ in range(3):
+            answers.append((yield state.buckets("rule:r", 0.001, 2, 10).take("k", 0.0)))
+        self.assertEqual(answers[:2], [None, None])
+        self.assertIsNotNone(answers[2])
+        self.assertEqual(self.redis.command("KEYS", "*"), [b"t2:rl:rule:r:k"])
+        self.assertEqual(state.stats.errors, 0)
+
+    @inlineCallbacks
+    def test_wrongPassword(self) -> Any:
+        """A refused AUTH is reported (without the password) and takes are decided locally."""
+        self.redis.command("CONFIG", "SET", "requirepass", "right")
+        state = self.connect(
+            f"state: {{backend: redis, redis: {{url: 'redis://:wrong@127.0.0.1:{self.redis.port}'}}}}\n"
+        )
+        deadline = time.monotonic() + 10
+        while not (state.stats.lastError or "").startswith("WRONGPASS"):
+            self.assertLess(time.monotonic(), deadline, state.stats.lastError)
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(state.stats.connected)
+        self.assertNotIn("wrong", state.stats.lastError)
+        answer = yield state.buckets("rule:r", 1, 1, 10).take("k", 0.0)
+        self.assertIsNone(answer)  # on_error: allow
+        self.assertEqual(state.stats.unavailable, 1)
+
+    @inlineCallbacks
+    def test_tlsWithTheOperatorsCA(self) -> Any:
+        """rediss:// verifies the server against state.redis.ca_file."""
+        from tests.pki import CA
+
+        ca = CA()
+        directory = self.redis.directory
+        cert, key = ca.server("localhost").write(directory, "redis")
+        caPath = ca.writeCert(directory, "ca")
+        tlsPort = freePort()
+        server = RedisServer(
+            directory, None, "--tls-port", str(tlsPort), "--tls-cert-file", cert,
+            "--tls-key-file", key, "--tls-ca-cert-file", caPath, "--tls-auth-clients", "no",
+        ).start()  # fmt: skip
+        self.addCleanup(server.stop)
+        state = self.connect(
+            "state: {backend: redis, redis: {ca_file: ca.crt,"
+            f" url: 'rediss://localhost:{tlsPort}/0'}}}}\n"
+        )
+        yield state.whenConnected()
+        answer = yield state.buckets("rule:r", 1, 1, 10).take("k", 0.0)
+        self.assertIsNone(answer)
+        self.assertEqual(server.command("EXISTS", "mcpgw:rl:rule:r:k"), 1)
