@@ -403,6 +403,33 @@ class RedisOnErrorDenyTests(_RedisGateway):
         self.assertLess(abs(tokens - (40 - (misses + 1))), 0.5)
 
 
+class RedisInputLimitTests(_RedisGateway):
+    limits = "limits: {input_rate_limit: {rate: 0.001, burst: 2}}\n"
+
+    @inlineCallbacks
+    def test_inputLimitRefusesFromRedis(self) -> Any:
+        """
+        The input limit's answer comes from Redis while the body is read: the third request
+        from the address is refused (429, scope input) before it is parsed or authenticated,
+        and audited with its method and path.
+        """
+        statuses = []
+        for _ in range(3):
+            reply = yield self.callKey("roomy")
+            statuses.append(reply.status)
+        self.assertEqual(statuses, [200, 200, 429])
+        self.assertEqual(reply.json()["error"]["data"], {"scope": "input"})
+        self.assertEqual(reply.header("Connection"), ["close"])
+        line = self.auditLines()[-1]
+        self.assertEqual(
+            (line["status"], line["http_method"], line["path"], line["auth_result"]),
+            (429, "POST", "/mcp", None),
+        )
+        self.assertEqual(len(self.upstream.seen), 2)
+        tokens = float(self.redis.command("HGET", "t1:rl:input:127.0.0.1", "v"))
+        self.assertLess(tokens, 1.0)
+
+
 class ReplicaTests(_RedisMixin, GatewayTestCase):
     """Two gateway processes (replicas) with one Redis: one limit, not two."""
 
