@@ -191,15 +191,30 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--skip-gateway", action="store_true")
     ap.add_argument("--skip-clients", action="store_true")
+    ap.add_argument(
+        "--redis-nice",
+        type=int,
+        default=None,
+        help="renice redis-server (e.g. -10, as root): tells scheduling delay on a busy machine "
+        "from the cost of the round trip itself",
+    )
     a = ap.parse_args()
     if REDIS_SERVER is None:
         print("redis-server is not installed (Debian: apt-get install redis-server)")
         return 1
     tmp = Path(tempfile.mkdtemp(prefix="mcpgw-redis-bench-"))
     redis = RedisServer(str(tmp)).start()
+    if a.redis_nice is not None:
+        assert redis.proc is not None
+        os.setpriority(os.PRIO_PROCESS, redis.proc.pid, a.redis_nice)
     version = redis.command("INFO", "server").decode().split("redis_version:")[1].split()[0]
     try:
-        print(f"# state.backend: redis (redis-server {version}, {os.cpu_count()} CPUs)\n")
+        load = os.getloadavg()[0]
+        nice = f", redis-server niced {a.redis_nice}" if a.redis_nice is not None else ""
+        print(
+            f"# state.backend: redis (redis-server {version}, {os.cpu_count()} CPUs, "
+            f"load average {load:.1f}{nice})\n"
+        )
         if not a.skip_clients:
             rows = clientBench(redis.port, a.calls, a.rounds)
             print("## One take (EVALSHA of the bucket script), from a Twisted reactor\n")

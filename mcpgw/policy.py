@@ -1115,6 +1115,8 @@ def _settle(
                 return Verdict("rate_limit", ruleId, refusal, changed, redacted, redactRules)
         return otherwise
 
+    if len(pending) == 1:  # the usual case: one call, no DeferredList
+        return pending[0][0].addCallback(lambda wait: decide([wait]))
     return gatherResults([p[0] for p in pending]).addCallback(decide)
 
 
