@@ -164,7 +164,9 @@ class Authenticator:
         self._pending: dict[bytes, Deferred[str | None]] = {}
         #: The lengths of the valid keys verified so far (see L{carriesKey}).
         self._validLengths: set[int] = set()
-        self._throttle: IBuckets = throttle or TokenBuckets(MISS_RATE, MISS_BURST, 1_000_000)
+        self._throttle: IBuckets = (
+            throttle if throttle is not None else TokenBuckets(MISS_RATE, MISS_BURST, 1_000_000)
+        )
         external = auth.external if _usesExternal(self.mode) else None
         self.identityHeader: bytes | None = None
         self._trusted: tuple[Network, ...] = ()
