@@ -57,7 +57,7 @@ from zope.interface import implementer
 from mcpgw.buckets import TokenBuckets
 from mcpgw.config import AuthConfig, TLSConfig
 from mcpgw.errors import RateLimited, Unauthenticated
-from mcpgw.interfaces import IAuthenticator
+from mcpgw.interfaces import IAuthenticator, IBuckets
 from mcpgw.oauth import TokenInfo, TokenVerifier
 from mcpgw.policy import Caller, Network, addressIn, networks
 
@@ -166,7 +166,7 @@ class Authenticator:
         auth: AuthConfig,
         tls: TLSConfig | None,
         pool: ThreadPool | None,
-        throttle: TokenBuckets | None = None,
+        throttle: IBuckets | None = None,
         paths: tuple[str, ...] = (),
         previous: Authenticator | None = None,
     ) -> None:
@@ -199,7 +199,9 @@ class Authenticator:
         self._pending: dict[bytes, Deferred[str | None]] = {}
         #: The lengths of the valid keys verified so far (see L{carriesKey}).
         self._validLengths: set[int] = set()
-        self._throttle = throttle or TokenBuckets(MISS_RATE, MISS_BURST, 1_000_000)
+        self._throttle: IBuckets = (
+            throttle if throttle is not None else TokenBuckets(MISS_RATE, MISS_BURST, 1_000_000)
+        )
         external = auth.external if _usesExternal(self.mode) else None
         self.identityHeader: bytes | None = None
         self._trusted: tuple[Network, ...] = ()
@@ -268,6 +270,24 @@ class Authenticator:
         pending = self._pending.get(digest)
         if pending is None:
             wait = self._throttle.take(clientAddress, now)
+            if isinstance(wait, Deferred):  # a shared throttle (Redis) answers later
+                return wait.addCallback(self._throttled, digest, presented, certIdentity, path)
+            return self._throttled(wait, digest, presented, certIdentity, path)
+        d: Deferred[str | None] = Deferred()
+        pending.addCallback(_fanOut, d)
+        return d.addCallback(self._result, certIdentity, path)
+
+    def _throttled(
+        self,
+        wait: float | None,
+        digest: bytes,
+        presented: bytes,
+        certIdentity: str | None,
+        path: bytes,
+    ) -> Deferred[AuthResult]:
+        """The throttle answered: refuse, or verify the key (or join its verification)."""
+        pending = self._pending.get(digest)  # another request may have started it meanwhile
+        if pending is None:
             if wait is not None or len(self._pending) >= MAX_PENDING:
                 raise RateLimited(
                     "too many API key verifications; retry later",

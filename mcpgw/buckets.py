@@ -1,14 +1,21 @@
 # -*- test-case-name: tests.test_policy -*-
 """
 Token buckets with bounded memory, for policy C{rate_limit} rules, the per-address input limit
-and the per-address API-key verification throttle.
+and the per-address API-key verification throttle: the C{state.backend: memory} backend (each
+process keeps its own; L{mcpgw.redisstate} shares them through Redis).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
+
+from zope.interface import implementer
+
+from mcpgw.interfaces import IBuckets, IStateBackend
 
 
+@implementer(IBuckets)
 class TokenBuckets:
     """
     Token buckets keyed by a string (a session, a client address), least recently used first.
@@ -53,3 +60,19 @@ class TokenBuckets:
         if len(buckets) > self.maxBuckets:
             buckets.popitem(last=False)
         return wait
+
+
+@implementer(IStateBackend)
+class MemoryState:
+    """
+    C{state.backend: memory}: every kind of bucket in this process's memory. Answers at once,
+    never over the network; with several workers or replicas each keeps its own buckets.
+    """
+
+    shared = False
+
+    def buckets(self, kind: str, rate: float, burst: float, maxBuckets: int) -> TokenBuckets:
+        return TokenBuckets(rate, burst, maxBuckets)
+
+    def readinessCheck(self) -> tuple[str, bool, Any]:
+        return ("state", True, {"backend": "memory"})

@@ -242,6 +242,32 @@ def policyWarnings(path: str, config: Config) -> list[str]:
     return [text for _, _, text in sorted(found)]
 
 
+def stateWarnings(config: Any) -> list[str]:
+    """
+    Warnings about where limits live: with several workers (C{listen.workers} other than 1) and
+    C{state.backend: memory}, every worker keeps its own buckets, so the host allows the
+    configured rates once per worker.
+    """
+    workers = getattr(config.listen, "workers", 1)
+    if workers == 1 or config.state.backend != "memory":
+        return []
+    limited = [
+        name
+        for name, present in (
+            ("rate_limit rules", any(r.action == "rate_limit" for r in config.policy.rules)),
+            ("the input limit", config.limits.input_rate_limit is not None),
+            ("the auth throttle", config.auth.enabled and bool(config.auth.keys)),
+        )
+        if present
+    ]
+    if not limited:
+        return []
+    return [
+        f"state.backend: memory with listen.workers {workers}: {', '.join(limited)} are per "
+        "worker (each worker allows the configured rates); use state.backend: redis to share them"
+    ]
+
+
 def _loadOrReport(path: str, summary: bool = False) -> tuple[Config, LicenseState] | None:
     """The checked config and license, or None after printing every problem on stderr."""
     from mcpgw.tap import loadChecked
@@ -262,7 +288,7 @@ def configCheck(path: str) -> int:
     if loaded is None:
         return 1
     config, state = loaded
-    for warning in policyWarnings(path, config):
+    for warning in policyWarnings(path, config) + stateWarnings(config):
         print(f"{path}: warning: {warning}", file=sys.stderr)
     for level, text in state.messages(time.time()):
         if level == "warn":

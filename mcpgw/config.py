@@ -49,7 +49,7 @@ import os
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import ClassVar, TypeAlias, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import attr
 import yaml
@@ -534,13 +534,52 @@ class AuditConfig:
     on_write_failure: str = "serve"
 
 
+#: The samplers of C{OTEL_TRACES_SAMPLER} (and C{telemetry.sampler}) that mcpgw implements.
+SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+
+
+@attr.frozen
+class SamplerConfig:
+    """
+    C{telemetry.sampler} (or C{OTEL_TRACES_SAMPLER} / C{OTEL_TRACES_SAMPLER_ARG}).
+
+    @ivar type: one of L{SAMPLERS}.
+    @ivar ratio: the share of traces kept by the C{traceidratio} samplers, 0 to 1.
+    """
+
+    type: str = "parentbased_always_on"
+    ratio: float = 1.0
+
+
 @attr.frozen
 class TelemetryConfig:
-    """C{telemetry}: OTLP/HTTP trace export (none without C{otlp_endpoint})."""
+    """
+    C{telemetry}: OTLP/HTTP trace export (none without C{otlp_endpoint}).
+
+    Each value is the YAML's when set there, else the OpenTelemetry environment variable's
+    (C{OTEL_EXPORTER_OTLP_TRACES_ENDPOINT}, C{OTEL_EXPORTER_OTLP_ENDPOINT} + C{/v1/traces},
+    C{OTEL_SERVICE_NAME}, C{OTEL_EXPORTER_OTLP_[TRACES_]HEADERS}, C{OTEL_RESOURCE_ATTRIBUTES},
+    C{OTEL_TRACES_SAMPLER} and C{_ARG}), else the default.
+
+    @ivar headers: added to every export request (e.g. a vendor's API key); kept out of
+        C{repr}.
+    @ivar resource_attributes: extra attributes of the exported resource (C{service.name} and
+        the gateway's own attributes are set from the other keys).
+    """
 
     otlp_endpoint: str | None = None
     service_name: str = "mcpgw"
     environment: str | None = None
+    headers: tuple[tuple[str, str], ...] = attr.field(default=(), repr=False)
+    resource_attributes: tuple[tuple[str, str], ...] = ()
+    sampler: SamplerConfig = SamplerConfig()
 
 
 @attr.frozen
@@ -560,6 +599,54 @@ class LimitsConfig:
     max_header_bytes: int = 16384
     header_timeout: float = 10.0
     body_timeout: float = 60.0
+
+
+def _masked(url: str) -> str:
+    """A Redis URL with its password (if any) replaced by C{***}, for logs and C{/readyz}."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+@attr.frozen
+class RedisConfig:
+    """
+    C{state.redis}: the Redis (or Valkey) server that holds the shared token buckets.
+
+    @ivar url: C{redis://[user:password@]host[:port][/db]} or C{rediss://...} (TLS), with
+        C{${ENV}} already expanded; kept out of C{repr} (it may carry a password): use
+        L{display}.
+    @ivar timeout_ms: how long a decision waits for Redis before L{on_error} applies.
+    @ivar on_error: C{allow} or C{deny}: the decision when Redis does not answer in time (or is
+        not connected).
+    @ivar ca_file: with C{rediss://}, the only trust root for the server's certificate
+        (default: the system's trust store).
+    """
+
+    url: str = attr.field(default="redis://127.0.0.1:6379/0", repr=False)
+    key_prefix: str = "mcpgw:"
+    timeout_ms: float = 50.0
+    on_error: str = "allow"
+    ca_file: str | None = None
+
+    @property
+    def display(self) -> str:
+        """The URL with its password masked."""
+        return _masked(self.url)
+
+
+@attr.frozen
+class StateConfig:
+    """
+    C{state}: where rate-limit buckets, the input limit and the auth brute-force throttle live
+    (C{memory}: in each process; C{redis}: shared by every worker and replica).
+    """
+
+    backend: str = "memory"
+    redis: RedisConfig = RedisConfig()
 
 
 @attr.frozen
@@ -612,6 +699,7 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     license: LicenseConfig = LicenseConfig()
     tools: ToolsConfig = ToolsConfig()
+    state: StateConfig = StateConfig()
     source: str = "<string>"
 
 
@@ -1209,10 +1297,11 @@ def _parse_config(w: _Walker, root: Node, source: str) -> Config:
         auth=auth,
         policy=_parse_policy(w, m.section("policy", _POLICY_KEYS)),
         audit=_parse_audit(w, m.section("audit", attr.fields_dict(AuditConfig))),
-        telemetry=_parse_telemetry(m.section("telemetry", attr.fields_dict(TelemetryConfig))),
+        telemetry=_parse_telemetry(w, m.section("telemetry", attr.fields_dict(TelemetryConfig))),
         limits=_parse_limits(w, m.section("limits", attr.fields_dict(LimitsConfig))),
         license=_parse_license(m.section("license", ("file",))),
         tools=_parse_tools(w, m.section("tools", ("pinning",))),
+        state=_parse_state(w, m.section("state", attr.fields_dict(StateConfig))),
         source=source,
     )
 
@@ -1857,14 +1946,144 @@ def _kafka_config(w: _Walker) -> Callable[[Node, str], tuple[tuple[str, str], ..
 # -- The rest ---------------------------------------------------------------------------------
 
 
-def _parse_telemetry(m: _Map | None) -> TelemetryConfig:
-    if m is None:
-        return TelemetryConfig()
+def _parse_telemetry(w: _Walker, m: _Map | None) -> TelemetryConfig:
+    env = w.environ
+    default = TelemetryConfig()
+    endpoint = m.url_or("otlp_endpoint") if m is not None else None
+    if endpoint is None:
+        endpoint = _env_endpoint(w)
+    none: tuple[tuple[str, str], ...] = ()
+    resource = dict(_env_pairs(w, "OTEL_RESOURCE_ATTRIBUTES"))
+    if m is not None and m.get("resource_attributes") is not None:
+        resource.update(m.value("resource_attributes", _string_map(w), none, required=False))
+    service = m.optional_str("service_name") if m is not None else None
+    if service is None:
+        service = env.get("OTEL_SERVICE_NAME") or resource.get("service.name") or "mcpgw"
+    resource.pop("service.name", None)
+    headers: tuple[tuple[str, str], ...] | None = None
+    if m is not None and m.get("headers") is not None:
+        headers = m.value("headers", w.headers, none, required=False)
+    if headers is None:
+        names = ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS")
+        name = next((n for n in names if n in env), None)
+        headers = _env_pairs(w, name) if name is not None else ()
+    sampler = None
+    if m is not None and m.get("sampler") is not None:
+        sampler = m.value("sampler", _sampler(w), None, required=False)
+    if sampler is None:
+        sampler = _env_sampler(w) or default.sampler
     return TelemetryConfig(
-        otlp_endpoint=m.url_or("otlp_endpoint"),
-        service_name=m.str_or("service_name", "mcpgw"),
-        environment=m.optional_str("environment"),
+        otlp_endpoint=endpoint,
+        service_name=service,
+        environment=m.optional_str("environment") if m is not None else None,
+        headers=headers,
+        resource_attributes=tuple(sorted(resource.items())),
+        sampler=sampler,
     )
+
+
+def _env_endpoint(w: _Walker) -> str | None:
+    """The traces URL from C{OTEL_EXPORTER_OTLP_TRACES_ENDPOINT} or C{..._OTLP_ENDPOINT}."""
+    env = w.environ
+    url, name = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"), "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    if not url:
+        base, name = env.get("OTEL_EXPORTER_OTLP_ENDPOINT"), "OTEL_EXPORTER_OTLP_ENDPOINT"
+        if not base:
+            return None
+        url = base.rstrip("/") + "/v1/traces"  # a base URL: the signal's path is appended
+    try:
+        split_url(url)
+    except ValueError as e:
+        w.report(f"telemetry.otlp_endpoint ({name})", str(e), None)
+        return None
+    return url
+
+
+def _env_pairs(w: _Walker, name: str) -> tuple[tuple[str, str], ...]:
+    """C{key1=value1,key2=value2} (values percent-decoded), the W3C Baggage form OTel uses."""
+    text = w.environ.get(name, "")
+    result = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), unquote(value.strip())
+        if not sep or not key:
+            w.report(f"telemetry ({name})", f"{item.strip()!r} is not key=value", None)
+            continue
+        if any(c in value for c in "\r\n\0"):
+            w.report(f"telemetry ({name})", f"the value of {key!r} has CR, LF or NUL", None)
+            continue
+        result.append((key, value))
+    return tuple(result)
+
+
+def _string_map(w: _Walker) -> Callable[[Node, str], tuple[tuple[str, str], ...] | None]:
+    def convert(node: Node, path: str) -> tuple[tuple[str, str], ...] | None:
+        entries = w.pairs(node, path)
+        if entries is None:
+            return None
+        result = []
+        for key, p, _, value_node in entries:
+            value = w.string(value_node, p, nonempty=False)
+            if value is not None:
+                result.append((key, value))
+        return tuple(result)
+
+    return convert
+
+
+def _check_sampler(
+    w: _Walker, kind: str, ratio: float | None, path: str, node: Node | None
+) -> bool:
+    if kind not in SAMPLERS:
+        known = ", ".join(SAMPLERS)
+        w.report(path, f"must be one of {known}, got {kind!r}{_hint(kind, SAMPLERS)}", node)
+        return False
+    if ratio is not None and not 0.0 <= ratio <= 1.0:
+        w.report(path, f"the ratio must be between 0 and 1, got {ratio:g}", node)
+        return False
+    return True
+
+
+def _sampler(w: _Walker) -> Callable[[Node, str], SamplerConfig | None]:
+    """C{sampler: NAME} or C{sampler: {type: NAME, ratio: R}}."""
+
+    def convert(node: Node, path: str) -> SamplerConfig | None:
+        if isinstance(node, MappingNode):
+            m = w.mapping(node, path, ("type", "ratio"))
+            if m is None:
+                return None
+            kind = m.require_str("type")
+            ratio = m.number("ratio", 1.0)
+        else:
+            kind, ratio = w.string(node, path) or "", 1.0
+            if not kind:
+                return None
+        if not _check_sampler(w, kind, ratio, path, node):
+            return None
+        return SamplerConfig(kind, ratio)
+
+    return convert
+
+
+def _env_sampler(w: _Walker) -> SamplerConfig | None:
+    env = w.environ
+    kind = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if not kind:
+        return None
+    path = "telemetry.sampler (OTEL_TRACES_SAMPLER)"
+    ratio = 1.0
+    arg = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    if arg and kind.endswith("traceidratio"):
+        try:
+            ratio = float(arg)
+        except ValueError:
+            w.report(path, f"OTEL_TRACES_SAMPLER_ARG must be a number, got {arg!r}", None)
+            return None
+    if not _check_sampler(w, kind, ratio, path, None):
+        return None
+    return SamplerConfig(kind, ratio)
 
 
 def _parse_limits(w: _Walker, m: _Map | None) -> LimitsConfig:
@@ -1878,6 +2097,55 @@ def _parse_limits(w: _Walker, m: _Map | None) -> LimitsConfig:
         header_timeout=m.number("header_timeout", 10.0, above=0),
         body_timeout=m.number("body_timeout", 60.0, above=0),
     )
+
+
+def redis_address(url: str) -> tuple[bool, str, int, int, str | None, str | None]:
+    """
+    Split a C{redis://} or C{rediss://} URL.
+
+    @return: C{(tls, host, port, db, username, password)} (user and password percent-decoded).
+    @raise ValueError: it is not a usable Redis URL (the message never repeats the password).
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError("must be a redis:// or rediss:// URL")
+    try:
+        host, port = parts.hostname, parts.port or 6379
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    if not host:
+        raise ValueError("has no host")
+    path = parts.path.strip("/") or "0"
+    if not path.isdigit():
+        raise ValueError(f"database must be a number, got {path!r}")
+    if parts.query or parts.fragment:
+        raise ValueError("takes no query or fragment")
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    return parts.scheme == "rediss", host, port, int(path), user, password
+
+
+def _parse_state(w: _Walker, m: _Map | None) -> StateConfig:
+    if m is None:
+        return StateConfig()
+    backend = m.choice("backend", ("memory", "redis"), "memory")
+    r = m.section("redis", attr.fields_dict(RedisConfig))
+    redis = RedisConfig()
+    if r is not None:
+        url = r.str_or("url", redis.url)
+        node = r.get("url")
+        try:
+            redis_address(url)
+        except ValueError as e:
+            w.report(r.at("url"), f"{e} (got {_masked(url)!r})", node)
+        redis = RedisConfig(
+            url=url,
+            key_prefix=r.str_or("key_prefix", redis.key_prefix, nonempty=False),
+            timeout_ms=r.number("timeout_ms", redis.timeout_ms, above=0),
+            on_error=r.choice("on_error", ("allow", "deny"), redis.on_error),
+            ca_file=r.file("ca_file", must_exist=True),
+        )
+    return StateConfig(backend=backend, redis=redis)
 
 
 def _parse_license(m: _Map | None) -> LicenseConfig:

@@ -17,10 +17,11 @@ from urllib.parse import urlsplit
 import attr
 from twisted.internet.ssl import optionsForClientTLS
 
-from mcpgw.auth import Authenticator
-from mcpgw.buckets import TokenBuckets
+from mcpgw.auth import MISS_BURST, MISS_RATE, Authenticator
+from mcpgw.buckets import MemoryState
 from mcpgw.config import Config, ListenConfig, UpstreamConfig
 from mcpgw.errors import HostNotAllowed, OriginNotAllowed
+from mcpgw.interfaces import IBuckets, IStateBackend
 from mcpgw.pinning import readLock
 from mcpgw.policy import Policy
 from mcpgw.proxy.mcpheaders import ToolHeaders
@@ -184,6 +185,8 @@ class Generation:
         C{None} without C{tls}.
     @ivar toolLock: the tool pinning lock file, C{(upstream, tool) -> SHA-256 hex} (empty when
         C{tools.pinning.mode} is off; L{mcpgw.pinning}).
+    @ivar state: where token buckets live (C{state.backend}); the process's first generation's,
+        kept by every later one (changing C{state} takes a restart).
     """
 
     number: int
@@ -193,9 +196,10 @@ class Generation:
     maxBodyBytes: int
     policy: Policy
     auth: Authenticator
-    inputLimit: TokenBuckets | None
+    inputLimit: IBuckets | None
     tls: ServerTLS | None = None
     toolLock: Mapping[tuple[str, str], str] = attr.Factory(dict)
+    state: IStateBackend = attr.ib(factory=MemoryState)
 
     @property
     def pools(self) -> list[UpstreamPool]:
@@ -203,7 +207,9 @@ class Generation:
         return [r.pool for r in self.routes.values()]
 
 
-def _inputLimit(config: Config, previous: Generation | None) -> TokenBuckets | None:
+def _inputLimit(
+    config: Config, previous: Generation | None, state: IStateBackend
+) -> IBuckets | None:
     """The per-address input buckets; unchanged settings keep the previous generation's."""
     spec = config.limits.input_rate_limit
     if spec is None:
@@ -211,7 +217,7 @@ def _inputLimit(config: Config, previous: Generation | None) -> TokenBuckets | N
     old = previous.inputLimit if previous is not None else None
     if old is not None and (old.rate, old.burst) == (spec.rate, spec.burst):
         return old
-    return TokenBuckets(spec.rate, spec.burst, MAX_ADDRESSES)
+    return state.buckets("input", spec.rate, spec.burst, MAX_ADDRESSES)
 
 
 def buildGeneration(
@@ -220,10 +226,14 @@ def buildGeneration(
     number: int = 1,
     previous: Generation | None = None,
     authPool: Any = None,
+    state: IStateBackend | None = None,
 ) -> Generation:
     """
     Build a complete generation from a validated config, reusing the previous generation's pools
     where an upstream's address and timeouts are unchanged.
+
+    @param state: where token buckets live (default: the previous generation's, else this
+        process's memory).
 
     @raise mcpgw.tls.TLSError: the TLS files are unusable (the reload is rejected).
     @raise mcpgw.pinning.LockError: the tool pinning lock file is unreadable or malformed (the
@@ -245,8 +255,13 @@ def buildGeneration(
             routes[u.path.encode()] = makeRoute(u, old.pool, old.toolHeaders)
         else:
             routes[u.path.encode()] = makeRoute(u, makePool(reactor, u))
+    if state is None:
+        state = previous.state if previous is not None else MemoryState()
     pc = config.policy
-    policy = Policy.fromConfig(pc, previous.policy if previous is not None else None)
+    policy = Policy.fromConfig(pc, previous.policy if previous is not None else None, state)
+    # A memory throttle starts empty with each generation (as its key cache does); a shared one
+    # is the same buckets whatever the generation.
+    throttle = state.buckets("auth", MISS_RATE, MISS_BURST, 1_000_000)
     return Generation(
         number=number,
         config=config,
@@ -259,10 +274,12 @@ def buildGeneration(
             config.auth,
             config.tls,
             authPool,
+            throttle,
             paths=tuple(u.path for u in config.upstreams),
             previous=previous.auth if previous is not None else None,
         ),
-        inputLimit=_inputLimit(config, previous),
+        inputLimit=_inputLimit(config, previous, state),
         tls=tls,
         toolLock=toolLock,
+        state=state,
     )

@@ -109,3 +109,42 @@ class ITracer(Interface):
 
     def ended(record: Any) -> None:
         """A request ended: its L{mcpgw.record.RequestRecord}. Never blocks."""
+
+
+class IBuckets(Interface):
+    """
+    Token buckets of one kind (one C{rate_limit} rule, the input limit, the auth throttle), keyed
+    by a string (a session, a key id, a client address). A new bucket starts full.
+    """
+
+    rate = Attribute("Tokens added per second.")
+    burst = Attribute("The bucket's size.")
+
+    def take(key: str, now: float) -> Any:
+        """
+        Take one token from C{key}'s bucket.
+
+        @param now: the caller's clock in seconds (a shared backend may use its own clock).
+        @return: C{None} if a token was taken, else the seconds until one is available; or a
+            Deferred of that (a shared backend answering over the network). Such a Deferred
+            never fails: the backend's C{on_error} rule decides when it cannot answer in time.
+        """
+
+
+class IStateBackend(Interface):
+    """
+    Where token buckets live (C{state.backend}): in this process, or shared by every worker and
+    replica (L{mcpgw.buckets.MemoryState}, L{mcpgw.redisstate.RedisState}).
+    """
+
+    shared = Attribute("Whether the buckets are shared with other processes.")
+
+    def buckets(kind: str, rate: float, burst: float, maxBuckets: int) -> IBuckets:
+        """
+        The buckets of one kind, e.g. C{rule:<id>}, C{input} or C{auth}.
+
+        @param maxBuckets: how many buckets a process-local backend keeps at most.
+        """
+
+    def readinessCheck() -> tuple[str, bool, Any]:
+        """C{(name, ok, detail)} for C{/readyz} (L{mcpgw.health.Readiness.extraChecks})."""

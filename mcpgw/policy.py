@@ -5,7 +5,9 @@ given caller and arguments, the verdict on a whole request (batches), redaction 
 of results, and the token buckets of C{rate_limit} rules.
 
 Pure logic: no I/O and no reactor; time is passed in as C{now} (seconds, any monotonic clock).
-One L{Policy} is compiled per config generation by L{Policy.fromConfig}.
+One L{Policy} is compiled per config generation by L{Policy.fromConfig}. The token buckets come
+from an L{mcpgw.interfaces.IStateBackend}: in memory they answer at once; in Redis they answer
+later, and then L{Policy.verdict} returns a Deferred of its verdict.
 
 A rule matches a call when its C{method} is the call's method, its matcher matches the call's
 target (the tool name, the resource URI, the prompt name) and every C{when} condition holds:
@@ -50,11 +52,13 @@ from functools import lru_cache
 from typing import Any, TypeAlias
 
 import attr
+from twisted.internet.defer import Deferred, gatherResults
 from zope.interface import Attribute, Interface, implementer
 
-from mcpgw.buckets import TokenBuckets
+from mcpgw.buckets import MemoryState
 from mcpgw.config import POLICY_METHODS, Conditions, MatchSpec, PolicyConfig, PolicyRule
 from mcpgw.errors import GatewayError, PolicyDenied, RateLimited
+from mcpgw.interfaces import IBuckets, IStateBackend
 
 __all__ = [
     "ANONYMOUS",
@@ -186,8 +190,13 @@ class IPolicy(Interface):
     def defaultFor(method: str) -> str:
         """The action for a call of C{method} that no rule matches."""
 
-    def verdict(messages: Sequence[Any], caller: Caller, now: float) -> Verdict:
-        """The decision on a whole request (one message or a batch)."""
+    def verdict(
+        messages: Sequence[Any], caller: Caller, now: float
+    ) -> Verdict | Deferred[Verdict]:
+        """
+        The decision on a whole request (one message or a batch); a Deferred of it when a
+        rate-limit bucket answers later (a shared state backend).
+        """
 
     def explain(
         method: str, target: str | None = None, caller: Caller = ANONYMOUS, arguments: object = None
@@ -604,11 +613,17 @@ class Policy:
         previous: Policy | None = None,
         cacheSize: int = _DEFAULT_CACHE_SIZE,
         maxBuckets: int = _DEFAULT_MAX_BUCKETS,
+        state: IStateBackend | None = None,
     ) -> None:
         """
         Use L{fromConfig}; C{cacheSize} (decisions memoised, 0 for none) and C{maxBuckets}
         (per rate-limited rule) are for tests and benchmarks.
+
+        @param state: where the C{rate_limit} rules' buckets live (default: this process's
+            memory).
         """
+        if state is None:
+            state = MemoryState()
         self.defaultAction = config.default_action
         self.filterToolsList = config.filter_tools_list
         self._cacheSize = cacheSize
@@ -627,7 +642,7 @@ class Policy:
         self.dependsOnCaller = self._callerKey is not None
         self._redactions: dict[str, Callable[[str], str]] = {}
         self._resultRedactions: dict[str, Callable[[str], str]] = {}
-        self._limits: dict[str, TokenBuckets] = {}
+        self._limits: dict[str, IBuckets] = {}
         self._per: dict[str, str] = {}
         old = previous._limitsBySettings() if previous is not None else {}
         for i, rule in enumerate(rules):
@@ -648,7 +663,7 @@ class Policy:
                 spec = rule.rate_limit
                 buckets = old.get(_settings(rule))
                 if buckets is None:
-                    buckets = TokenBuckets(spec.rate, spec.burst, maxBuckets)
+                    buckets = state.buckets("rule:" + rule.id, spec.rate, spec.burst, maxBuckets)
                 self._limits[rule.id] = buckets
                 self._per[rule.id] = spec.per
             if rule.redact_results:
@@ -657,15 +672,21 @@ class Policy:
             index.prefixLengths = sorted({len(p) for p in index.prefixes})
 
     @classmethod
-    def fromConfig(cls, config: PolicyConfig, previous: Policy | None = None) -> Policy:
+    def fromConfig(
+        cls,
+        config: PolicyConfig,
+        previous: Policy | None = None,
+        state: IStateBackend | None = None,
+    ) -> Policy:
         """
         Compile a policy.
 
         @param previous: the policy of the generation being replaced: the rate-limit buckets of
             its rules whose id, method, match, rate, burst and C{per} are unchanged carry over
             (shared).
+        @param state: where new buckets live (default: this process's memory).
         """
-        return cls(config, previous)
+        return cls(config, previous, state=state)
 
     @property
     def ruleIds(self) -> tuple[str, ...]:
@@ -688,7 +709,7 @@ class Policy:
             rule.method == method and rule.action == "deny" for rule in self._rules
         )
 
-    def _limitsBySettings(self) -> dict[tuple[object, ...], TokenBuckets]:
+    def _limitsBySettings(self) -> dict[tuple[object, ...], IBuckets]:
         return {_settings(r): self._limits[r.id] for r in self._rules if r.id in self._limits}
 
     # -- Deciding ------------------------------------------------------------------------------
@@ -903,7 +924,7 @@ class Policy:
 
     def verdict(
         self, messages: Sequence[Any], caller: Caller = ANONYMOUS, now: float = 0.0
-    ) -> Verdict:
+    ) -> Verdict | Deferred[Verdict]:
         """
         Decide every C{tools/call}, C{resources/read} and C{prompts/get} of a request (each call
         of a batch). A denied or rate-limited call refuses the whole request: a denied call is
@@ -916,8 +937,14 @@ class Policy:
         @param messages: the parsed JSON-RPC messages of the body (responses and other methods
             are passed over).
         @param now: the current time in seconds, for token buckets.
+        @return: the verdict; a Deferred of it when a C{rate_limit} call's bucket answers later
+            (a shared state backend). Then every call's token is asked for at once (pipelined)
+            and the verdict is the same as if they had been taken one by one, except that calls
+            after a refused one in the same batch may have used a token too.
         """
         decision, ruleId, decided = "allow", None, False
+        #: Takes answered later: (Deferred wait, rule id, changed, redacted, redact rules).
+        pending: list[tuple[Deferred[float | None], str, bool, int | None, tuple[str, ...]]] = []
         changed = False
         redacted: int | None = None
         redactRules: list[str] = []
@@ -940,7 +967,7 @@ class Policy:
             if action == "allow":
                 pass
             elif action == "deny":
-                return Verdict(
+                denied = Verdict(
                     "deny",
                     d.rule_id,
                     PolicyDenied(rule_id=d.rule_id),
@@ -948,10 +975,13 @@ class Policy:
                     redacted,
                     tuple(redactRules),
                 )
+                return _settle(pending, denied) if pending else denied
             elif action == "rate_limit":
                 assert d.rule_id is not None
                 wait = self._limits[d.rule_id].take(self.bucketKey(d.rule_id, caller), now)
-                if wait is not None:
+                if isinstance(wait, Deferred):
+                    pending.append((wait, d.rule_id, changed, redacted, tuple(redactRules)))
+                elif wait is not None:
                     refusal = RateLimited(retryAfter=max(1, math.ceil(wait)), rule_id=d.rule_id)
                     return Verdict(
                         "rate_limit", d.rule_id, refusal, changed, redacted, tuple(redactRules)
@@ -978,8 +1008,8 @@ class Policy:
             plain = self._plainVerdicts.get((decision, ruleId))
             if plain is None:
                 plain = self._plainVerdicts[(decision, ruleId)] = Verdict(decision, ruleId)
-            return plain
-        return Verdict(
+            return _settle(pending, plain) if pending else plain
+        result = Verdict(
             decision,
             ruleId,
             None,
@@ -988,6 +1018,7 @@ class Policy:
             tuple(redactRules),
             {} if resultRules is None else resultRules,
         )
+        return _settle(pending, result) if pending else result
 
     # -- Explaining ----------------------------------------------------------------------------
 
@@ -1116,9 +1147,31 @@ class Policy:
 
     def bucketCount(self, rule_id: str) -> int:
         """
-        @return: how many buckets the C{rate_limit} rule C{rule_id} holds.
+        @return: how many buckets the C{rate_limit} rule C{rule_id} holds (in this process's
+            memory).
         """
-        return len(self._limits[rule_id].buckets)
+        return len(self._limits[rule_id].buckets)  # type: ignore[attr-defined]
+
+
+def _settle(
+    pending: list[tuple[Deferred[float | None], str, bool, int | None, tuple[str, ...]]],
+    otherwise: Verdict,
+) -> Deferred[Verdict]:
+    """
+    The verdict once the takes answered later are in: the first refused one (in the request's
+    order) refuses the request, else C{otherwise}.
+    """
+
+    def decide(waits: list[float | None]) -> Verdict:
+        for wait, (_, ruleId, changed, redacted, redactRules) in zip(waits, pending, strict=True):
+            if wait is not None:
+                refusal = RateLimited(retryAfter=max(1, math.ceil(wait)), rule_id=ruleId)
+                return Verdict("rate_limit", ruleId, refusal, changed, redacted, redactRules)
+        return otherwise
+
+    if len(pending) == 1:  # the usual case: one call, no DeferredList
+        return pending[0][0].addCallback(lambda wait: decide([wait]))
+    return gatherResults([p[0] for p in pending]).addCallback(decide)
 
 
 def _isRequestId(value: object) -> bool:

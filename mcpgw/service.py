@@ -203,6 +203,11 @@ class Reloader(Service):
         except Exception:
             log.failure("reload rejected, keeping generation {gen}", gen=old.number)
             return None
+        if config.state != old.config.state:
+            log.warn(
+                "state: the state section changed; it takes effect at the next start (the "
+                "buckets stay where they are until then)"
+            )
         if new.tls is not None and new.tls is not old.tls:
             log.info("tls: {tls}", tls=new.tls.describe())
         log.info(

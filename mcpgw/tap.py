@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from twisted.application.service import IService
 from twisted.python import usage
 
 from mcpgw.config import Config, ConfigError, Problem, load_config
+from mcpgw.interfaces import IStateBackend
 from mcpgw.license import LicenseService, LicenseState, licenseState
 
 if TYPE_CHECKING:
@@ -99,6 +101,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Gatew
         config = load_config(path)
     state = options.get("license") or licenseState(config)
 
+    stateBackend = makeState(reactor, config)
     integrity = config.audit.integrity
     writer = AuditWriter(
         reactor,
@@ -118,8 +121,10 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Gatew
     readiness.extraChecks.append(
         lambda: writer.readinessCheck(gateway.generation.config.audit.on_write_failure == "refuse")
     )
+    if stateBackend.shared:
+        readiness.extraChecks.append(stateBackend.readinessCheck)
     pinning = PinningService(reactor, config.audit.state_dir)
-    generation = buildGeneration(reactor, config, authPool=pool)
+    generation = buildGeneration(reactor, config, authPool=pool, state=stateBackend)
     pinning.configure(generation.config, generation.toolLock)
     gateway = Gateway(reactor, generation, writer, readiness, pins=pinning)
     site = GatewaySite(gateway, reactor, CLIENT_IDLE_TIMEOUT)
@@ -149,8 +154,26 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Gatew
         telemetry=telemetry,
         readiness=readiness,
     )
-    # Started in this order; stopped in GatewayService.stopOrder.
-    children = (audit, shipping, PoolService(pool), telemetry, license, pinning, reloader)
+    # Started in this order; stopped in GatewayService.stopOrder (the state backend last: the
+    # requests drained at stop may still take tokens).
+    children: list[Any] = [audit, shipping, PoolService(pool), telemetry, license]
+    children += [pinning, reloader]
+    if IService.providedBy(stateBackend):
+        children.insert(0, stateBackend)
     for child in (*children, root.listener):
         child.setServiceParent(root)
     return root
+
+
+def makeState(reactor: Any, config: Config) -> IStateBackend:
+    """
+    The C{state.backend}: this process's memory, or a Redis connection (an C{IService} the
+    root service starts and stops).
+    """
+    if config.state.backend == "redis":
+        from mcpgw.redisstate import RedisState
+
+        return RedisState(reactor, config.state.redis)
+    from mcpgw.buckets import MemoryState
+
+    return MemoryState()

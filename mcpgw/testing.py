@@ -12,9 +12,24 @@ from zope.interface import implementer
 
 from mcpgw.audit.sinks import Batch, ISink, SinkRefused
 from mcpgw.auth import EXTERNAL, AuthResult
-from mcpgw.interfaces import IAuditLog, IAuthenticator, IResponseSink, ITracer
+from mcpgw.buckets import TokenBuckets
+from mcpgw.interfaces import (
+    IAuditLog,
+    IAuthenticator,
+    IBuckets,
+    IResponseSink,
+    IStateBackend,
+    ITracer,
+)
 
-__all__ = ["MemoryAuditLog", "MemorySink", "MemoryTracer", "RecordingSink", "StaticAuthenticator"]
+__all__ = [
+    "HeldState",
+    "MemoryAuditLog",
+    "MemorySink",
+    "MemoryTracer",
+    "RecordingSink",
+    "StaticAuthenticator",
+]
 
 
 @implementer(IAuditLog)
@@ -176,3 +191,54 @@ class MemorySink:
     def data(self) -> bytes:
         """Every shipped byte, in order."""
         return b"".join(b.data for b in self.batches)
+
+
+@implementer(IStateBackend)
+class HeldState:
+    """
+    A state backend that answers later, as a shared one (Redis) does, with no server: each take
+    is decided at once by in-memory token buckets, but its answer is held in an unfired Deferred
+    until the test calls L{release} (or L{fail}, which answers every held take the way an
+    C{on_error} rule would).
+
+    @ivar held: the held takes, oldest first: C{(kind, key, answer, deferred)}.
+    """
+
+    shared = True
+
+    def __init__(self) -> None:
+        self.held: list[tuple[str, str, float | None, Deferred[float | None]]] = []
+
+    def buckets(self, kind: str, rate: float, burst: float, maxBuckets: int) -> IBuckets:
+        return _HeldBuckets(self, kind, TokenBuckets(rate, burst, maxBuckets))
+
+    def readinessCheck(self) -> tuple[str, bool, Any]:
+        return ("state", True, {"backend": "held", "held": len(self.held)})
+
+    def release(self) -> int:
+        """Answer every held take with its decision, oldest first; return how many."""
+        held, self.held = self.held, []
+        for _, _, answer, d in held:
+            d.callback(answer)
+        return len(held)
+
+    def fail(self, answer: float | None) -> int:
+        """Answer every held take with C{answer} (C{None}: allow); return how many."""
+        held, self.held = self.held, []
+        for _, _, _, d in held:
+            d.callback(answer)
+        return len(held)
+
+
+@implementer(IBuckets)
+class _HeldBuckets:
+    def __init__(self, state: HeldState, kind: str, buckets: TokenBuckets) -> None:
+        self._state = state
+        self.kind = kind
+        self._buckets = buckets
+        self.rate, self.burst = buckets.rate, buckets.burst
+
+    def take(self, key: str, now: float) -> Deferred[float | None]:
+        d: Deferred[float | None] = Deferred()
+        self._state.held.append((self.kind, key, self._buckets.take(key, now), d))
+        return d

@@ -106,10 +106,18 @@ def test_printed_examples_work(tmp_path: Path) -> None:
         assert "\n403\n" in out
         assert "deploy with [REDACTED]" in out
         assert "AKIAIOSFODNN7EXAMPLE" not in out
-        audit = [
-            yaml.safe_load(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()
-        ]
-        calls = {a["tool"]: a for a in audit if a["method"] == "tools/call"}
+
+        def calledTools() -> dict[str, Any]:
+            audit = [
+                yaml.safe_load(line)
+                for line in (tmp_path / "audit.jsonl").read_text().splitlines()
+            ]
+            return {a["tool"]: a for a in audit if a["method"] == "tools/call"}
+
+        # A request's audit line is written as its exchange ends, which can be just after curl
+        # has read the whole answer and exited.
+        assert wait_until(lambda: {"whoami", "echo"} <= set(calledTools()), timeout=10)
+        calls = calledTools()
         assert (calls["whoami"]["decision"], calls["whoami"]["rule_id"]) == ("deny", "no-whoami")
         assert (calls["echo"]["decision"], calls["echo"]["redacted"]) == ("redact", 1)
         child.proc.send_signal(signal.SIGINT)

@@ -47,6 +47,7 @@ DEPENDENCIES = (
     "argon2",
     "jwt",
     "jwt.algorithms",
+    "hiredis",
 )
 
 IMPORT_ALL = """

@@ -42,6 +42,7 @@ class WheelhouseTests(TestCase):
             "orjson",
             "argon2-cffi",
             "pyjwt",
+            "hiredis",
             # the sinks extra (WHEEL_EXTRAS default)
             "boto3",
             "google-cloud-storage",

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mcpgw.errors import (
@@ -44,18 +45,31 @@ class Admission:
         """C{limits.max_body_bytes} of the current generation."""
         return self.current().maxBodyBytes
 
-    def admit(self, request: Any, length: int | None) -> GatewayError | None:
+    def admit(
+        self, request: Any, length: int | None
+    ) -> GatewayError | Deferred[GatewayError | None] | None:
         """
         Checks made when the headers are in, before the body is read, parsed or authenticated:
         the per-address input rate limit, then the declared body size.
 
-        @return: the error to answer with, or C{None}.
+        @return: the error to answer with, or C{None}; or a Deferred of that when the input
+            limit's buckets answer later (a shared state backend: the body is read meanwhile,
+            and the request waits for the answer before it is parsed).
         """
         limit = self.current().inputLimit
         if limit is not None:
             wait = limit.take(getattr(request.client, "host", ""), self.reactor.seconds())
-            if wait is not None:
-                return RateLimited(retryAfter=max(1, math.ceil(wait)), scope="input")
+            if isinstance(wait, Deferred):
+                return wait.addCallback(self._afterInputLimit, length)
+            return self._afterInputLimit(wait, length)
+        return self._sizeCheck(length)
+
+    def _afterInputLimit(self, wait: float | None, length: int | None) -> GatewayError | None:
+        if wait is not None:
+            return RateLimited(retryAfter=max(1, math.ceil(wait)), scope="input")
+        return self._sizeCheck(length)
+
+    def _sizeCheck(self, length: int | None) -> GatewayError | None:
         if length is not None and length > self.current().maxBodyBytes:
             return self.tooLarge()
         return None

@@ -140,6 +140,7 @@ class ProxyExchange:
         "resultRules",
         "route",
         "ruleId",
+        "sampled",
         "secure",
         "sessionId",
         "spanId",
@@ -178,6 +179,8 @@ class ProxyExchange:
         self.metaTrace = False
         self.traceId: int = parent.traceId if parent is not None else randomBits(128) or 1
         self.spanId: int = randomBits(64) or 1
+        #: The tracer's sampling decision (set when the request is forwarded with tracing on).
+        self.sampled = True
         self.clientIp: str | None = getattr(request.client, "host", None)
         self.secure: bool = request.isSecure()
         self.authResult: str | None = None

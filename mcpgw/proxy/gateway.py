@@ -42,6 +42,7 @@ from mcpgw.interfaces import IAuditLog
 from mcpgw.jsonrpc import RpcSummary
 from mcpgw.oauth import serveMetadata
 from mcpgw.pinning import PinningService, UpstreamPins
+from mcpgw.policy import Verdict
 from mcpgw.proxy.admission import Admission
 from mcpgw.proxy.exchange import ProxyExchange
 from mcpgw.proxy.inbound import inspect
@@ -188,10 +189,51 @@ class Gateway:
         x.caller = auth.caller(x.clientIp, x.sessionId)
         if self.pins is not None:
             x.pins = self.pins.upstream(route.name)
+        if summary is None:
+            self._forward(None, x, route, None, body)
+            return
+        try:
+            if x.pins is not None and summary.method is not None:
+                # Tool pinning before policy is asked (no rate-limit token taken for a refusal).
+                self._pinned(x, x.pins, summary)
+            verdict = x.generation.policy.verdict(
+                summary.messages, x.caller, self.reactor.seconds()
+            )
+        except GatewayError as e:
+            x.fail(e)
+            return
+        except Exception:
+            self.internalError(x.request, Failure())
+            return
+        if isinstance(verdict, Deferred):  # a shared rate-limit bucket answers later
+            verdict.addCallback(self._forward, x, route, summary, body)
+            verdict.addErrback(self._forwardFailed, x)
+            return
+        self._forward(verdict, x, route, summary, body)
+
+    def _forwardFailed(self, failure: Failure, x: ProxyExchange) -> None:
+        if not x.closed:
+            self.internalError(x.request, failure)
+
+    def _forward(
+        self,
+        verdict: Verdict | None,
+        x: ProxyExchange,
+        route: Route,
+        summary: RpcSummary | None,
+        body: bytes,
+    ) -> None:
+        """Policy's verdict is in (C{None} for a body-less request): apply it, then forward."""
+        if x.closed:
+            return  # the client left while a rate-limit bucket was being asked
+        tracer = self.tracer
+        if tracer is not None:
+            x.sampled = tracer.sampled(x.traceId, x.parent)
         try:
             if summary is not None:
-                body = self._decide(x, summary, body)
-                if x.metaTrace and self.tracer is not None:
+                assert verdict is not None
+                body = self._decide(x, verdict, summary, body)
+                if x.metaTrace and tracer is not None:
                     # SEP-414: the upstream's parent is the gateway's span, in _meta too.
                     injectMeta(summary.messages, x)
                     msgs = summary.messages
@@ -205,7 +247,9 @@ class Gateway:
         except Exception:
             self.internalError(x.request, Failure())
 
-    def _decide(self, x: ProxyExchange, summary: RpcSummary, body: bytes) -> bytes:
+    def _decide(
+        self, x: ProxyExchange, verdict: Verdict, summary: RpcSummary, body: bytes
+    ) -> bytes:
         """
         The policy verdict on the whole request (batch semantics live in
         L{mcpgw.policy.Policy.verdict}), applied: a refusal is raised, redacted arguments are
@@ -215,10 +259,7 @@ class Gateway:
 
         @return: the body to forward.
         """
-        if x.pins is not None and summary.method is not None:
-            self._pinned(x, x.pins, summary)
         policy = x.generation.policy
-        verdict = policy.verdict(summary.messages, x.caller, self.reactor.seconds())
         x.decision, x.ruleId, x.redacted = verdict.decision, verdict.ruleId, verdict.redacted
         if verdict.refusal is not None:
             raise verdict.refusal
@@ -270,7 +311,9 @@ class Gateway:
         else:
             self.internalError(x.request, failure)
 
-    def admit(self, request: Any, length: int | None) -> GatewayError | None:
+    def admit(
+        self, request: Any, length: int | None
+    ) -> GatewayError | Deferred[GatewayError | None] | None:
         """Admission checks when the headers are in (L{Admission.admit})."""
         return self.admission.admit(request, length)
 
