@@ -244,7 +244,13 @@ def buildGeneration(
         hostGuard=HostGuard.fromConfig(config.listen),
         maxBodyBytes=config.limits.max_body_bytes,
         policy=policy,
-        auth=Authenticator(reactor, config.auth, config.tls, authPool),
+        auth=Authenticator(
+            reactor,
+            config.auth,
+            config.tls,
+            authPool,
+            stats=previous.auth.stats if previous is not None else None,
+        ),
         inputLimit=_inputLimit(config, previous),
         tls=tls,
     )

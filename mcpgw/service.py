@@ -22,6 +22,7 @@ L{GatewayService.stopOrder}.
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable, Generator
 from typing import Any
@@ -35,7 +36,7 @@ from twisted.python.threadpool import ThreadPool
 
 from mcpgw import __version__
 from mcpgw.audit.writer import AuditWriter
-from mcpgw.config import ConfigError, ListenConfig, load_config
+from mcpgw.config import Config, ConfigError, ListenConfig, load_config
 from mcpgw.generation import Generation, buildGeneration
 from mcpgw.health import Readiness
 from mcpgw.proxy.gateway import Gateway
@@ -158,27 +159,36 @@ class Reloader(Service):
         try:
             for reopen in self._reopeners:
                 reopen()
-            new = self._build()
+            config = self.read()
+            new = self.prepare(config) if config is not None else None
             if new is not None:
-                for listener in self._subscribers:
-                    listener(new)
+                self.publish(new)
         finally:
             self._reloading = False
             if self._reloadAgain:
                 self._reloadAgain = False
                 self.reactor.callLater(0, self.reload)
 
-    def _build(self) -> Generation | None:
-        old = self._current()
+    def read(self) -> Config | None:
+        """The config file, or C{None} after logging why it is rejected."""
         try:
-            config = load_config(self.configPath)  # type: ignore[arg-type]
+            return load_config(self.configPath)  # type: ignore[arg-type]
         except ConfigError as e:
             log.error(
                 "reload rejected, keeping generation {gen}: {problems}",
-                gen=old.number,
+                gen=self._current().number,
                 problems="; ".join(str(p) for p in e.problems),
             )
             return None
+
+    def prepare(self, config: Config, number: int | None = None) -> Generation | None:
+        """
+        Build the generation of C{config} off to the side (nothing is published), or return
+        C{None} after logging why it is rejected.
+
+        @param number: its generation number (default: the current one's + 1).
+        """
+        old = self._current()
         if (config.tls is None) != (self._tlsCreator is None):
             log.error(
                 "reload rejected, keeping generation {gen}: tls cannot be turned {onoff} by "
@@ -187,29 +197,46 @@ class Reloader(Service):
                 onoff="off" if config.tls is None else "on",
             )
             return None
+        if (config.listen.workers, config.listen.admin) != (
+            old.config.listen.workers,
+            old.config.listen.admin,
+        ):
+            log.warn("listen.workers and listen.admin changes take effect at the next restart")
         try:
             new = buildGeneration(
-                self.reactor, config, old.number + 1, previous=old, authPool=self._authPool
+                self.reactor,
+                config,
+                old.number + 1 if number is None else number,
+                previous=old,
+                authPool=self._authPool,
             )
-            if self._tlsCreator is not None and new.tls is not None:
-                # Same reactor turn as the generation swap: new connections get the new
-                # certificate and CA from here on; open ones keep theirs.
-                self._tlsCreator.swap(new.tls)
+            if new.tls is not None:
+                new.tls.options.getContext()  # what publish's swap does: fail here, not there
         except TLSError as e:
             log.error("reload rejected, keeping generation {gen}: {e}", gen=old.number, e=e)
             return None
         except Exception:
             log.failure("reload rejected, keeping generation {gen}", gen=old.number)
             return None
-        if new.tls is not None and new.tls is not old.tls:
-            log.info("tls: {tls}", tls=new.tls.describe())
+        return new
+
+    def publish(self, new: Generation) -> None:
+        """Make C{new} current: the TLS listener and every subscriber, in one reactor turn."""
+        old = self._current()
+        if self._tlsCreator is not None and new.tls is not None:
+            # Same reactor turn as the generation swap: new connections get the new
+            # certificate and CA from here on; open ones keep theirs.
+            self._tlsCreator.swap(new.tls)
+            if new.tls is not old.tls:
+                log.info("tls: {tls}", tls=new.tls.describe())
         log.info(
             "reloaded {path}: generation {old} -> {gen}",
-            path=self.configPath,
+            path=self.configPath or new.config.source,
             old=old.number,
             gen=new.number,
         )
-        return new
+        for listener in self._subscribers:
+            listener(new)
 
 
 class ListenerService(Service):
@@ -229,12 +256,18 @@ class ListenerService(Service):
         site: GatewaySite,
         readiness: Readiness,
         tlsCreator: SwappableServerTLS | None,
+        adopt: tuple[int, int] | None = None,
     ) -> None:
+        """
+        @param adopt: C{(fd, address family)} of a listening socket to serve instead of binding
+            one (a worker of L{mcpgw.fleet}); the descriptor is closed once adopted.
+        """
         self.reactor = reactor
         self.gateway = gateway
         self.site = site
         self.readiness = readiness
         self.tlsCreator = tlsCreator
+        self.adopt = adopt
         self.port: Any = None
         self._sweeper: LoopingCall | None = None
 
@@ -246,7 +279,11 @@ class ListenerService(Service):
         factory: Any = self.site
         if self.tlsCreator is not None:
             factory = ServerTLSFactory(self.tlsCreator, self.site)
-        if listen.reuse_port:
+        if self.adopt is not None:
+            fd, family = self.adopt
+            self.port = self.reactor.adoptStreamPort(fd, family, factory)
+            os.close(fd)  # the port holds a duplicate
+        elif listen.reuse_port:
             binding = tcp.makeBinding(listen.host, listen.port, reuseAddress=True, reusePort=True)
             self.port = self.reactor.listenTCP(binding, factory, BACKLOG)
         else:
@@ -309,7 +346,16 @@ class GatewayService(MultiService):
         are stopped last, in reverse order of addition).
     """
 
-    stopOrder = ("listener", "reloader", "license", "audit", "shipping", "telemetry", "argon2")
+    stopOrder = (
+        "listener",
+        "admin",
+        "reloader",
+        "license",
+        "audit",
+        "shipping",
+        "telemetry",
+        "argon2",
+    )
 
     def __init__(
         self,
@@ -327,7 +373,10 @@ class GatewayService(MultiService):
         self.gateway = gateway
         self.reloader = reloader
         self.listener = listener
+        self.auditService = audit
         self.audit = audit.writer
+        #: The process's L{mcpgw.metrics.ProcessMetrics} (set by the composition root).
+        self.metrics: Any = None
         self.shipping = shipping
         self.telemetry = telemetry
         self.readiness = readiness

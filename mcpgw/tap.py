@@ -51,10 +51,12 @@ class Options(usage.Options):
             raise usage.UsageError(f"invalid configuration {self['config']}:\n{e}") from None
 
 
-def makeService(options: Options | dict[str, Any], reactor: Any = None) -> GatewayService:
+def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Any:
     """
     Build the gateway: every service it runs, each handed what it needs (the only place that
-    wires them together).
+    wires them together). With C{listen.workers} above 1, the supervisor of
+    L{mcpgw.fleet.supervisor} (which starts the workers, each built by L{makeWorker}); else the
+    gateway itself, in this process (L{mcpgw.service.GatewayService}).
 
     @param options: L{Options} (or a dict with C{config}, the config file's path or C{None} for
         a config that is not reloaded, and optionally C{loaded}, the parsed
@@ -65,10 +67,37 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Gatew
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
+    path: str | None = options.get("config")
+    config = options.get("loaded")
+    if config is None:
+        assert path is not None, "makeService needs a config file or a parsed config"
+        config = load_config(path)
+    state = options.get("license") or licenseState(config)
+    if config.listen.workerCount > 1:
+        assert path is not None, "workers re-read the config file: it needs a path"
+        return makeSupervisor(reactor, path, config, state)
+    return _makeGateway(reactor, path, config, state)
+
+
+def _makeGateway(
+    reactor: Any,
+    path: str | None,
+    config: Config,
+    state: LicenseState | None,
+    worker: Any = None,
+    number: int = 1,
+) -> GatewayService:
+    """
+    The gateway: the whole host (C{worker} is C{None}), or one worker serving the supervisor's
+    listening socket and handing its audit lines to it (C{worker}: a
+    L{mcpgw.fleet.worker.WorkerLink}); a worker has no audit file, sinks, license or admin
+    listener of its own: the supervisor runs them once for the host.
+    """
     from mcpgw.audit.shipper import ShippingService, WriterSource
     from mcpgw.audit.writer import AuditWriter
     from mcpgw.generation import buildGeneration
     from mcpgw.health import Readiness
+    from mcpgw.metrics import HostMetrics, MeteredAuditLog, ProcessMetrics, RequestMetrics
     from mcpgw.proxy.gateway import Gateway
     from mcpgw.proxy.server import GatewaySite
     from mcpgw.service import (
@@ -83,47 +112,87 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Gatew
     from mcpgw.telemetry import Telemetry
     from mcpgw.tls import SwappableServerTLS
 
-    path: str | None = options.get("config")
-    config = options.get("loaded")
-    if config is None:
-        assert path is not None, "makeService needs a config file or a parsed config"
-        config = load_config(path)
-    state = options.get("license") or licenseState(config)
-
-    writer = AuditWriter(reactor, config.audit.path, config.audit.fsync)
-    audit = AuditService(writer)
     pool = argon2Pool()
     readiness = Readiness(reactor)
-    shipping = ShippingService(reactor, config.audit, WriterSource(writer))
-    shipping.setName("shipping")
-    readiness.extraChecks.append(shipping.readinessCheck)
-    gateway = Gateway(reactor, buildGeneration(reactor, config, authPool=pool), writer, readiness)
+    writer: Any
+    requests = None
+    if worker is None:
+        writer = AuditWriter(reactor, config.audit.path, config.audit.fsync)
+        shipping = ShippingService(reactor, config.audit, WriterSource(writer))
+        shipping.setName("shipping")
+        readiness.extraChecks.append(shipping.readinessCheck)
+        audit = writer
+        if config.listen.admin is not None:
+            requests = RequestMetrics()
+            audit = MeteredAuditLog(writer, requests)
+    else:
+        audit = writer = worker.auditLog
+        shipping = None
+    generation = buildGeneration(reactor, config, number, authPool=pool)
+    gateway = Gateway(reactor, generation, audit, readiness)
     site = GatewaySite(gateway, reactor, CLIENT_IDLE_TIMEOUT)
     telemetry = Telemetry(reactor, gateway, config.telemetry)
     tls = gateway.generation.tls
     tlsCreator = SwappableServerTLS(tls) if tls is not None else None
-    reloader = Reloader(reactor, path, lambda: gateway.generation, pool, tlsCreator)
-    license = LicenseService(reactor, state)
-
+    reloader = Reloader(
+        reactor, path if worker is None else None, lambda: gateway.generation, pool, tlsCreator
+    )
+    listener = ListenerService(
+        reactor, gateway, site, readiness, tlsCreator, worker.listening if worker else None
+    )
     # What a reload reaches: the audit file first (logrotate), then the new generation.
-    reloader.onReopen(writer.reopen)
-    reloader.onReopen(shipping.auditReopened)
     reloader.subscribe(gateway.publish)
-    reloader.subscribe(lambda g: shipping.reconfigure(g.config.audit))
+    if shipping is not None:
+        reloader.onReopen(writer.reopen)
+        reloader.onReopen(shipping.auditReopened)
+        reloader.subscribe(lambda g: shipping.reconfigure(g.config.audit))
     reloader.subscribe(lambda g: telemetry.reconfigure(g.config.telemetry))
-    reloader.subscribe(lambda g: license.configChanged(g.config))
-
     root = GatewayService(
         reactor,
         gateway=gateway,
         reloader=reloader,
-        listener=ListenerService(reactor, gateway, site, readiness, tlsCreator),
-        audit=audit,
+        listener=listener,
+        audit=AuditService(audit),
         shipping=shipping,
         telemetry=telemetry,
         readiness=readiness,
     )
+    processMetrics = ProcessMetrics(gateway, telemetry)
+    root.metrics = processMetrics
+    children: list[Any] = [root.auditService]
+    if worker is None:
+        assert shipping is not None and state is not None
+        license = LicenseService(reactor, state)
+        reloader.subscribe(lambda g: license.configChanged(g.config))
+        children += [shipping, PoolService(pool), telemetry, license, reloader, listener]
+        if config.listen.admin is not None:
+            from mcpgw.admin import AdminResource, AdminService
+            from mcpgw.metrics import addUp, render
+
+            assert requests is not None
+            host = HostMetrics(requests, writer, shipping, lambda: gateway.generation.number)
+            resource = AdminResource(
+                lambda: render(addUp(host.samples(), processMetrics.samples())),
+                readiness,
+                lambda: gateway.generation,
+            )
+            children.append(AdminService(reactor, config.listen.admin, resource))
+    else:
+        worker.attach(root, reloader, processMetrics)
+        children += [PoolService(pool), telemetry, reloader, listener]
     # Started in this order; stopped in GatewayService.stopOrder.
-    for child in (audit, shipping, PoolService(pool), telemetry, license, reloader, root.listener):
+    for child in children:
         child.setServiceParent(root)
     return root
+
+
+def makeWorker(reactor: Any, path: str, config: Config, worker: Any, number: int) -> Any:
+    """One worker of L{mcpgw.fleet} (see L{_makeGateway})."""
+    return _makeGateway(reactor, path, config, None, worker, number)
+
+
+def makeSupervisor(reactor: Any, path: str, config: Config, state: LicenseState) -> Any:
+    """The supervisor of C{listen.workers} processes (L{mcpgw.fleet.supervisor})."""
+    from mcpgw.fleet.supervisor import buildSupervisor
+
+    return buildSupervisor(reactor, path, config, state)

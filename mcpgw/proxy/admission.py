@@ -38,6 +38,8 @@ class Admission:
         self.reactor = reactor
         self.current = current
         self.connections = connections
+        #: Requests refused by the input rate limit since the start (for the metrics).
+        self.inputRefused = 0
 
     @property
     def maxBodyBytes(self) -> int:
@@ -55,6 +57,7 @@ class Admission:
         if limit is not None:
             wait = limit.take(getattr(request.client, "host", ""), self.reactor.seconds())
             if wait is not None:
+                self.inputRefused += 1
                 return RateLimited(retryAfter=max(1, math.ceil(wait)), scope="input")
         if length is not None and length > self.current().maxBodyBytes:
             return self.tooLarge()
