@@ -169,6 +169,25 @@ def policyWarnings(path: str, config: Config) -> list[str]:
     return [text for _, _, text in sorted(found)]
 
 
+def fleetWarnings(path: str, config: Config) -> list[str]:
+    """
+    Warnings about C{listen.workers}: with more than one worker and the memory state backend,
+    every worker keeps its own rate-limit buckets, input limit and brute-force throttle.
+    """
+    listen = config.listen
+    if listen.workers == 1:
+        return []
+    line = _Lines(path).of("listen", "workers")
+    where = f" (line {line})" if line is not None else ""
+    count = f"{listen.workers} ({listen.workerCount} here)" if listen.workers == "auto" else ""
+    return [
+        f"listen.workers: {count or listen.workers} worker processes each keep their own "
+        "rate-limit buckets (policy rate_limit rules), input rate limit and API-key brute-force "
+        "throttle in memory: limits are per worker, so the host allows up to that many times "
+        f"the configured rates{where}"
+    ]
+
+
 def _loadOrReport(path: str, summary: bool = False) -> tuple[Config, LicenseState] | None:
     """The checked config and license, or None after printing every problem on stderr."""
     from mcpgw.tap import loadChecked
@@ -189,7 +208,7 @@ def configCheck(path: str) -> int:
     if loaded is None:
         return 1
     config, state = loaded
-    for warning in policyWarnings(path, config):
+    for warning in policyWarnings(path, config) + fleetWarnings(path, config):
         print(f"{path}: warning: {warning}", file=sys.stderr)
     for level, text in state.messages(time.time()):
         if level == "warn":
