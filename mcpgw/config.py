@@ -53,11 +53,11 @@ from yaml.constructor import ConstructorError, SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 __all__ = [
-    "AdminConfig",
     "BUILTIN_REDACTIONS",
     "POLICY_METHODS",
     "RATE_LIMIT_PER",
     "APIKey",
+    "AdminConfig",
     "AuditConfig",
     "AuthConfig",
     "BatchConfig",

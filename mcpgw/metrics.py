@@ -73,8 +73,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     ),
     "mcpgw_auth_cache": (
         "counter",
-        "API key checks answered from the verification cache (hit) or verified with Argon2 "
-        "(miss).",
+        "API key checks answered from the verification cache (hit) or verified with Argon2 (miss).",
     ),
     "mcpgw_auth_throttled": (
         "counter",
@@ -288,8 +287,16 @@ class ProcessMetrics:
             pool = route.pool
             idle = float(pool.idleCount)
             busy = float(pool.connectionCount) - idle
-            yield ("mcpgw_upstream_connections", (("upstream", route.name), ("state", "idle")), idle)
-            yield ("mcpgw_upstream_connections", (("upstream", route.name), ("state", "busy")), busy)
+            yield (
+                "mcpgw_upstream_connections",
+                (("upstream", route.name), ("state", "idle")),
+                idle,
+            )
+            yield (
+                "mcpgw_upstream_connections",
+                (("upstream", route.name), ("state", "busy")),
+                busy,
+            )
         stats = generation.auth.stats
         yield ("mcpgw_auth_cache_total", (("result", "hit"),), float(stats.hits))
         yield ("mcpgw_auth_cache_total", (("result", "miss"),), float(stats.misses))
@@ -407,7 +414,7 @@ def render(total: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> bytes
         def collect(self) -> Iterator[Metric]:
             return iter(families.values())
 
-    return bytes(generate_latest(_Collector()))  # type: ignore[arg-type]
+    return bytes(generate_latest(_Collector()))
 
 
 #: The C{Content-Type} of L{render}'s output.

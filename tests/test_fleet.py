@@ -7,6 +7,7 @@ by line and count by count.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -50,7 +51,9 @@ class _Echo(BaseHTTPRequestHandler):
 
 
 def call(conn: http.client.HTTPConnection, rid: int, tool: str = "echo") -> int:
-    body = json.dumps({"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": {"name": tool}})
+    body = json.dumps(
+        {"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": {"name": tool}}
+    )
     conn.request("POST", "/mcp", body, {"Content-Type": "application/json"})
     resp = conn.getresponse()
     data = resp.read()
@@ -87,7 +90,7 @@ class Fleet:
         self.audit = os.path.join(self.tmp, "audit.jsonl")
         self.port, self.admin = freePort(), freePort()
         self.write(extra)
-        self.log = open(os.path.join(self.tmp, "log"), "w+")
+        self.log = open(os.path.join(self.tmp, "log"), "w+")  # noqa: SIM115 (closed by kill)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mcpgw", "run", "--config", self.path],
             stdout=self.log,
@@ -102,8 +105,7 @@ class Fleet:
                 f"listen: {{host: 127.0.0.1, port: {self.port}, workers: 2,"
                 f" admin: {{port: {self.admin}}}}}\n"
                 f"upstreams: [{{name: up, url: 'http://127.0.0.1:{self.up.server_address[1]}/mcp'}}]\n"
-                f"audit: {{path: {self.audit}, fsync: none, state_dir: {self.tmp}/state}}\n"
-                + extra
+                f"audit: {{path: {self.audit}, fsync: none, state_dir: {self.tmp}/state}}\n" + extra
             )
 
     def census(self) -> tuple[float, float]:
@@ -117,7 +119,9 @@ class Fleet:
         deadline = time.monotonic() + timeout
         while not check():
             assert self.proc.poll() is None, f"supervisor exited: {self.output()[-3000:]}"
-            assert time.monotonic() < deadline, f"timed out waiting for {what}: {self.output()[-3000:]}"
+            assert time.monotonic() < deadline, (
+                f"timed out waiting for {what}: {self.output()[-3000:]}"
+            )
             time.sleep(0.1)
 
     def output(self) -> str:
@@ -126,7 +130,9 @@ class Fleet:
             return f.read()
 
     def workerPids(self) -> set[int]:
-        return {int(p) for p in re.findall(r"worker \d \(pid (\d+)\) serving generation", self.output())}
+        return {
+            int(p) for p in re.findall(r"worker \d \(pid (\d+)\) serving generation", self.output())
+        }
 
     def auditLines(self) -> list[dict[str, Any]]:
         with open(self.audit, "rb") as f:
@@ -143,14 +149,14 @@ class Fleet:
             self.proc.kill()
             self.proc.wait(10)
         for pid in self.workerPids():
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
         self.log.close()
 
 
-def load(port: int, threads: int, stop: threading.Event, perThread: int | None = None) -> Iterator[Any]:
+def load(
+    port: int, threads: int, stop: threading.Event, perThread: int | None = None
+) -> Iterator[Any]:
     """Start C{threads} clients; yields the per-thread results list (rid -> status) when done."""
     results: list[dict[int, int | str]] = [{} for _ in range(threads)]
 
@@ -226,7 +232,9 @@ class FleetTests(TestCase):
         fleet.waitFor(lambda: fleet.census() == (1, 2), "the worker replaced")
         counts = [len(r) for r in results]
         time.sleep(0.5)
-        self.assertTrue(all(len(r) > c for r, c in zip(results, counts)), "load stalled")
+        self.assertTrue(
+            all(len(r) > c for r, c in zip(results, counts, strict=False)), "load stalled"
+        )
         stop.set()
         next(gen)
         self.assertEqual(fleet.stop(), 0)

@@ -17,6 +17,7 @@ supervisor leaves it full are lines queued in the worker, and then sent in order
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -42,10 +43,8 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 def enlargePipe(fd: int) -> None:
     """Ask for a L{PIPE_SIZE} pipe (best effort: the system's limit may be lower)."""
-    try:
+    with contextlib.suppress(OSError):
         fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass
 
 
 def control(message: dict[str, Any]) -> bytes:

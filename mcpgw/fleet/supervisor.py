@@ -20,6 +20,7 @@ then. It binds the listening socket once and hands it to N worker processes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -31,6 +32,7 @@ import orjson
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -377,7 +379,9 @@ class WorkerPool(Service):
             [self._ask(w, "metrics", seq, message, METRICS_TIMEOUT) for w in workers],
             consumeErrors=True,
         )
-        out: list[Sample] = [(name, labels, value) for (name, labels), value in self.retired.items()]
+        out: list[Sample] = [
+            (name, labels, value) for (name, labels), value in self.retired.items()
+        ]
         for worker, (ok, answer) in zip(workers, answers, strict=True):
             if ok:
                 worker.samples = fromWire(answer.get("samples", ()))
@@ -407,11 +411,10 @@ def _items(d: dict[Any, float]) -> list[Sample]:
 
 
 def _signal(worker: WorkerProcess, sig: int) -> None:
-    try:
+    """Signal a worker, unless it has already exited."""
+    with contextlib.suppress(ProcessExitedAlready, OSError):
         if worker.transport is not None:
             worker.transport.signalProcess(sig)
-    except Exception:  # already gone
-        pass
 
 
 class SupervisorService(MultiService):

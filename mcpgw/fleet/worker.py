@@ -144,7 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mcpgw worker: no start message: {e}", file=sys.stderr)
         return 1
     index = int(start["index"])
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor
+
+    reactor: Any = _reactor
     from twisted.logger import globalLogBeginner
 
     from mcpgw.logging import jsonObserver
