@@ -356,6 +356,15 @@ class System:
     def cpu(self) -> float:
         return group_cpu_seconds(self.proc.pid)
 
+    def leaderCpu(self) -> float:
+        """The process's own CPU (with workers: the supervisor's, not its workers')."""
+        try:
+            rest = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        except OSError:
+            return 0.0
+        fields = rest[rest.rfind(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
 
 # ------------------------------------------------------------------------------------ measuring
 
@@ -395,17 +404,25 @@ def measure(s: System, rnd: int, a: argparse.Namespace, up_port: int) -> dict[st
         res["warmup_errors"] = w["errors"]
         res["warmup_first_bad"] = w["first_bad"]
         settle(w)
+    c0, l0 = s.cpu(), s.leaderCpu()
     seq = loadgen.seq_latency(
         s.url, n=a.n, warmup=a.seq_warmup, arg_bytes=a.arg_bytes, max_s=a.seq_max_s, **kw
     )
+    c1, l1 = s.cpu(), s.leaderCpu()
+    done = seq["n"] + seq["warmup"]
+    # CPU per request at one request at a time: the cost of the code path, with little of the
+    # contention for the two cores that a saturating wrk run adds
+    seq["cpu_us_per_req"] = (c1 - c0) * 1e6 / done if done else None
+    seq["leader_cpu_us_per_req"] = (l1 - l0) * 1e6 / done if done else None
     s.sent += seq["n"] + seq["warmup"]
     calls += seq["n"] + seq["warmup"]
     res["seq"] = seq
     for c in a.conc:
-        c0 = s.cpu()
+        c0, l0 = s.cpu(), s.leaderCpu()
         w = loadgen.run_wrk(s.url, c, a.duration, arg_bytes=a.arg_bytes, **kw)
-        c1 = s.cpu()
+        c1, l1 = s.cpu(), s.leaderCpu()
         w["cpu_us_per_req"] = (c1 - c0) * 1e6 / w["requests"] if w["requests"] else None
+        w["leader_cpu_us_per_req"] = (l1 - l0) * 1e6 / w["requests"] if w["requests"] else None
         s.sent += w["requests"]
         s.in_flight_slack += c
         calls += w["requests"]
@@ -566,10 +583,20 @@ def summarize(results: list[dict[str, Any]], names: list[str]) -> dict[str, Any]
                 "cpu_us_added": statistics.median(
                     two["cpu_us_per_req"] - one["cpu_us_per_req"] for one, two in pairs
                 ),
+                "supervisor_cpu_us": statistics.median(
+                    two["leader_cpu_us_per_req"] for _, two in pairs
+                ),
             }
-    p50 = [w2[k]["seq"]["p50_ms"] - m[k]["seq"]["p50_ms"] for k in sorted(set(w2) & set(m))]
+    both = sorted(set(w2) & set(m))
+    p50 = [w2[k]["seq"]["p50_ms"] - m[k]["seq"]["p50_ms"] for k in both]
     if p50:
         fleet["seq_p50_added_ms"] = statistics.median(p50)
+        fleet["seq_cpu_added_us"] = statistics.median(
+            w2[k]["seq"]["cpu_us_per_req"] - m[k]["seq"]["cpu_us_per_req"] for k in both
+        )
+        fleet["seq_supervisor_cpu_us"] = statistics.median(
+            w2[k]["seq"]["leader_cpu_us_per_req"] for k in both
+        )
     return {"systems": rows, "ratios": allRatios, "tracing": tracing, "fleet": fleet}
 
 
@@ -680,12 +707,17 @@ def render(
         parts = [
             f"C={c}: req/s ratio {x['rps_ratio']:.2f} (per round "
             f"{', '.join(f'{v:.2f}' for v in x['rps_ratio_per_round'])}), CPU "
-            f"{x['cpu_us_added']:+.1f} µs/req"
+            f"{x['cpu_us_added']:+.1f} µs/req (of which the supervisor "
+            f"{x['supervisor_cpu_us']:.1f})"
             for c, x in fleet.items()
-            if c != "seq_p50_added_ms"
+            if not c.startswith("seq_")
         ]
         if "seq_p50_added_ms" in fleet:
-            parts.append(f"sequential p50 {fleet['seq_p50_added_ms'] * 1000:+.0f} µs")
+            parts.append(
+                f"sequential (one call at a time): p50 {fleet['seq_p50_added_ms'] * 1000:+.0f} µs, "
+                f"CPU {fleet['seq_cpu_added_us']:+.1f} µs/req (of which the supervisor "
+                f"{fleet['seq_supervisor_cpu_us']:.1f})"
+            )
         o.append(
             "**Fleet** (mcpgw-w2, listen.workers: 2, against mcpgw in the same round; CPU of the "
             "supervisor and both workers): " + "; ".join(parts)

@@ -25,8 +25,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.trial.unittest import TestCase
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from mcpgw.fleet.supervisor import PREPARE_TIMEOUT, WorkerPool, WorkerProcess
 from tests.support import freePort
 
 
@@ -80,7 +82,7 @@ def total(samples: dict[Any, float], name: str, **labels: str) -> float:
 class Fleet:
     """A supervisor with two workers, its upstream, its config and its log."""
 
-    def __init__(self, test: TestCase, extra: str = "") -> None:
+    def __init__(self, test: TestCase, extra: str = "", twistd: bool = False) -> None:
         self.up = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
         self.up.daemon_threads = True
         threading.Thread(target=self.up.serve_forever, daemon=True).start()
@@ -91,8 +93,12 @@ class Fleet:
         self.port, self.admin = freePort(), freePort()
         self.write(extra)
         self.log = open(os.path.join(self.tmp, "log"), "w+")  # noqa: SIM115 (closed by kill)
+        command = [sys.executable, "-m", "mcpgw", "run", "--config", self.path]
+        if twistd:
+            twistdBin = os.path.join(os.path.dirname(sys.executable), "twistd")
+            command = [twistdBin, "-n", "--pidfile=", "mcpgw", "--config", self.path]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mcpgw", "run", "--config", self.path],
+            command,
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
@@ -275,10 +281,10 @@ class FleetTests(TestCase):
 
     def test_sigtermDrainsEveryWorker(self) -> None:
         """
-        SIGTERM while calls of 1 s are in flight on both workers: each completes with 200 and
-        its audit line, then every process exits.
+        SIGTERM to C{twistd -n mcpgw} while calls of 1 s are in flight on both workers: each
+        completes with 200 and its audit line, then every process exits.
         """
-        fleet = Fleet(self)
+        fleet = Fleet(self, twistd=True)
         pids = fleet.workerPids()
         statuses: list[int] = []
 
@@ -293,11 +299,15 @@ class FleetTests(TestCase):
         fleet.waitFor(
             lambda: total(metrics(fleet.admin), "mcpgw_requests_in_flight") == 6, "6 in flight"
         )
-        self.assertEqual(fleet.stop(), 0)
+        self.assertIn(fleet.stop(), (0, -signal.SIGTERM))  # twistd re-raises SIGTERM
         for t in ts:
             t.join(30)
         self.assertEqual(statuses, [200] * 6)
         self.assertEqual(len(fleet.auditLines()), 6)
+        draining = [
+            int(n) for n in re.findall(r"stopping: (\d+) requests in flight", fleet.output())
+        ]
+        self.assertEqual((len(draining), sum(draining)), (2, 6))  # each worker drained its own
         for pid in pids:
             self.assertFalse(os.path.exists(f"/proc/{pid}"), f"worker {pid} still running")
 
@@ -308,3 +318,62 @@ def _get(port: int, path: str) -> str:
             return str(r.read().decode())
     except urllib.error.HTTPError as e:
         return str(e.read().decode())
+
+
+class _FakeChildTransport:
+    """The process transport of a worker, recording what the supervisor sends it."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.pid = 1
+
+    def writeToChild(self, fd: int, data: bytes) -> None:
+        self.sent.extend(json.loads(line) for line in data.splitlines())
+
+    def signalProcess(self, sig: int) -> None:
+        pass
+
+
+class TwoStepReloadTests(SynchronousTestCase):
+    def pool(self) -> tuple[WorkerPool, list[WorkerProcess]]:
+        pool = WorkerPool(Clock(), "/x.yaml", "old", 1, 2, None, None)  # type: ignore[arg-type]
+        workers = []
+        for i in range(2):
+            w = WorkerProcess(pool, i)
+            w.makeConnection(_FakeChildTransport())  # type: ignore[arg-type]
+            w.serving = True
+            pool.workers[i] = w
+            workers.append(w)
+        return pool, workers
+
+    def test_oneWorkerRefusesNoneSwitches(self) -> None:
+        """A reload one worker cannot build is aborted in every worker; none commits."""
+        pool, (w0, w1) = self.pool()
+        d = pool.reload("new", 2)
+        self.assertEqual([m["op"] for m in w0.transport.sent], ["prepare"])  # type: ignore[union-attr]
+        pool.controlReceived(w0, {"op": "prepared", "number": 2, "ok": True})
+        pool.controlReceived(w1, {"op": "prepared", "number": 2, "ok": False, "error": "bad"})
+        self.assertIs(self.successResultOf(d), False)
+        for w in (w0, w1):
+            self.assertEqual([m["op"] for m in w.transport.sent], ["prepare", "abort"])  # type: ignore[union-attr]
+        self.assertEqual((pool.number, pool.text), (1, "old"))
+
+    def test_allPreparedAllCommit(self) -> None:
+        """When every worker prepared the new generation, every worker commits it."""
+        pool, (w0, w1) = self.pool()
+        d = pool.reload("new", 2)
+        for w in (w0, w1):
+            pool.controlReceived(w, {"op": "prepared", "number": 2, "ok": True})
+        self.assertIs(self.successResultOf(d), True)
+        for w in (w0, w1):
+            self.assertEqual([m["op"] for m in w.transport.sent], ["prepare", "commit"])  # type: ignore[union-attr]
+        self.assertEqual((pool.number, pool.text), (2, "new"))
+
+    def test_silentWorkerAbortsAll(self) -> None:
+        """A worker that does not answer in time aborts the reload for all."""
+        pool, (w0, _w1) = self.pool()
+        d = pool.reload("new", 2)
+        pool.controlReceived(w0, {"op": "prepared", "number": 2, "ok": True})
+        pool.reactor.advance(PREPARE_TIMEOUT + 1)
+        self.assertIs(self.successResultOf(d), False)
+        self.assertEqual(w0.transport.sent[-1]["op"], "abort")  # type: ignore[union-attr]

@@ -242,3 +242,30 @@ class FleetConfigTests(SynchronousTestCase):
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             self.assertEqual(configCheck(path), 0)
         self.assertNotIn("listen.workers", err.getvalue())
+
+
+class GrafanaDashboardTests(SynchronousTestCase):
+    def test_dashboardQueriesDeclaredMetrics(self) -> None:
+        """
+        etc/grafana-dashboard.json is a Grafana dashboard whose every query names metrics mcpgw
+        serves (a declared family with its sample suffix), and it shows every family.
+        """
+        import json
+        import re
+
+        path = os.path.join(os.path.dirname(__file__), "..", "etc", "grafana-dashboard.json")
+        with open(path) as f:
+            dashboard = json.load(f)
+        exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", ())]
+        exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+        self.assertGreater(len(exprs), 20)
+        used = set()
+        for expr in exprs:
+            for name in re.findall(r"\bmcpgw_[a-z_]+", expr):
+                family = familyOf(name)
+                kind = FAMILIES[family][0]
+                suffix = name[len(family) :]
+                allowed = {"counter": {"_total"}, "gauge": {""}, "histogram": {"_bucket"}}[kind]
+                self.assertIn(suffix, allowed, name)
+                used.add(family)
+        self.assertEqual(set(FAMILIES) - used, set())

@@ -37,7 +37,7 @@ from mcpgw.fleet.channel import (
 )
 from mcpgw.metrics import toWire
 
-log = Logger()
+log = Logger(namespace="mcpgw.fleet.worker")
 
 
 def parseConfig(message: dict[str, Any]) -> Any:
@@ -147,12 +147,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from twisted.internet import reactor as _reactor
 
     reactor: Any = _reactor
-    from twisted.logger import globalLogBeginner
+    from twisted.logger import FileLogObserver, globalLogBeginner
 
-    from mcpgw.logging import jsonObserver
+    from mcpgw.logging import formatJSON
     from mcpgw.tap import makeWorker
 
-    globalLogBeginner.beginLoggingTo([jsonObserver()], redirectStandardIO=False)
+    def formatWorker(event: dict[str, Any]) -> str:
+        # Each worker's log lines say which worker wrote them.
+        return formatJSON(event)[:-2] + f',"worker":{index}}}\n'
+
+    globalLogBeginner.beginLoggingTo(
+        [FileLogObserver(sys.stdout, formatWorker)], redirectStandardIO=False
+    )
     family = socket.socket(fileno=os.dup(LISTEN_FD))
     link = WorkerLink(reactor, index, family.family)
     family.close()
