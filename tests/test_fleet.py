@@ -350,12 +350,12 @@ class TwoStepReloadTests(SynchronousTestCase):
         """A reload one worker cannot build is aborted in every worker; none commits."""
         pool, (w0, w1) = self.pool()
         d = pool.reload("new", 2)
-        self.assertEqual([m["op"] for m in w0.transport.sent], ["prepare"])  # type: ignore[union-attr]
+        self.assertEqual([m["op"] for m in w0.transport.sent], ["prepare"])
         pool.controlReceived(w0, {"op": "prepared", "number": 2, "ok": True})
         pool.controlReceived(w1, {"op": "prepared", "number": 2, "ok": False, "error": "bad"})
         self.assertIs(self.successResultOf(d), False)
         for w in (w0, w1):
-            self.assertEqual([m["op"] for m in w.transport.sent], ["prepare", "abort"])  # type: ignore[union-attr]
+            self.assertEqual([m["op"] for m in w.transport.sent], ["prepare", "abort"])
         self.assertEqual((pool.number, pool.text), (1, "old"))
 
     def test_allPreparedAllCommit(self) -> None:
@@ -366,7 +366,7 @@ class TwoStepReloadTests(SynchronousTestCase):
             pool.controlReceived(w, {"op": "prepared", "number": 2, "ok": True})
         self.assertIs(self.successResultOf(d), True)
         for w in (w0, w1):
-            self.assertEqual([m["op"] for m in w.transport.sent], ["prepare", "commit"])  # type: ignore[union-attr]
+            self.assertEqual([m["op"] for m in w.transport.sent], ["prepare", "commit"])
         self.assertEqual((pool.number, pool.text), (2, "new"))
 
     def test_silentWorkerAbortsAll(self) -> None:
@@ -376,4 +376,4 @@ class TwoStepReloadTests(SynchronousTestCase):
         pool.controlReceived(w0, {"op": "prepared", "number": 2, "ok": True})
         pool.reactor.advance(PREPARE_TIMEOUT + 1)
         self.assertIs(self.successResultOf(d), False)
-        self.assertEqual(w0.transport.sent[-1]["op"], "abort")  # type: ignore[union-attr]
+        self.assertEqual(w0.transport.sent[-1]["op"], "abort")
