@@ -340,7 +340,7 @@ class TwoStepReloadTests(SynchronousTestCase):
         workers = []
         for i in range(2):
             w = WorkerProcess(pool, i)
-            w.makeConnection(_FakeChildTransport())  # type: ignore[arg-type]
+            w.makeConnection(_FakeChildTransport())
             w.serving = True
             pool.workers[i] = w
             workers.append(w)
