@@ -1,7 +1,8 @@
 # mcpgw developer commands. Everything installs itself on first use into .venv/.
 #   make run     start the demo MCP server and the gateway in front of it (Ctrl-C stops both)
 #   make test    lint (ruff), types (mypy) and the whole test suite (pytest)
-#   make bench   added latency and throughput vs direct and the reference proxy; policy and edge cost
+#   make bench   added latency and throughput vs direct and the reference proxy; policy, edge and
+#                workers (listen.workers) cost
 #   make wheelhouse  dist/wheelhouse: every wheel, for pip install --no-index --find-links
 #   make rpm     dist/mcpgw-VERSION-1.ARCH.rpm (rpmbuild; Debian: apt-get install rpm)
 #   make conformance-deps  the MCP conformance suite and Node 22 (npm ci into .cache/conformance/)
@@ -54,6 +55,7 @@ bench: $(STAMP)
 	$(PY) bench/run.py --systems direct,mcpgw --rounds 2 --policy-rules 1000
 	$(PY) bench/policy_bench.py
 	$(PY) bench/edge_bench.py
+	$(PY) bench/fleet_bench.py
 
 wheelhouse: $(STAMP)
 	PYTHON=$(PY) packaging/build-wheelhouse dist/wheelhouse
