@@ -192,16 +192,21 @@ class WorkerPool(Service):
         text: str,
         number: int,
         count: int,
-        sock: socket.socket,
+        bind: Callable[[], socket.socket],
         audit: Any,
         argv: list[str] | None = None,
     ) -> None:
+        """
+        @param bind: returns the listening socket (called at start, so that a port in use fails
+            the start as it does without workers).
+        """
         self.reactor = reactor
         self.path = path
         self.text = text
         self.number = number
         self.count = count
-        self.socket = sock
+        self._bind = bind
+        self.socket: Any = None
         self.audit = audit
         self.argv = argv or [sys.executable, "-m", "mcpgw.fleet.worker"]
         self.workers: dict[int, WorkerProcess] = {}
@@ -218,6 +223,7 @@ class WorkerPool(Service):
     # -- lifecycle ---------------------------------------------------------------------------
 
     def startService(self) -> None:
+        self.socket = self._bind()
         super().startService()
         self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         for index in range(self.count):
@@ -323,7 +329,8 @@ class WorkerPool(Service):
             self._ended[index] = d
             waits.append(d)
             _signal(worker, signal.SIGTERM)
-        self.socket.close()  # the workers hold their own copies until they stop listening
+        if self.socket is not None:
+            self.socket.close()  # the workers hold their own copies until they stop listening
         if waits:
             try:
                 yield defer.gatherResults(waits).addTimeout(STOP_GRACE, self.reactor)
@@ -468,6 +475,8 @@ class SupervisorService(MultiService):
         self.pool = pool
         self.reloader = reloader
         self._read = readReload
+        #: The admin listener's readiness (set by L{buildSupervisor}).
+        self.readiness: Any = None
         self._previousHup: Any = None
         self._reloading = False
         self._again = False
@@ -512,6 +521,8 @@ class SupervisorService(MultiService):
     @inlineCallbacks
     def stopService(self) -> Generator[Deferred[Any], Any, None]:
         Service.stopService(self)
+        if self.readiness is not None:
+            self.readiness.draining = True  # the admin /readyz says so while the workers drain
         if self._previousHup is not None:
             signal.signal(signal.SIGHUP, self._previousHup)
             self._previousHup = None
@@ -549,7 +560,7 @@ def buildSupervisor(reactor: Any, path: str, config: Config, state: Any) -> Supe
     shipping.setName("shipping")
     license = LicenseService(reactor, state)
     pool = WorkerPool(
-        reactor, path, text, 1, config.listen.workerCount, bindListener(config), audit
+        reactor, path, text, 1, config.listen.workerCount, lambda: bindListener(config), audit
     )
 
     def read() -> tuple[str, Config] | None:
@@ -594,7 +605,7 @@ def buildSupervisor(reactor: Any, path: str, config: Config, state: Any) -> Supe
 
         resource = AdminResource(metrics, readiness, lambda: holder[0])
         children.append(AdminService(reactor, config.listen.admin, resource))
-    root.readiness = readiness  # type: ignore[attr-defined]
+    root.readiness = readiness
     for child in children:
         child.setServiceParent(root)
     return root
