@@ -157,8 +157,7 @@ class Reloader(Service):
             return
         self._reloading = True
         try:
-            for reopen in self._reopeners:
-                reopen()
+            self.reopen()
             config = self.read()
             new = self.prepare(config) if config is not None else None
             if new is not None:
@@ -168,6 +167,16 @@ class Reloader(Service):
             if self._reloadAgain:
                 self._reloadAgain = False
                 self.reactor.callLater(0, self.reload)
+
+    @property
+    def current(self) -> Generation:
+        """The current generation."""
+        return self._current()
+
+    def reopen(self) -> None:
+        """Call every L{onReopen} listener (the audit file, after logrotate)."""
+        for reopen in self._reopeners:
+            reopen()
 
     def read(self) -> Config | None:
         """The config file, or C{None} after logging why it is rejected."""

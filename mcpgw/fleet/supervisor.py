@@ -483,7 +483,7 @@ class SupervisorService(MultiService):
 
     @property
     def generation(self) -> Any:
-        return self.reloader._current()
+        return self.reloader.current
 
     def startService(self) -> None:
         super().startService()
@@ -500,8 +500,7 @@ class SupervisorService(MultiService):
             return
         self._reloading = True
         try:
-            for reopen in self.reloader._reopeners:
-                reopen()
+            self.reloader.reopen()
             read = self._read()
             if read is not None:
                 text, config = read
