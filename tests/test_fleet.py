@@ -33,14 +33,14 @@ from tests.support import freePort
 
 
 class _Echo(BaseHTTPRequestHandler):
-    """An MCP-ish upstream: answers every call with its id; C{slow_*} tools take 1 s."""
+    """An MCP-ish upstream: answers every call with its id; C{slow_*} tools take 3 s."""
 
     protocol_version = "HTTP/1.1"
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if str(body.get("params", {}).get("name", "")).startswith("slow_"):
-            time.sleep(1.0)
+            time.sleep(3.0)
         out = json.dumps({"jsonrpc": "2.0", "id": body.get("id"), "result": {}}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -281,7 +281,7 @@ class FleetTests(TestCase):
 
     def test_sigtermDrainsEveryWorker(self) -> None:
         """
-        SIGTERM to C{twistd -n mcpgw} while calls of 1 s are in flight on both workers: each
+        SIGTERM to C{twistd -n mcpgw} while calls of 3 s are in flight on both workers: each
         completes with 200 and its audit line, then every process exits.
         """
         fleet = Fleet(self, twistd=True)
