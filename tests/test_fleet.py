@@ -377,3 +377,26 @@ class TwoStepReloadTests(SynchronousTestCase):
         pool.reactor.advance(PREPARE_TIMEOUT + 1)
         self.assertIs(self.successResultOf(d), False)
         self.assertEqual(w0.transport.sent[-1]["op"], "abort")
+
+
+class HandoverTests(SynchronousTestCase):
+    def test_wholeLinesOnlyTornTailDropped(self) -> None:
+        """
+        The supervisor writes every whole line a worker handed over, however the pipe splits
+        them, and drops (and counts) the unfinished tail of a worker that died mid-line.
+        """
+        written: list[dict[str, Any]] = []
+
+        class Audit:
+            def write(self, record: dict[str, Any]) -> None:
+                written.append(record)
+
+        pool = WorkerPool(Clock(), "/x.yaml", "", 1, 2, None, Audit())  # type: ignore[arg-type]
+        w = WorkerProcess(pool, 0)
+        data = b'{"n":1}\n{"n":2}\n!{"op":"ready","number":1}\n{"n":3}\n{"n":'
+        for i in range(0, len(data), 5):  # arbitrary splits
+            w._lines(data[i : i + 5])
+        self.assertEqual(written, [{"n": 1}, {"n": 2}, {"n": 3}])
+        self.assertTrue(w.serving)
+        w.childConnectionLost(4)
+        self.assertEqual((len(written), pool.tornLines), (3, 1))

@@ -145,16 +145,16 @@ class WorkerProcess(ProcessProtocol):
         *lines, self._buffer = (self._buffer + data).split(b"\n")
         audit = self.supervisor.audit
         for line in lines:
-            if line[:1] == b"{":
-                try:
-                    record = orjson.loads(line)
-                except ValueError:
-                    log.error("worker {i}: unreadable audit line dropped", i=self.index)
-                    self.supervisor.tornLines += 1
-                    continue
-                audit.write(record)
-            elif line[:1] == b"!":
-                self.supervisor.controlReceived(self, orjson.loads(line[1:]))
+            try:
+                if line[:1] == b"{":
+                    audit.write(orjson.loads(line))
+                elif line[:1] == b"!":
+                    self.supervisor.controlReceived(self, orjson.loads(line[1:]))
+            except ValueError:
+                log.error("worker {i}: unreadable line dropped", i=self.index)
+                self.supervisor.tornLines += 1
+            except Exception:
+                log.failure("worker {i}: a line could not be handled", i=self.index)
 
     def childConnectionLost(self, childFD: int) -> None:
         if childFD == TO_SUPERVISOR_FD and self._buffer:
