@@ -61,9 +61,12 @@ RESTART_MIN, RESTART_MAX, YOUNG = 0.1, 30.0, 10.0
 #: Listen backlog.
 BACKLOG = 1024
 #: Seconds between two reads of a worker's pipe while lines keep coming, and the most read at
-#: once: lines reach the audit file at most this late, and a busy supervisor wakes up once per
-#: pause instead of once per line.
-READ_PAUSE, READ_SIZE = 0.002, 1024 * 1024
+#: once: lines reach the audit file at most this late (the client has its answer already), and a
+#: busy supervisor wakes up once per pause instead of once per line (measured under wrk at C=32:
+#: 15 µs of supervisor CPU per request at 10 ms, 28-45 at 2 ms). A metrics or reload answer comes
+#: through the same pipe after the lines sent before it, so /metrics counts every request answered
+#: before the scrape.
+READ_PAUSE, READ_SIZE = 0.01, 1024 * 1024
 
 
 def bindListener(config: Config) -> socket.socket:
