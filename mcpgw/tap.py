@@ -99,7 +99,7 @@ def _makeGateway(
     from mcpgw.health import Readiness
     from mcpgw.metrics import HostMetrics, MeteredAuditLog, ProcessMetrics, RequestMetrics
     from mcpgw.proxy.gateway import Gateway
-    from mcpgw.proxy.server import GatewaySite
+    from mcpgw.proxy.server import AuditFirstChannel, GatewaySite
     from mcpgw.service import (
         CLIENT_IDLE_TIMEOUT,
         AuditService,
@@ -131,6 +131,9 @@ def _makeGateway(
     generation = buildGeneration(reactor, config, number, authPool=pool)
     gateway = Gateway(reactor, generation, audit, readiness)
     site = GatewaySite(gateway, reactor, CLIENT_IDLE_TIMEOUT)
+    if worker is not None:
+        # The audit line before the answer (see AuditFirstChannel).
+        site.protocol = AuditFirstChannel
     telemetry = Telemetry(reactor, gateway, config.telemetry)
     tls = gateway.generation.tls
     tlsCreator = SwappableServerTLS(tls) if tls is not None else None

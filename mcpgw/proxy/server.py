@@ -220,6 +220,26 @@ class GatewayRequest(server.Request):
             exchange.clientGone()
 
 
+class AuditFirstChannel(GatewayChannel):
+    """
+    The channel of a worker (C{listen.workers} above 1): response bytes are queued on the
+    transport, never sent at once, so they leave in a later reactor turn than the one that ends
+    the request, in which the worker hands the audit line to the supervisor. A client that has
+    its whole answer therefore has its audit line in the supervisor's pipe, where the worker's
+    death (SIGKILL) cannot lose it. Costs the eager write's saving (about 10 µs and 0.02-0.04 ms
+    per request, L{mcpgw.proxy.eager}).
+    """
+
+    def write(self, data: bytes) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            data = head + data
+        transport = self.transport
+        if data and transport is not None:
+            transport.write(data)
+
+
 class GatewaySite(server.Site):
     """A C{Site} whose requests go straight to the L{Gateway} (no resource tree)."""
 
