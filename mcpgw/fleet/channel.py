@@ -8,8 +8,9 @@ so the line starts with C{{}) and control messages as C{!} followed by a JSON ob
 supervisor sends JSON objects. Audit lines never contain a newline (JSON escapes it).
 
 B{Before the client is answered.} L{PipeWriter.send} writes at once with one C{os.write} when
-nothing is queued, in the reactor turn that finishes the request: the client's answer is only
-queued on its socket in that turn and sent in a later one, so once a client has its answer the
+nothing is queued, in the reactor turn that finishes the request: a worker's response bytes are
+only queued on the socket in that turn (L{mcpgw.proxy.server.AuditFirstChannel}) and sent in a
+later one, so once a client has its answer the
 line is in the pipe, where the worker's death cannot lose it (the supervisor reads the pipe to
 its end). The pipe holds L{PIPE_SIZE} bytes (thousands of lines); only while a stalled
 supervisor leaves it full are lines queued in the worker, and then sent in order.
