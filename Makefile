@@ -2,7 +2,7 @@
 #   make run     start the demo MCP server and the gateway in front of it (Ctrl-C stops both)
 #   make test    lint (ruff), types (mypy) and the whole test suite (pytest)
 #   make bench   added latency and throughput vs direct and the reference proxy; policy, edge,
-#                pinning, OAuth token, audit chain and Redis cost
+#                pinning, OAuth token, audit chain, Redis and workers cost
 #   make wheelhouse  dist/wheelhouse: every wheel, for pip install --no-index --find-links
 #   make rpm     dist/mcpgw-VERSION-1.ARCH.rpm (rpmbuild; Debian: apt-get install rpm)
 #   make conformance-deps  the MCP conformance suite and Node 22 (npm ci into .cache/conformance/)
@@ -74,6 +74,7 @@ bench: $(STAMP)
 	$(PY) bench/oauth_bench.py
 	$(PY) bench/audit_bench.py
 	$(PY) bench/redis_bench.py
+	$(PY) bench/fleet_bench.py
 
 wheelhouse: $(STAMP)
 	PYTHON=$(PY) packaging/build-wheelhouse dist/wheelhouse

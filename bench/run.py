@@ -15,6 +15,8 @@ Starts (each in its own process group, all stopped at the end, also on Ctrl-C or
                  clients), the deciding one conditional on the key, audit line on: the issue #12 bar
   mcpgw-otel     the same with span export on (telemetry.otlp_endpoint = a local OTLP sink,
                  bench/telemetry_bench.py --receiver, in its own process)
+  mcpgw-w2       the mcpgw system with listen.workers: 2 (a supervisor and two workers; CPU is
+                 the whole process group's); the report's Fleet line compares it with mcpgw
 
 Then, round by round (system order reversed every round), for each system: an MCP handshake,
 1 s of wrk warmup, the sequential test (loadgen.seq_latency: tools/call echo with ~1 KB of
@@ -61,6 +63,7 @@ SYSTEMS = (
     "mcpgw-oauth",
     "mcpgw-otel",
     "mcpgw-full",
+    "mcpgw-w2",
 )
 STANDIN = "twisted-proxy"
 #: The issue's bar: mcpgw added p50 / stand-in added p50 <= 0.5; mcpgw / stand-in req/s at C=32 >= 2.
@@ -385,6 +388,15 @@ class System:
     def cpu(self) -> float:
         return group_cpu_seconds(self.proc.pid)
 
+    def leaderCpu(self) -> float:
+        """The process's own CPU (with workers: the supervisor's, not its workers')."""
+        try:
+            rest = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        except OSError:
+            return 0.0
+        fields = rest[rest.rfind(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
 
 # ------------------------------------------------------------------------------------ measuring
 
@@ -424,17 +436,25 @@ def measure(s: System, rnd: int, a: argparse.Namespace, up_port: int) -> dict[st
         res["warmup_errors"] = w["errors"]
         res["warmup_first_bad"] = w["first_bad"]
         settle(w)
+    c0, l0 = s.cpu(), s.leaderCpu()
     seq = loadgen.seq_latency(
         s.url, n=a.n, warmup=a.seq_warmup, arg_bytes=a.arg_bytes, max_s=a.seq_max_s, **kw
     )
+    c1, l1 = s.cpu(), s.leaderCpu()
+    done = seq["n"] + seq["warmup"]
+    # CPU per request at one request at a time: the cost of the code path, with little of the
+    # contention for the two cores that a saturating wrk run adds
+    seq["cpu_us_per_req"] = (c1 - c0) * 1e6 / done if done else None
+    seq["leader_cpu_us_per_req"] = (l1 - l0) * 1e6 / done if done else None
     s.sent += seq["n"] + seq["warmup"]
     calls += seq["n"] + seq["warmup"]
     res["seq"] = seq
     for c in a.conc:
-        c0 = s.cpu()
+        c0, l0 = s.cpu(), s.leaderCpu()
         w = loadgen.run_wrk(s.url, c, a.duration, arg_bytes=a.arg_bytes, **kw)
-        c1 = s.cpu()
+        c1, l1 = s.cpu(), s.leaderCpu()
         w["cpu_us_per_req"] = (c1 - c0) * 1e6 / w["requests"] if w["requests"] else None
+        w["leader_cpu_us_per_req"] = (l1 - l0) * 1e6 / w["requests"] if w["requests"] else None
         s.sent += w["requests"]
         s.in_flight_slack += c
         calls += w["requests"]
@@ -582,7 +602,34 @@ def summarize(results: list[dict[str, Any]], names: list[str]) -> dict[str, Any]
                 }
         if ratios["per_round"]:
             allRatios[name] = ratios
-    return {"systems": rows, "ratios": allRatios, "tracing": tracing}
+    # listen.workers: 2 against 1 (the mcpgw system), within each round
+    w2 = by.get("mcpgw-w2", {})
+    fleet: dict[str, Any] = {}
+    for c in ("8", "32"):
+        pairs = [(m[k]["wrk"].get(c), w2[k]["wrk"].get(c)) for k in sorted(set(w2) & set(m))]
+        pairs = [(one, two) for one, two in pairs if one and two and one["rps"]]
+        if pairs:
+            fleet[c] = {
+                "rps_ratio": statistics.median(two["rps"] / one["rps"] for one, two in pairs),
+                "rps_ratio_per_round": [two["rps"] / one["rps"] for one, two in pairs],
+                "cpu_us_added": statistics.median(
+                    two["cpu_us_per_req"] - one["cpu_us_per_req"] for one, two in pairs
+                ),
+                "supervisor_cpu_us": statistics.median(
+                    two["leader_cpu_us_per_req"] for _, two in pairs
+                ),
+            }
+    both = sorted(set(w2) & set(m))
+    p50 = [w2[k]["seq"]["p50_ms"] - m[k]["seq"]["p50_ms"] for k in both]
+    if p50:
+        fleet["seq_p50_added_ms"] = statistics.median(p50)
+        fleet["seq_cpu_added_us"] = statistics.median(
+            w2[k]["seq"]["cpu_us_per_req"] - m[k]["seq"]["cpu_us_per_req"] for k in both
+        )
+        fleet["seq_supervisor_cpu_us"] = statistics.median(
+            w2[k]["seq"]["leader_cpu_us_per_req"] for k in both
+        )
+    return {"systems": rows, "ratios": allRatios, "tracing": tracing, "fleet": fleet}
 
 
 def render(
@@ -686,6 +733,27 @@ def render(
                 f"POSTs, for {sink.get('sent', '?')} requests sent to mcpgw-otel (plus those in "
                 "flight when wrk stopped)."
             )
+        o.append("")
+    fleet = summary.get("fleet")
+    if fleet:
+        parts = [
+            f"C={c}: req/s ratio {x['rps_ratio']:.2f} (per round "
+            f"{', '.join(f'{v:.2f}' for v in x['rps_ratio_per_round'])}), CPU "
+            f"{x['cpu_us_added']:+.1f} µs/req (of which the supervisor "
+            f"{x['supervisor_cpu_us']:.1f})"
+            for c, x in fleet.items()
+            if not c.startswith("seq_")
+        ]
+        if "seq_p50_added_ms" in fleet:
+            parts.append(
+                f"sequential (one call at a time): p50 {fleet['seq_p50_added_ms'] * 1000:+.0f} µs, "
+                f"CPU {fleet['seq_cpu_added_us']:+.1f} µs/req (of which the supervisor "
+                f"{fleet['seq_supervisor_cpu_us']:.1f})"
+            )
+        o.append(
+            "**Fleet** (mcpgw-w2, listen.workers: 2, against mcpgw in the same round; CPU of the "
+            "supervisor and both workers): " + "; ".join(parts)
+        )
         o.append("")
     if audit is not None:
         o.append("**Audit file check** (mcpgw, read after it stopped):")
@@ -895,14 +963,15 @@ def main() -> int:
             extra_yaml: str,
             headers: tuple[tuple[str, str], ...] = (),
             rules: bool = True,
+            listen: str = "",
         ) -> None:
             """A variant of the mcpgw system: its own port, audit file and extra config."""
             port = free_port()
             cfg = tmp / f"{name}.yaml"
             cfg.write_text(
-                MCPGW_CONFIG.format(port=port, upstream=up_url, tmp=tmp).replace(
-                    "audit.jsonl", f"audit-{name}.jsonl"
-                )
+                MCPGW_CONFIG.format(port=port, upstream=up_url, tmp=tmp)
+                .replace("audit.jsonl", f"audit-{name}.jsonl")
+                .replace(f"port: {port}}}", f"port: {port}{listen}}}")
                 + (policy_yaml(a.policy_rules) if rules else "")
                 + extra_yaml
             )
@@ -948,6 +1017,9 @@ def main() -> int:
                 "mcpgw-otel",
                 f"telemetry: {{otlp_endpoint: 'http://127.0.0.1:{sink_port}/v1/traces'}}\n",
             )
+        if "mcpgw-w2" in names:
+            # the mcpgw system with a supervisor and two workers
+            spawn_mcpgw("mcpgw-w2", "", listen=", workers: 2")
         for n, s in systems.items():
             if n == "direct":
                 continue

@@ -147,6 +147,21 @@ def _verifyAll(hashes: tuple[tuple[str, str], ...], presented: bytes) -> str | N
     return None
 
 
+@attr.s(slots=True, auto_attribs=True)
+class AuthStats:
+    """
+    API key checks since the start (kept across reloads, for the metrics).
+
+    @ivar hits: answered from the verification cache.
+    @ivar misses: sent to Argon2.
+    @ivar throttled: refused with 429 before any Argon2 work.
+    """
+
+    hits: int = 0
+    misses: int = 0
+    throttled: int = 0
+
+
 @implementer(IAuthenticator)
 class Authenticator:
     """
@@ -169,6 +184,7 @@ class Authenticator:
         throttle: IBuckets | None = None,
         paths: tuple[str, ...] = (),
         previous: Authenticator | None = None,
+        stats: AuthStats | None = None,
     ) -> None:
         """
         @param paths: the upstreams' gateway paths (each a protected resource with C{auth.oauth}).
@@ -176,6 +192,7 @@ class Authenticator:
             URLs that did not change are kept (a reload does not refetch them).
         """
         self._reactor = reactor
+        self.stats = stats if stats is not None else AuthStats()
         self._hashes = tuple((k.id, k.hash) for k in auth.keys)
         self.oauth: TokenVerifier | None = None
         self.documents: dict[bytes, bytes] = {}
@@ -266,6 +283,7 @@ class Authenticator:
         entry = self._cache.get(digest)
         if entry is not None and entry[1] > now:
             self._cache.move_to_end(digest)
+            self.stats.hits += 1
             return self._result(entry[0], certIdentity, path)
         pending = self._pending.get(digest)
         if pending is None:
@@ -289,12 +307,14 @@ class Authenticator:
         pending = self._pending.get(digest)  # another request may have started it meanwhile
         if pending is None:
             if wait is not None or len(self._pending) >= MAX_PENDING:
+                self.stats.throttled += 1
                 raise RateLimited(
                     "too many API key verifications; retry later",
                     retryAfter=1 if wait is None else max(1, math.ceil(wait)),
                     scope="auth",
                 )
             pending = self._verify(digest, presented)
+        self.stats.misses += 1
         d: Deferred[str | None] = Deferred()
         pending.addCallback(_fanOut, d)
         return d.addCallback(self._result, certIdentity, path)

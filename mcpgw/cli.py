@@ -242,13 +242,14 @@ def policyWarnings(path: str, config: Config) -> list[str]:
     return [text for _, _, text in sorted(found)]
 
 
-def stateWarnings(config: Any) -> list[str]:
+def stateWarnings(config: Any, path: str | None = None) -> list[str]:
     """
     Warnings about where limits live: with several workers (C{listen.workers} other than 1) and
-    C{state.backend: memory}, every worker keeps its own buckets, so the host allows the
-    configured rates once per worker.
+    C{state.backend: memory}, every worker keeps its own rate-limit buckets, input limit and
+    brute-force throttle, so the host allows the configured rates once per worker.
     """
-    workers = getattr(config.listen, "workers", 1)
+    listen = config.listen
+    workers = getattr(listen, "workers", 1)
     if workers == 1 or config.state.backend != "memory":
         return []
     limited = [
@@ -260,11 +261,13 @@ def stateWarnings(config: Any) -> list[str]:
         )
         if present
     ]
-    if not limited:
-        return []
+    which = ", ".join(limited) or "rate-limit buckets, the input limit and the auth throttle"
+    count = f"auto ({listen.workerCount} here)" if workers == "auto" else workers
+    line = _Lines(path).of("listen", "workers") if path is not None else None
+    where = f" (line {line})" if line is not None else ""
     return [
-        f"state.backend: memory with listen.workers {workers}: {', '.join(limited)} are per "
-        "worker (each worker allows the configured rates); use state.backend: redis to share them"
+        f"state.backend: memory with listen.workers {count}: {which} are per worker (each "
+        f"worker allows the configured rates){where}; use state.backend: redis to share them"
     ]
 
 
@@ -288,7 +291,7 @@ def configCheck(path: str) -> int:
     if loaded is None:
         return 1
     config, state = loaded
-    for warning in policyWarnings(path, config) + stateWarnings(config):
+    for warning in policyWarnings(path, config) + stateWarnings(config, path):
         print(f"{path}: warning: {warning}", file=sys.stderr)
     for level, text in state.messages(time.time()):
         if level == "warn":

@@ -62,6 +62,7 @@ __all__ = [
     "POLICY_METHODS",
     "RATE_LIMIT_PER",
     "APIKey",
+    "AdminConfig",
     "AuditConfig",
     "AuthConfig",
     "BatchConfig",
@@ -187,6 +188,26 @@ class ListenConfig:
     reuse_port: bool = False
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
+    workers: int | str = 1
+    admin: AdminConfig | None = None
+
+    @property
+    def workerCount(self) -> int:
+        """C{workers} as a number: C{auto} is one per CPU this process may run on."""
+        if isinstance(self.workers, int):
+            return self.workers
+        return max(1, len(os.sched_getaffinity(0)))
+
+
+@attr.frozen
+class AdminConfig:
+    """
+    C{listen.admin}: the admin listener (C{/metrics}, C{/healthz}, C{/readyz}); never the MCP
+    listener's port.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 9464
 
 
 @attr.frozen
@@ -1315,7 +1336,40 @@ def _parse_listen(w: _Walker, m: _Map | None) -> ListenConfig:
         reuse_port=m.bool_or("reuse_port", False),
         allowed_hosts=m.strings("allowed_hosts", check=_check_host),
         allowed_origins=m.strings("allowed_origins", check=_check_origin),
+        workers=_workers(w, m),
+        admin=_parse_admin(w, m),
     )
+
+
+#: Most worker processes C{listen.workers} may ask for.
+MAX_WORKERS = 256
+
+
+def _workers(w: _Walker, m: _Map) -> int | str:
+    """C{listen.workers}: an integer from 1 to L{MAX_WORKERS}, or C{auto}."""
+    node = m.get("workers")
+    if node is None:
+        return 1
+    if isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:str":
+        if node.value == "auto":
+            return "auto"
+        w.report(m.at("workers"), f"must be an integer or auto, got {node.value!r}", node)
+        return 1
+    return m.int_or("workers", 1, 1, MAX_WORKERS)
+
+
+def _parse_admin(w: _Walker, listen: _Map) -> AdminConfig | None:
+    m = listen.section("admin", attr.fields_dict(AdminConfig))
+    if m is None:
+        return None
+    admin = AdminConfig(host=m.str_or("host", "127.0.0.1"), port=m.int_or("port", 9464, 0, 65535))
+    host = listen.entries.get("host")
+    port = listen.entries.get("port")
+    mcpHost = host[1].value if host is not None else "127.0.0.1"
+    mcpPort = port[1].value if port is not None else "8080"
+    if admin.port != 0 and (admin.host, str(admin.port)) == (mcpHost, str(mcpPort)):
+        w.report(m.at("port"), "must differ from listen.port (the MCP listener's)", m.node)
+    return admin
 
 
 def _check_host(host: str) -> str | None:

@@ -277,6 +277,7 @@ def buildGeneration(
             throttle,
             paths=tuple(u.path for u in config.upstreams),
             previous=previous.auth if previous is not None else None,
+            stats=previous.auth.stats if previous is not None else None,
         ),
         inputLimit=_inputLimit(config, previous, state),
         tls=tls,

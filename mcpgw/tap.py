@@ -60,10 +60,12 @@ class Options(usage.Options):
             raise usage.UsageError(f"invalid configuration {self['config']}:\n{e}") from None
 
 
-def makeService(options: Options | dict[str, Any], reactor: Any = None) -> GatewayService:
+def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Any:
     """
     Build the gateway: every service it runs, each handed what it needs (the only place that
-    wires them together).
+    wires them together). With C{listen.workers} above 1, the supervisor of
+    L{mcpgw.fleet.supervisor} (which starts the workers, each built by L{makeWorker}); else the
+    gateway itself, in this process (L{mcpgw.service.GatewayService}).
 
     @param options: L{Options} (or a dict with C{config}, the config file's path or C{None} for
         a config that is not reloaded, and optionally C{loaded}, the parsed
@@ -74,14 +76,56 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Gatew
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
+    path: str | None = options.get("config")
+    config = options.get("loaded")
+    if config is None:
+        assert path is not None, "makeService needs a config file or a parsed config"
+        config = load_config(path)
+    state = options.get("license") or licenseState(config)
+    if config.listen.workerCount > 1:
+        assert path is not None, "workers re-read the config file: it needs a path"
+        return makeSupervisor(reactor, path, config, state)
+    return _makeGateway(reactor, path, config, state)
+
+
+def makeAuditWriter(reactor: Any, config: Config) -> Any:
+    """The host's one audit file writer (C{audit.path}, C{fsync}, C{integrity})."""
     from mcpgw.audit.chain import loadSigningKey
-    from mcpgw.audit.shipper import ShippingService, WriterSource
     from mcpgw.audit.writer import AuditWriter
+
+    integrity = config.audit.integrity
+    return AuditWriter(
+        reactor,
+        config.audit.path,
+        config.audit.fsync,
+        chain=integrity.chain,
+        signingKey=loadSigningKey(integrity.signing_key) if integrity.signing_key else None,
+        checkpointLines=integrity.checkpoint.lines,
+        checkpointSeconds=integrity.checkpoint.seconds,
+    )
+
+
+def _makeGateway(
+    reactor: Any,
+    path: str | None,
+    config: Config,
+    state: LicenseState | None,
+    worker: Any = None,
+    number: int = 1,
+) -> GatewayService:
+    """
+    The gateway: the whole host (C{worker} is C{None}), or one worker serving the supervisor's
+    listening socket and handing its audit lines to it (C{worker}: a
+    L{mcpgw.fleet.worker.WorkerLink}); a worker has no audit file, sinks, license or admin
+    listener of its own: the supervisor runs them once for the host.
+    """
+    from mcpgw.audit.shipper import ShippingService, WriterSource
     from mcpgw.generation import buildGeneration
     from mcpgw.health import Readiness
+    from mcpgw.metrics import HostMetrics, MeteredAuditLog, ProcessMetrics, RequestMetrics
     from mcpgw.pinning import PinningService
     from mcpgw.proxy.gateway import Gateway
-    from mcpgw.proxy.server import GatewaySite
+    from mcpgw.proxy.server import AuditFirstChannel, GatewaySite
     from mcpgw.service import (
         CLIENT_IDLE_TIMEOUT,
         AuditService,
@@ -94,75 +138,114 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Gatew
     from mcpgw.telemetry import Telemetry
     from mcpgw.tls import SwappableServerTLS
 
-    path: str | None = options.get("config")
-    config = options.get("loaded")
-    if config is None:
-        assert path is not None, "makeService needs a config file or a parsed config"
-        config = load_config(path)
-    state = options.get("license") or licenseState(config)
-
     stateBackend = makeState(reactor, config)
-    integrity = config.audit.integrity
-    writer = AuditWriter(
-        reactor,
-        config.audit.path,
-        config.audit.fsync,
-        chain=integrity.chain,
-        signingKey=loadSigningKey(integrity.signing_key) if integrity.signing_key else None,
-        checkpointLines=integrity.checkpoint.lines,
-        checkpointSeconds=integrity.checkpoint.seconds,
-    )
-    audit = AuditService(writer)
     pool = argon2Pool()
     readiness = Readiness(reactor)
-    shipping = ShippingService(reactor, config.audit, WriterSource(writer))
-    shipping.setName("shipping")
-    readiness.extraChecks.append(shipping.readinessCheck)
-    readiness.extraChecks.append(
-        lambda: writer.readinessCheck(gateway.generation.config.audit.on_write_failure == "refuse")
-    )
+    writer: Any
+    requests = None
+    if worker is None:
+        writer = makeAuditWriter(reactor, config)
+        shipping = ShippingService(reactor, config.audit, WriterSource(writer))
+        shipping.setName("shipping")
+        readiness.extraChecks.append(shipping.readinessCheck)
+        readiness.extraChecks.append(
+            lambda: writer.readinessCheck(
+                gateway.generation.config.audit.on_write_failure == "refuse"
+            )
+        )
+        audit = writer
+        if config.listen.admin is not None:
+            requests = RequestMetrics()
+            audit = MeteredAuditLog(writer, requests)
+    else:
+        audit = writer = worker.auditLog
+        shipping = None
     if stateBackend.shared:
         readiness.extraChecks.append(stateBackend.readinessCheck)
     pinning = PinningService(reactor, config.audit.state_dir)
-    generation = buildGeneration(reactor, config, authPool=pool, state=stateBackend)
+    generation = buildGeneration(reactor, config, number, authPool=pool, state=stateBackend)
     pinning.configure(generation.config, generation.toolLock)
-    gateway = Gateway(reactor, generation, writer, readiness, pins=pinning)
+    gateway = Gateway(reactor, generation, audit, readiness, pins=pinning)
     site = GatewaySite(gateway, reactor, CLIENT_IDLE_TIMEOUT)
+    if worker is not None:
+        # The audit line before the answer (see AuditFirstChannel).
+        site.protocol = AuditFirstChannel
     telemetry = Telemetry(reactor, gateway, config.telemetry)
     tls = gateway.generation.tls
     tlsCreator = SwappableServerTLS(tls) if tls is not None else None
-    reloader = Reloader(reactor, path, lambda: gateway.generation, pool, tlsCreator)
-    license = LicenseService(reactor, state)
-
+    reloader = Reloader(
+        reactor, path if worker is None else None, lambda: gateway.generation, pool, tlsCreator
+    )
+    listener = ListenerService(
+        reactor, gateway, site, readiness, tlsCreator, worker.listening if worker else None
+    )
     # What a reload reaches: the audit file first (logrotate), then the new generation.
-    reloader.onReopen(writer.reopen)
-    reloader.onReopen(shipping.auditReopened)
+    if shipping is not None:
+        reloader.onReopen(writer.reopen)
+        reloader.onReopen(shipping.auditReopened)
     reloader.subscribe(lambda g: pinning.configure(g.config, g.toolLock))
     reloader.subscribe(gateway.publish)
-    reloader.subscribe(lambda g: writer.configChanged(g.config.audit))
-    reloader.subscribe(lambda g: shipping.reconfigure(g.config.audit))
+    if shipping is not None:
+        reloader.subscribe(lambda g: writer.configChanged(g.config.audit))
+        reloader.subscribe(lambda g: shipping.reconfigure(g.config.audit))
     reloader.subscribe(lambda g: telemetry.reconfigure(g.config.telemetry))
-    reloader.subscribe(lambda g: license.configChanged(g.config))
-
     root = GatewayService(
         reactor,
         gateway=gateway,
         reloader=reloader,
-        listener=ListenerService(reactor, gateway, site, readiness, tlsCreator),
-        audit=audit,
+        listener=listener,
+        audit=AuditService(audit),
         shipping=shipping,
         telemetry=telemetry,
         readiness=readiness,
     )
+    processMetrics = ProcessMetrics(gateway, telemetry)
+    if stateBackend.shared:
+        from mcpgw.metrics import redisSamples
+
+        stats = stateBackend.stats  # type: ignore[attr-defined]
+        processMetrics.sources.append(lambda: redisSamples(stats))
+    root.metrics = processMetrics
     # Started in this order; stopped in GatewayService.stopOrder (the state backend last: the
     # requests drained at stop may still take tokens).
-    children: list[Any] = [audit, shipping, PoolService(pool), telemetry, license]
-    children += [pinning, reloader]
+    children: list[Any] = [root.auditService]
     if IService.providedBy(stateBackend):
         children.insert(0, stateBackend)
-    for child in (*children, root.listener):
+    if worker is None:
+        assert shipping is not None and state is not None
+        license = LicenseService(reactor, state)
+        reloader.subscribe(lambda g: license.configChanged(g.config))
+        children += [shipping, PoolService(pool), telemetry, license, pinning, reloader, listener]
+        if config.listen.admin is not None:
+            from mcpgw.admin import AdminResource, AdminService
+            from mcpgw.metrics import addUp, render
+
+            assert requests is not None
+            host = HostMetrics(requests, writer, shipping, lambda: gateway.generation.number)
+            resource = AdminResource(
+                lambda: render(addUp(host.samples(), processMetrics.samples())),
+                readiness,
+                lambda: gateway.generation,
+            )
+            children.append(AdminService(reactor, config.listen.admin, resource))
+    else:
+        worker.attach(root, reloader, processMetrics)
+        children += [PoolService(pool), telemetry, pinning, reloader, listener]
+    for child in children:
         child.setServiceParent(root)
     return root
+
+
+def makeWorker(reactor: Any, path: str, config: Config, worker: Any, number: int) -> Any:
+    """One worker of L{mcpgw.fleet} (see L{_makeGateway})."""
+    return _makeGateway(reactor, path, config, None, worker, number)
+
+
+def makeSupervisor(reactor: Any, path: str, config: Config, state: LicenseState) -> Any:
+    """The supervisor of C{listen.workers} processes (L{mcpgw.fleet.supervisor})."""
+    from mcpgw.fleet.supervisor import buildSupervisor
+
+    return buildSupervisor(reactor, path, config, state)
 
 
 def makeState(reactor: Any, config: Config) -> IStateBackend:

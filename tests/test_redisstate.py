@@ -322,7 +322,9 @@ class RedisGatewayTests(_RedisGateway):
         )
         self.assertEqual(self.redis.command("SCRIPT", "EXISTS", TAKE_SHA), [1])
         line = self.auditLines()[-1]
-        self.assertEqual((line["decision"], line["rule_id"], line["status"]), ("rate_limit", "per-key", 429))
+        self.assertEqual(
+            (line["decision"], line["rule_id"], line["status"]), ("rate_limit", "per-key", 429)
+        )
         self.assertEqual(self.state.stats.commands, 7)
 
     @inlineCallbacks
@@ -437,13 +439,13 @@ class ReplicaTests(_RedisMixin, GatewayTestCase):
         self.startRedis()
         return super().setUp()
 
-    def startReplica(self, n: int) -> Deferred[int]:
+    def startReplica(self, n: int, listen: str = "") -> Deferred[int]:
         port = freePort()
         path = os.path.join(self.tmp, f"replica{n}.yaml")
         up = self.upstreamPort.getHost().port
         with open(path, "w") as f:
             f.write(
-                f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+                f"listen: {{host: 127.0.0.1, port: {port}{listen}}}\n"
                 f"upstreams: [{{name: up, url: 'http://127.0.0.1:{up}/mcp', path: /mcp}}]\n"
                 f"audit: {{path: audit{n}.jsonl, fsync: none, state_dir: state{n}}}\n"
                 f"auth: {{enabled: true, keys: [{{id: ci, hash: '{KEY_HASH}'}}]}}\n"
@@ -502,6 +504,50 @@ class ReplicaTests(_RedisMixin, GatewayTestCase):
     async def _both(self) -> list[int]:
         a, b = self.startReplica(1), self.startReplica(2)
         return [await a, await b]
+
+    @inlineCallbacks
+    def test_replicasAndWorkersShareOneLimit(self) -> Any:
+        """
+        Two replicas and a third gateway with two workers (four serving processes), one Redis:
+        a per-key burst of 5 allows 5 calls across all of them, not 20; the workers' host
+        reports its Redis connections and round trips on /metrics.
+        """
+        admin = freePort()
+        ports = yield Deferred.fromCoroutine(self._three(admin))
+
+        def bothWorkersUp() -> None:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                text = request(admin, "GET", "/metrics", None, {}).body.decode()
+                if 'mcpgw_workers{state="alive"} 2.0' in text and "mcpgw_redis_up 2.0" in text:
+                    return
+                time.sleep(0.1)
+            raise AssertionError("the two workers did not both connect to Redis")
+
+        yield threads.deferToThread(bothWorkersUp)
+        statuses = []
+        for i in range(12):
+            reply = yield self.call(
+                body=call("search"), headers={"Authorization": f"Bearer {KEY}"}, port=ports[i % 3]
+            )
+            statuses.append(reply.status)
+        self.assertEqual(statuses, [200] * 5 + [429] * 7)
+        self.assertEqual(len(self.upstream.seen), 5)
+        metrics = yield threads.deferToThread(request, admin, "GET", "/metrics", None, {})
+        text = metrics.body.decode()
+        self.assertIn("mcpgw_redis_up 2.0", text)  # both workers connected
+        count = [
+            line
+            for line in text.splitlines()
+            if line.startswith("mcpgw_redis_latency_seconds_count")
+        ]
+        self.assertEqual(len(count), 1)
+        self.assertGreaterEqual(float(count[0].split()[-1]), 4.0)  # calls 3, 6, 9, 12 at least
+
+    async def _three(self, admin: int) -> list[int]:
+        a, b = self.startReplica(1), self.startReplica(2)
+        c = self.startReplica(3, f", workers: 2, admin: {{host: 127.0.0.1, port: {admin}}}")
+        return [await a, await b, await c]
 
 
 class ConnectionTests(_RedisMixin, TestCase):

@@ -39,6 +39,8 @@ class Admission:
         self.reactor = reactor
         self.current = current
         self.connections = connections
+        #: Requests refused by the input rate limit since the start (for the metrics).
+        self.inputRefused = 0
 
     @property
     def maxBodyBytes(self) -> int:
@@ -66,6 +68,7 @@ class Admission:
 
     def _afterInputLimit(self, wait: float | None, length: int | None) -> GatewayError | None:
         if wait is not None:
+            self.inputRefused += 1
             return RateLimited(retryAfter=max(1, math.ceil(wait)), scope="input")
         return self._sizeCheck(length)
 

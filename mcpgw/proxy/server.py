@@ -638,10 +638,31 @@ class GatewayChannel(Protocol):
         return now - self.lastActive
 
 
+class AuditFirstChannel(GatewayChannel):
+    """
+    The channel of a worker (C{listen.workers} above 1): response bytes are queued on the
+    transport, never sent at once, so they leave in a later reactor turn than the one that ends
+    the request, in which the worker hands the audit line to the supervisor. A client that has
+    its whole answer therefore has its audit line in the supervisor's pipe, where the worker's
+    death (SIGKILL) cannot lose it. Costs the eager write's saving (about 10 µs and 0.02-0.04 ms
+    per request, L{mcpgw.proxy.eager}).
+    """
+
+    def write(self, data: bytes) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            data = head + data
+        if data and self.transport is not None:
+            self.transport.write(data)
+
+
 class GatewaySite(Factory):
     """The listener's factory: a L{GatewayChannel} per connection, all handled by C{gateway}."""
 
     noisy = False
+    #: The channel class (L{AuditFirstChannel} in a worker).
+    protocol: type[GatewayChannel] = GatewayChannel  # type: ignore[assignment]
 
     def __init__(self, gateway: Gateway, reactor: Any, timeout: float) -> None:
         self.gateway = gateway
@@ -650,6 +671,6 @@ class GatewaySite(Factory):
         self.idleTimeout = timeout
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
-        channel = GatewayChannel(self)
+        channel = self.protocol(self)
         channel.factory = self
         return channel
