@@ -82,7 +82,10 @@ def total(samples: dict[Any, float], name: str, **labels: str) -> float:
 class Fleet:
     """A supervisor with two workers, its upstream, its config and its log."""
 
-    def __init__(self, test: TestCase, extra: str = "", twistd: bool = False) -> None:
+    def __init__(
+        self, test: TestCase, extra: str = "", twistd: bool = False, audit: str = ""
+    ) -> None:
+        self.auditExtra = audit
         self.up = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
         self.up.daemon_threads = True
         threading.Thread(target=self.up.serve_forever, daemon=True).start()
@@ -111,7 +114,8 @@ class Fleet:
                 f"listen: {{host: 127.0.0.1, port: {self.port}, workers: 2,"
                 f" admin: {{port: {self.admin}}}}}\n"
                 f"upstreams: [{{name: up, url: 'http://127.0.0.1:{self.up.server_address[1]}/mcp'}}]\n"
-                f"audit: {{path: {self.audit}, fsync: none, state_dir: {self.tmp}/state}}\n" + extra
+                f"audit: {{path: {self.audit}, fsync: none, state_dir: {self.tmp}/state"
+                f"{self.auditExtra}}}\n" + extra
             )
 
     def census(self) -> tuple[float, float]:
@@ -221,6 +225,39 @@ class FleetTests(TestCase):
         self.assertEqual(len(lines), 640)
         self.assertEqual(sorted(line["jsonrpc_id"] for line in lines), sorted(sent))
         self.assertEqual(len({line["request_id"] for line in lines}), 640)
+
+    def test_oneVerifiableChainPerHost(self) -> None:
+        """
+        audit.integrity.chain with two workers: the supervisor seals every worker's line into
+        one chain for the host, across a SIGHUP and a worker killed with SIGKILL under load;
+        C{mcpgw audit verify} finds it intact after the stop.
+        """
+        fleet = Fleet(self, audit=", integrity: {chain: true}")
+        stop = threading.Event()
+        gen = load(fleet.port, 4, stop)
+        next(gen)
+        time.sleep(0.5)
+        fleet.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        os.kill(sorted(fleet.workerPids())[0], signal.SIGKILL)
+        fleet.waitFor(lambda: fleet.census() == (1, 2), "the killed worker replaced")
+        time.sleep(0.5)
+        stop.set()
+        results = next(gen)
+        answered = {rid for r in results for rid, status in r.items() if status == 200}
+        self.assertGreater(len(answered), 20)
+        self.assertEqual(fleet.stop(), 0)
+        lines = fleet.auditLines()
+        self.assertEqual([line["seq"] for line in lines], list(range(1, len(lines) + 1)))
+        calls = {line["jsonrpc_id"] for line in lines if line.get("path") == "/mcp"}
+        self.assertLessEqual(answered, calls)
+        verify = subprocess.run(
+            [sys.executable, "-m", "mcpgw", "audit", "verify", fleet.audit],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual(verify.returncode, 0, verify.stdout + verify.stderr)
 
     def test_killedWorkerReplacedWhileLoadContinues(self) -> None:
         """
