@@ -1311,13 +1311,24 @@ def _parse_config(w: _Walker, root: Node, source: str) -> Config:
         return Config(upstreams=(), source=source)
     tls = _parse_tls(m.section("tls", ("cert_file", "key_file", "client_ca")))
     auth = _parse_auth(w, m, tls)
+    listen = _parse_listen(w, m.section("listen", attr.fields_dict(ListenConfig)))
+    audit = _parse_audit(w, m.section("audit", attr.fields_dict(AuditConfig)))
+    if audit.fsync == "always" and listen.workers != 1:
+        # A worker answers once its line is in the supervisor's pipe, not once it is synced:
+        # refuse the combination rather than weaken what fsync: always promises.
+        w.report(
+            "audit.fsync",
+            "always needs listen.workers: 1 (with several workers an answer waits for its audit "
+            "line to reach the supervisor, not for the sync); use interval, or one worker",
+            None,
+        )
     return Config(
-        listen=_parse_listen(w, m.section("listen", attr.fields_dict(ListenConfig))),
+        listen=listen,
         tls=tls,
         upstreams=_parse_upstreams(w, m),
         auth=auth,
         policy=_parse_policy(w, m.section("policy", _POLICY_KEYS)),
-        audit=_parse_audit(w, m.section("audit", attr.fields_dict(AuditConfig))),
+        audit=audit,
         telemetry=_parse_telemetry(w, m.section("telemetry", attr.fields_dict(TelemetryConfig))),
         limits=_parse_limits(w, m.section("limits", attr.fields_dict(LimitsConfig))),
         license=_parse_license(m.section("license", ("file",))),

@@ -437,3 +437,19 @@ class HandoverTests(SynchronousTestCase):
         self.assertTrue(w.serving)
         w.childConnectionLost(4)
         self.assertEqual((len(written), pool.tornLines), (3, 1))
+
+
+class FsyncAlwaysTests(SynchronousTestCase):
+    def test_fsyncAlwaysNeedsOneWorker(self) -> None:
+        """
+        C{fsync: always} promises an answer only after its line is synced; a worker cannot keep
+        that promise (it answers once the line is in the supervisor's pipe): a config error.
+        """
+        from mcpgw.config import ConfigError, config_from_string
+
+        base = "upstreams: [{name: a, url: 'http://127.0.0.1:9/mcp'}]\n"
+        config_from_string(base + "audit: {fsync: always}\n")  # one worker: fine
+        config_from_string(base + "listen: {workers: 2}\naudit: {fsync: interval}\n")
+        with self.assertRaises(ConfigError) as e:
+            config_from_string(base + "listen: {workers: 2}\naudit: {fsync: always}\n")
+        self.assertIn("audit.fsync: always needs listen.workers: 1", str(e.exception))
