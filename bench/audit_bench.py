@@ -50,7 +50,7 @@ def sampleLine(i: int) -> dict[str, Any]:
         "tools/call", "search_docs", b"POST", b"/mcp", "docs", i, "5f0c1a7e-session",
         "2025-06-18", "allow", "read-only", "ok", "ci-bot", 1234, 5678, 200, None,
         "10.1.2.3", f"01JD{i:022d}", True, None, None, None, "search_docs", None, 3.217,
-        time.time(), "ci-bot", None,
+        time.time(), "ci-bot", None, None,
     )  # fmt: skip
     return auditLine(record)
 
