@@ -178,6 +178,9 @@ class GatewayWithDeadWebhookTests(GatewayTestCase):
             reply = yield self.call(body=rpc("ping", id=i))
             self.assertEqual(reply.status, 200)
         yield ShipperHarness.waitFor(self, lambda: shipper.attempts >= 2)  # type: ignore[arg-type]
+        # The shipper counts lines as it scans the file (every batch period): wait for the scan
+        # that has seen all 20.
+        yield ShipperHarness.waitFor(self, lambda: shipper.lag()[0] >= 20)  # type: ignore[arg-type]
         reply = yield self.call("GET", "/readyz")
         self.assertEqual(reply.status, 200)
         sink = reply.json()["sinks"]["siem"]
