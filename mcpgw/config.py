@@ -1313,15 +1313,6 @@ def _parse_config(w: _Walker, root: Node, source: str) -> Config:
     auth = _parse_auth(w, m, tls)
     listen = _parse_listen(w, m.section("listen", attr.fields_dict(ListenConfig)))
     audit = _parse_audit(w, m.section("audit", attr.fields_dict(AuditConfig)))
-    if audit.fsync == "always" and listen.workers != 1:
-        # A worker answers once its line is in the supervisor's pipe, not once it is synced:
-        # refuse the combination rather than weaken what fsync: always promises.
-        w.report(
-            "audit.fsync",
-            "always needs listen.workers: 1 (with several workers an answer waits for its audit "
-            "line to reach the supervisor, not for the sync); use interval, or one worker",
-            None,
-        )
     return Config(
         listen=listen,
         tls=tls,

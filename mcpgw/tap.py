@@ -159,6 +159,8 @@ def _makeGateway(
             audit = MeteredAuditLog(writer, requests)
     else:
         audit = writer = worker.auditLog
+        # fsync: always: answer once the supervisor has synced the line (its acknowledgement).
+        audit.durable = config.audit.fsync == "always"
         shipping = None
     if stateBackend.shared:
         readiness.extraChecks.append(stateBackend.readinessCheck)

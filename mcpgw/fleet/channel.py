@@ -22,6 +22,7 @@ import contextlib
 import errno
 import fcntl
 import os
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -198,23 +199,36 @@ class PipeAuditLog:
 
     @ivar linesWritten: lines handed over.
     @ivar failing: never (the supervisor keeps what it cannot write yet).
-    @ivar durable: no: a worker answers once the line is in the supervisor's pipe, not once the
-        supervisor has synced it (C{fsync: always} holds per line in a single process only).
+    @ivar durable: C{fsync: always}: L{write} returns a Deferred that fires once the supervisor
+        says the line is synced (its C{synced} acknowledgement, L{synced}), and the worker
+        answers the request only then.
     """
 
     failing = False
-    durable = False
 
     def __init__(self, writer: PipeWriter) -> None:
         self.writer = writer
         self.linesWritten = 0
+        self.durable = False
+        self._unsynced: deque[tuple[int, Deferred[None]]] = deque()
 
     def open(self) -> None:
         pass
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any]) -> Deferred[None] | None:
         self.writer.send(orjson.dumps(record) + b"\n")
         self.linesWritten += 1
+        if not self.durable:
+            return None
+        d: Deferred[None] = Deferred()
+        self._unsynced.append((self.linesWritten, d))
+        return d
+
+    def synced(self, n: int) -> None:
+        """The supervisor synced this worker's lines 1..C{n}."""
+        unsynced = self._unsynced
+        while unsynced and unsynced[0][0] <= n:
+            unsynced.popleft()[1].callback(None)
 
     def reopen(self) -> None:
         pass  # the supervisor reopens the file

@@ -101,6 +101,8 @@ class WorkerProcess(ProcessProtocol):
         self.number = 0
         self._buffer = b""
         self._resume: Any = None
+        #: Audit lines received from this worker (the numbers its acknowledgements name).
+        self.linesIn = 0
 
     #: The process id (kept after it ended, for the log).
     pid: int | None = None
@@ -150,7 +152,11 @@ class WorkerProcess(ProcessProtocol):
         for line in lines:
             try:
                 if line[:1] == b"{":
-                    audit.write(orjson.loads(line))
+                    self.linesIn += 1
+                    synced = audit.write(orjson.loads(line))
+                    if isinstance(synced, Deferred):
+                        # fsync: always: the worker answers once this line is synced.
+                        synced.addCallback(self._acknowledge, self.linesIn)
                 elif line[:1] == b"!":
                     self.supervisor.controlReceived(self, orjson.loads(line[1:]))
             except ValueError:
@@ -158,6 +164,10 @@ class WorkerProcess(ProcessProtocol):
                 self.supervisor.tornLines += 1
             except Exception:
                 log.failure("worker {i}: a line could not be handled", i=self.index)
+
+    def _acknowledge(self, _: object, n: int) -> None:
+        """Lines 1..C{n} of this worker are synced: it may answer their requests."""
+        self.send({"op": "synced", "n": n})
 
     def childConnectionLost(self, childFD: int) -> None:
         if childFD == TO_SUPERVISOR_FD and self._buffer:

@@ -99,6 +99,8 @@ class WorkerLink:
                 self._reloader.publish(prepared)
         elif op == "abort":
             self._prepared = None
+        elif op == "synced":
+            self.auditLog.synced(message["n"])
 
     def _samples(self) -> list[Any]:
         return self._metrics.samples() if self._metrics is not None else []
