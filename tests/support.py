@@ -13,6 +13,7 @@ import os
 import socket
 import tempfile
 import time
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import attr
@@ -508,3 +509,26 @@ def rpc(method: str, params: dict[str, Any] | None = None, id: Any = 1) -> bytes
     if params is not None:
         msg["params"] = params
     return json.dumps(msg).encode()
+
+
+class EchoHandler(BaseHTTPRequestHandler):
+    """
+    A plain threaded upstream for tests that run gateway processes (C{ThreadingHTTPServer}):
+    answers every JSON-RPC call with its id and C{{"ok": true}}; C{slow_*} tools take 3 s.
+    """
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if str(body.get("params", {}).get("name", "")).startswith("slow_"):
+            time.sleep(3.0)
+        out = json.dumps({"jsonrpc": "2.0", "id": body.get("id"), "result": {"ok": True}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args: Any) -> None:
+        pass

@@ -18,31 +18,13 @@ import tempfile
 import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 from twisted.trial.unittest import TestCase
 
 from mcpgw.audit.chain import Chain, chainState, keygen, loadPublicKey, verify
-from tests.support import freePort
-
-
-class _Echo(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        rid = json.loads(body).get("id")
-        out = json.dumps({"jsonrpc": "2.0", "id": rid, "result": {"ok": True}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
+from tests.support import EchoHandler, freePort
 
 _upstream: ThreadingHTTPServer | None = None
 
@@ -50,7 +32,7 @@ _upstream: ThreadingHTTPServer | None = None
 def upstreamPort() -> int:
     global _upstream
     if _upstream is None:
-        _upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+        _upstream = ThreadingHTTPServer(("127.0.0.1", 0), EchoHandler)
         _upstream.daemon_threads = True
         threading.Thread(target=_upstream.serve_forever, daemon=True).start()
     return int(_upstream.server_address[1])

@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -29,27 +29,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mcpgw.fleet.supervisor import PREPARE_TIMEOUT, WorkerPool, WorkerProcess
-from tests.support import freePort
-
-
-class _Echo(BaseHTTPRequestHandler):
-    """An MCP-ish upstream: answers every call with its id; C{slow_*} tools take 3 s."""
-
-    protocol_version = "HTTP/1.1"
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if str(body.get("params", {}).get("name", "")).startswith("slow_"):
-            time.sleep(3.0)
-        out = json.dumps({"jsonrpc": "2.0", "id": body.get("id"), "result": {}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+from tests.support import EchoHandler, freePort
 
 
 def call(conn: http.client.HTTPConnection, rid: int, tool: str = "echo") -> int:
@@ -91,7 +71,7 @@ class Fleet:
         fsync: str = "none",
     ) -> None:
         self.auditExtra, self.fsync = audit, fsync
-        self.up = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+        self.up = ThreadingHTTPServer(("127.0.0.1", 0), EchoHandler)
         self.up.daemon_threads = True
         threading.Thread(target=self.up.serve_forever, daemon=True).start()
         test.addCleanup(self.up.shutdown)

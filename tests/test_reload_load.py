@@ -15,29 +15,11 @@ import tempfile
 import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from http.server import ThreadingHTTPServer
 
 from twisted.trial.unittest import TestCase
 
-from tests.support import freePort
-
-
-class _Echo(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        rid = json.loads(body).get("id")
-        out = json.dumps({"jsonrpc": "2.0", "id": rid, "result": {"ok": True}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+from tests.support import EchoHandler, freePort
 
 
 def config(gwPort: int, upPort: int, audit: str, blocked: str) -> str:
@@ -57,7 +39,7 @@ class ReloadUnderLoadTests(TestCase):
 
     def test_twentyHupsNoFailureNoDrop(self) -> None:
         """Clients keep calling through 20 SIGHUPs: every call succeeds on its original connection."""
-        up = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+        up = ThreadingHTTPServer(("127.0.0.1", 0), EchoHandler)
         up.daemon_threads = True
         threading.Thread(target=up.serve_forever, daemon=True).start()
         self.addCleanup(up.shutdown)
