@@ -259,6 +259,13 @@ class MethodNotAllowed(GatewayError):
         return [(b"Allow", b"GET, POST, DELETE")]
 
 
+class MetadataMethodNotAllowed(MethodNotAllowed):
+    """A method other than GET or HEAD on a protected-resource metadata path (C{auth.oauth})."""
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"Allow", b"GET, HEAD")]
+
+
 class PayloadTooLarge(GatewayError):
     """The request body is larger than C{limits.max_body_bytes}."""
 

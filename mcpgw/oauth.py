@@ -356,9 +356,7 @@ class RemoteKeys:
         self._expires = now + _ttl(headers, now)
         self.table = table
         self.lastError = None
-        log.info(
-            "oauth: {n} signing key(s) fetched from {url}", n=len(table), url=self.url
-        )
+        log.info("oauth: {n} signing key(s) fetched from {url}", n=len(table), url=self.url)
 
     def _failed(self, failure: Failure) -> None:
         self._pending = None
@@ -548,9 +546,7 @@ class TokenVerifier:
                 self.documents[WELL_KNOWN.encode()] = doc
 
     def _remote(self) -> dict[tuple[str, str | None], RemoteKeys]:
-        return {
-            (s.url, s.caFile): s for s in self.sources.values() if isinstance(s, RemoteKeys)
-        }
+        return {(s.url, s.caFile): s for s in self.sources.values() if isinstance(s, RemoteKeys)}
 
     def missing(self, path: bytes) -> Unauthenticated:
         """The 401 for a request to C{path} without a token."""
@@ -646,9 +642,7 @@ class TokenVerifier:
                 if d is None:
                     return self._verify(token, digest, resource, now, False)
                 return d.addCallback(
-                    lambda _: self._verify(
-                        token, digest, resource, self._reactor.seconds(), False
-                    )
+                    lambda _: self._verify(token, digest, resource, self._reactor.seconds(), False)
                 )
             info = self._validate(signingInput, signature, keys, issuer, claims)
         except _Bad as e:
@@ -712,11 +706,7 @@ def _source(
 
 
 def serveMetadata(request: Any, document: bytes) -> None:
-    """Answer a metadata request (GET/HEAD) with C{document}; other methods get 405."""
-    if request.method not in (b"GET", b"HEAD"):
-        document = orjson.dumps({"error": "method_not_allowed", "detail": "use GET"})
-        request.setResponseCode(405)
-        request.responseHeaders.setRawHeaders(b"Allow", [b"GET, HEAD"])
+    """Answer a metadata request (GET or HEAD: the gateway refuses others) with C{document}."""
     headers = request.responseHeaders
     headers.setRawHeaders(b"Content-Type", [b"application/json"])
     headers.setRawHeaders(b"Content-Length", [b"%d" % len(document)])

@@ -293,6 +293,10 @@ class MetadataTests(OAuthTestCase):
         self.assertEqual(reply.status, 404)
         reply = yield self.call("POST", "/.well-known/oauth-protected-resource/mcp", b"{}")
         self.assertEqual(reply.status, 405)
+        self.assertEqual(reply.header("Allow"), ["GET, HEAD"])
+        self.assertEqual(reply.json()["error"]["message"], "method_not_allowed")
+        line = self.auditLines()[-1]
+        self.assertEqual((line["status"], line["error"]), (405, "method_not_allowed"))
 
 
 class OneUpstreamTests(OAuthTestCase):

@@ -33,6 +33,7 @@ from mcpgw.errors import (
     AuditUnavailable,
     GatewayError,
     InternalError,
+    MetadataMethodNotAllowed,
     PayloadTooLarge,
     ShuttingDown,
     ToolNotApproved,
@@ -126,18 +127,24 @@ class Gateway:
         path = request.path
         gen = self.generation
         route = gen.routes.get(path)
+        refusal: GatewayError | None = None
         if route is None:
             if self.readiness is not None and path in (b"/healthz", b"/readyz"):
                 self.readiness.render(request, path, gen)
                 return
             document = gen.auth.documents.get(path)
             if document is not None:  # RFC 9728 protected-resource metadata (auth.oauth)
-                serveMetadata(request, document)
-                return
+                if request.method in (b"GET", b"HEAD"):
+                    serveMetadata(request, document)
+                    return
+                refusal = MetadataMethodNotAllowed("use GET")
         x = ProxyExchange(self, request, gen)
         self.inflight.add(x)
         request.exchange = x
         x.route = route
+        if refusal is not None:
+            x.fail(refusal)  # a JSON-RPC error, audited, like every refusal
+            return
         try:
             summary, body = inspect(x, request, route, gen)
             assert route is not None  # inspect() raised NotFound otherwise
