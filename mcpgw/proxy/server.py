@@ -545,7 +545,11 @@ class GatewayChannel(Protocol):
             self._head = None
             data = head + data
         if data and self.transport is not None:
-            eagerWrite(self.transport, data)
+            self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        """Out to the socket at once when nothing is queued (L{mcpgw.proxy.eager})."""
+        eagerWrite(self.transport, data)
 
     def flushHead(self) -> None:
         """Send a held-back response head now (a stream whose first event may take a while)."""
@@ -648,13 +652,8 @@ class AuditFirstChannel(GatewayChannel):
     per request, L{mcpgw.proxy.eager}).
     """
 
-    def write(self, data: bytes) -> None:
-        head = self._head
-        if head is not None:
-            self._head = None
-            data = head + data
-        if data and self.transport is not None:
-            self.transport.write(data)
+    def _send(self, data: bytes) -> None:
+        self.transport.write(data)  # queued: sent in a later reactor turn
 
 
 class GatewaySite(Factory):
