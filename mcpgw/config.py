@@ -645,6 +645,9 @@ class RedisConfig:
         not connected).
     @ivar ca_file: with C{rediss://}, the only trust root for the server's certificate
         (default: the system's trust store).
+    @ivar lease_tokens: how many tokens a process may take from a bucket at once and keep for
+        its next calls (L{mcpgw.redisstate}): C{auto} (L{lease_size}), or an integer (0 and 1:
+        one token per call).
     """
 
     url: str = attr.field(default="redis://127.0.0.1:6379/0", repr=False)
@@ -652,11 +655,32 @@ class RedisConfig:
     timeout_ms: float = 50.0
     on_error: str = "allow"
     ca_file: str | None = None
+    lease_tokens: int | str = "auto"
 
     @property
     def display(self) -> str:
         """The URL with its password masked."""
         return _masked(self.url)
+
+
+#: The most tokens C{state.redis.lease_tokens} may ask for, and C{auto}'s most.
+MAX_LEASE_TOKENS = 1000
+AUTO_LEASE_MAX = 16
+#: C{auto}: one token of lease per this many of the bucket's burst.
+AUTO_LEASE_PER_BURST = 64
+
+
+def lease_size(lease_tokens: int | str, burst: float) -> int:
+    """
+    The tokens one take asks Redis for (1: no lease) for a bucket of C{burst}: C{auto} is
+    C{min(16, floor(burst / 64))} (a bucket of burst < 128 is never leased), an integer N is N.
+    """
+    if lease_tokens == "auto":
+        n = min(AUTO_LEASE_MAX, int(burst // AUTO_LEASE_PER_BURST))
+    else:
+        assert isinstance(lease_tokens, int)
+        n = lease_tokens
+    return max(1, n)
 
 
 @attr.frozen
@@ -2200,8 +2224,22 @@ def _parse_state(w: _Walker, m: _Map | None) -> StateConfig:
             timeout_ms=r.number("timeout_ms", redis.timeout_ms, above=0),
             on_error=r.choice("on_error", ("allow", "deny"), redis.on_error),
             ca_file=r.file("ca_file", must_exist=True),
+            lease_tokens=_leaseTokens(w, r),
         )
     return StateConfig(backend=backend, redis=redis)
+
+
+def _leaseTokens(w: _Walker, m: _Map) -> int | str:
+    """C{state.redis.lease_tokens}: C{auto}, or an integer from 0 to L{MAX_LEASE_TOKENS}."""
+    node = m.get("lease_tokens")
+    if node is None:
+        return "auto"
+    if isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:str":
+        if node.value == "auto":
+            return "auto"
+        w.report(m.at("lease_tokens"), f"must be an integer or auto, got {node.value!r}", node)
+        return "auto"
+    return m.int_or("lease_tokens", 0, 0, MAX_LEASE_TOKENS)
 
 
 def _parse_license(m: _Map | None) -> LicenseConfig:

@@ -84,7 +84,15 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "mcpgw_spans_failed": ("counter", "Spans of batches that could not be delivered."),
     # Reserved for the Redis state backend (state.backend: redis), reported per process:
     "mcpgw_redis_latency_seconds": ("histogram", "Redis round trips of the state backend."),
-    "mcpgw_redis_errors": ("counter", "Redis calls that failed or timed out, by kind."),
+    "mcpgw_redis_errors": (
+        "counter",
+        "Redis calls that failed or timed out, by kind (lease: a background prefetch or "
+        "give-back of a lease, which decides no call).",
+    ),
+    "mcpgw_redis_leased": (
+        "counter",
+        "Rate-limited takes allowed from a lease's spare tokens, without a Redis round trip.",
+    ),
     "mcpgw_redis_up": ("gauge", "1 while the state backend's Redis connection is usable."),
     # host (the owner of the audit file)
     "mcpgw_audit_lines_written": ("counter", "Lines appended to the canonical audit file."),
@@ -326,8 +334,8 @@ class ProcessMetrics:
 def redisSamples(stats: Any) -> Iterator[Sample]:
     """
     The samples of the Redis state backend (L{mcpgw.redisstate.RedisStats}): whether it is up
-    (added up over the workers: how many are connected), failed calls by kind and the round-trip
-    histogram.
+    (added up over the workers: how many are connected), failed calls by kind, takes allowed
+    from leases and the round-trip histogram.
     """
     from mcpgw.redisstate import LATENCY_BOUNDS
 
@@ -336,8 +344,10 @@ def redisSamples(stats: Any) -> Iterator[Sample]:
         ("error", stats.errors),
         ("timeout", stats.timeouts),
         ("unavailable", stats.unavailable),
+        ("lease", stats.leaseErrors),
     ):
         yield ("mcpgw_redis_errors_total", (("kind", kind),), float(n))
+    yield ("mcpgw_redis_leased_total", (), float(stats.leased))
     total = 0
     for bound, n in zip((*LATENCY_BOUNDS, float("inf")), stats.latencyCounts, strict=True):
         total += n

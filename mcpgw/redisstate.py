@@ -23,6 +23,13 @@ How a decision is made:
     own buckets instead (L{LOCAL_FALLBACK}): a flood or a key-guessing run stays limited (per
     process) while Redis is away, and an outage never refuses every request. A connection whose
     overdue replies stay missing for L{DEAD_AFTER} timeouts is dropped.
+  - Leases (C{state.redis.lease_tokens}): a take may ask for several tokens at once; the spare
+    ones are kept by this process (L{RedisState.leases}, per Redis key) for its next calls of
+    that key, which are then allowed at once without asking Redis. Only tokens above half the
+    bucket's burst are leased (a bucket below half full is decided one token per call, fleet
+    wide), a lease asks for more in the background once half of it is used, and spares unused
+    for L{LEASE_SECONDS} are given back to the bucket. Every allowed call still spent a token
+    taken atomically from Redis: leases never allow more than the bucket.
   - The connection is remade with exponential backoff (L{RETRY_INITIAL} to L{RETRY_MAX}
     seconds) by a C{ClientService}; C{AUTH} and C{SELECT} from the URL are sent first.
 
@@ -42,44 +49,76 @@ import attr
 import hiredis
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mcpgw.buckets import TokenBuckets
-from mcpgw.config import RedisConfig, redis_address
+from mcpgw.config import RedisConfig, lease_size, redis_address
 from mcpgw.interfaces import IBuckets, IStateBackend
 from mcpgw.proxy.eager import eagerWrite
 
 log = Logger()
 
 #: The token bucket, atomically on the server. KEYS[1]: the bucket; ARGV: rate (tokens/s),
-#: burst. Returns 0 when a token was taken, else the microseconds until one is available.
+#: burst, n, mode. Returns C{{granted, wait}}: the tokens granted and, when none was, the
+#: microseconds until one is available.
+#:
+#:  - mode C{t} (a call's take): the first token exactly as without leases (granted when one is
+#:    there); up to C{n - 1} more only while the bucket keeps at least half its burst after the
+#:    grant, so a bucket below half full gives one token per call.
+#:  - mode C{p} (a lease's prefetch, in the background): up to C{n} tokens, all above half the
+#:    burst (nothing, and no wait, when the bucket is at or below half).
+#:  - mode C{r} (a lease given back): C{n} unused tokens return, up to the burst; a bucket that
+#:    expired meanwhile (full again) is left alone.
 TAKE_SCRIPT = b"""\
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+local mode = ARGV[4]
+local s = redis.call('HMGET', KEYS[1], 'v', 't')
+if mode == 'r' and not s[1] then
+  return {0, 0}
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local s = redis.call('HMGET', KEYS[1], 'v', 't')
 local tokens = burst
 if s[1] then
   local elapsed = now - tonumber(s[2])
   if elapsed < 0 then elapsed = 0 end
   tokens = math.min(burst, tonumber(s[1]) + elapsed * rate)
 end
+local granted = 0
 local wait = 0
-if tokens >= 1 - 1e-9 then
-  tokens = math.max(0, tokens - 1)
+if mode == 'r' then
+  tokens = math.min(burst, tokens + n)
 else
-  wait = math.ceil((1 - tokens) / rate * 1000000)
+  local first = 0
+  if mode == 't' then
+    if tokens >= 1 - 1e-9 then
+      tokens = math.max(0, tokens - 1)
+      granted = 1
+    else
+      wait = math.ceil((1 - tokens) / rate * 1000000)
+    end
+    first = 1
+  end
+  if mode == 'p' or granted == 1 then
+    local extra = math.min(n - first, math.floor(tokens - burst / 2 + 1e-9))
+    if extra > 0 then
+      tokens = tokens - extra
+      granted = granted + extra
+    end
+  end
 end
 redis.call('HSET', KEYS[1], 'v', string.format('%.17g', tokens), 't', string.format('%.6f', now))
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
-return wait
+return {granted, wait}
 """
 TAKE_SHA = hashlib.sha1(TAKE_SCRIPT, usedforsecurity=False).hexdigest().encode("ascii")
 
@@ -98,6 +137,10 @@ DEAD_MIN = 1.0
 DENY_RETRY = 1.0
 #: Bucket kinds that fall back to in-process buckets (not C{on_error}) when Redis cannot answer.
 LOCAL_FALLBACK = frozenset({"input", "auth"})
+#: Seconds a lease's spare tokens are kept after they were granted (the key's last grant);
+#: then they are given back to the bucket (by the sweep, every L{SWEEP_SECONDS}).
+LEASE_SECONDS = 1.0
+SWEEP_SECONDS = 0.25
 #: Upper bounds (seconds) of the latency histogram's buckets (plus +Inf).
 LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
@@ -126,6 +169,12 @@ class RedisStats:
     @ivar onError: decisions made without Redis (errors + timeouts + unavailable): by the
         C{on_error} rule, or by the local fallback buckets of the input limit and auth throttle.
     @ivar lateReplies: replies that came after their take had timed out (dropped).
+    @ivar leased: takes allowed from a lease's spare tokens, without asking Redis.
+    @ivar leaseFetches: leases asked for in the background (prefetches).
+    @ivar givebacks: give-backs sent (one per key whose spares expired).
+    @ivar givenBack: spare tokens given back.
+    @ivar leaseErrors: prefetches and give-backs that failed, timed out or could not be sent
+        (they never decide a call).
     @ivar latencyCounts: answered takes by latency, one count per L{LATENCY_BOUNDS} bound and a
         last one for larger (not cumulative).
     @ivar latencySum: seconds, over every answered take.
@@ -142,6 +191,11 @@ class RedisStats:
     unavailable: int = 0
     onError: int = 0
     lateReplies: int = 0
+    leased: int = 0
+    leaseFetches: int = 0
+    givebacks: int = 0
+    givenBack: int = 0
+    leaseErrors: int = 0
     latencyCounts: list[int] = attr.Factory(lambda: [0] * (len(LATENCY_BOUNDS) + 1))
     latencySum: float = 0.0
     latencyCount: int = 0
@@ -170,6 +224,10 @@ class RedisStats:
             "unavailable": self.unavailable,
             "decided_without_redis": self.onError,
             "late_replies": self.lateReplies,
+            "leased": self.leased,
+            "lease_fetches": self.leaseFetches,
+            "given_back": self.givenBack,
+            "lease_errors": self.leaseErrors,
             "latency_ms_avg": (
                 round(self.latencySum / self.latencyCount * 1000, 3) if self.latencyCount else None
             ),
@@ -302,9 +360,35 @@ class RedisProtocol(Protocol):
             self.onLost(reason)
 
 
+class Lease:
+    """
+    The spare tokens this process holds for one Redis key.
+
+    @ivar count: spare tokens (each one taken from the bucket in Redis, not yet used).
+    @ivar expires: when they are given back (L{LEASE_SECONDS} after the last grant).
+    @ivar fetching: a take or prefetch asking for tokens of this key is on its way.
+    @ivar more: the last answer granted all that was asked (the bucket was above half full):
+        a prefetch may get more.
+    @ivar args: the bucket's rate and burst, as sent (for the give-back).
+    """
+
+    __slots__ = ("args", "count", "expires", "fetching", "more")
+
+    def __init__(self, expires: float, args: tuple[bytes, bytes]) -> None:
+        self.count = 0
+        self.expires = expires
+        self.fetching = False
+        self.more = False
+        self.args = args
+
+
 @implementer(IBuckets)
 class RedisBuckets:
-    """The buckets of one kind, in Redis (keys C{<key_prefix>rl:<kind>:<key>})."""
+    """
+    The buckets of one kind, in Redis (keys C{<key_prefix>rl:<kind>:<key>}).
+
+    @ivar lease: the tokens one take asks for (1: no lease; L{lease_size}).
+    """
 
     def __init__(
         self, state: RedisState, kind: str, rate: float, burst: float, maxBuckets: int
@@ -318,23 +402,55 @@ class RedisBuckets:
         self._prefix = (state.config.key_prefix + "rl:" + kind + ":").encode("utf-8")
         self._rate = repr(float(rate)).encode("ascii")
         self._burst = repr(float(burst)).encode("ascii")
+        self.lease = lease_size(state.config.lease_tokens, burst)
+        self._leaseArg = str(self.lease).encode("ascii")
 
-    def take(self, key: str, now: float) -> Deferred[float | None]:
+    def take(self, key: str, now: float) -> Deferred[float | None] | None:
         """
-        Take a token on the server (C{now} is not used: the server's clock is).
+        Take a token: from this process's lease of the key when it holds a spare one (C{None}
+        at once), else on the server (C{now} is not used: the server's clock is).
 
-        @return: a Deferred that never fails: C{None} (taken) or the seconds to wait; when
-            Redis fails or is late, the answer of L{withoutRedis}.
+        @return: C{None} (taken from the lease), or a Deferred that never fails: C{None}
+            (taken) or the seconds to wait; when Redis fails or is late, the answer of
+            L{withoutRedis}.
         """
         state = self._state
+        full = self._prefix + key.encode("utf-8")
+        n = self.lease
+        lease = None
+        if n > 1:
+            lease = state.leases.get(full)
+            if lease is not None:
+                if lease.count and lease.expires > state.clock.seconds():
+                    lease.count -= 1
+                    state.stats.leased += 1
+                    if lease.more and not lease.fetching and lease.count * 2 <= n:
+                        self._prefetch(full, lease)
+                    return None
+                if lease.fetching:
+                    n = 1  # tokens are on their way: this take asks for its own only
+                elif lease.count:
+                    state.expire(full, lease)
+                    lease = None
         proto = state.protocol
         if proto is None:
             state.stats.unavailable += 1
             return succeed(self.withoutRedis(key, now))
         state.stats.commands += 1
-        d = proto.execute(
-            b"EVALSHA", TAKE_SHA, b"1", self._prefix + key.encode("utf-8"), self._rate, self._burst
-        )
+        if n > 1:
+            if lease is None:
+                lease = state.leases[full] = Lease(0.0, (self._rate, self._burst))
+            lease.fetching = True
+            d = proto.execute(
+                b"EVALSHA", TAKE_SHA, b"1", full, self._rate, self._burst, self._leaseArg, b"t"
+            )
+            return d.addCallbacks(
+                self._leaseGranted,
+                self._leaseFailed,
+                callbackArgs=(lease,),
+                errbackArgs=(key, now, lease),
+            )
+        d = proto.execute(b"EVALSHA", TAKE_SHA, b"1", full, self._rate, self._burst, b"1", b"t")
         return d.addCallbacks(_waitOf, self._failed, errbackArgs=(key, now))
 
     def withoutRedis(self, key: str, now: float) -> float | None:
@@ -348,9 +464,57 @@ class RedisBuckets:
         self._state.takeFailed(failure)
         return self.withoutRedis(key, now)
 
+    # -- leases --------------------------------------------------------------------------------
 
-def _waitOf(micros: int) -> float | None:
-    return None if not micros else micros / 1e6
+    def _leaseGranted(self, reply: list[int], lease: Lease) -> float | None:
+        """A take that asked for a lease: one token is the call's, the others are spares."""
+        lease.fetching = False
+        granted, wait = reply
+        if granted > 1:
+            lease.count += granted - 1
+            lease.expires = self._state.clock.seconds() + LEASE_SECONDS
+        lease.more = granted == self.lease
+        return None if granted else wait / 1e6
+
+    def _leaseFailed(self, failure: Failure, key: str, now: float, lease: Lease) -> float | None:
+        lease.fetching = False
+        return self._failed(failure, key, now)
+
+    def _prefetch(self, full: bytes, lease: Lease) -> None:
+        """Ask for the rest of the lease in the background (tokens above half the burst)."""
+        state = self._state
+        proto = state.protocol
+        if proto is None:
+            return
+        want = self.lease - lease.count
+        state.stats.leaseFetches += 1
+        lease.fetching = True
+        d = proto.execute(
+            b"EVALSHA", TAKE_SHA, b"1", full, self._rate, self._burst, str(want).encode(), b"p"
+        )
+        d.addCallbacks(
+            self._prefetched,
+            self._prefetchFailed,
+            callbackArgs=(lease, want),
+            errbackArgs=(lease,),
+        )
+
+    def _prefetched(self, reply: list[int], lease: Lease, want: int) -> None:
+        lease.fetching = False
+        granted = reply[0]
+        if granted:
+            lease.count += granted
+            lease.expires = self._state.clock.seconds() + LEASE_SECONDS
+        lease.more = granted == want
+
+    def _prefetchFailed(self, failure: Failure, lease: Lease) -> None:
+        lease.fetching = False
+        lease.more = False  # the next take with no spare asks for itself
+        self._state.backgroundFailed(failure)
+
+
+def _waitOf(reply: list[int]) -> float | None:
+    return None if reply[0] else reply[1] / 1e6
 
 
 @implementer(IStateBackend)
@@ -362,19 +526,28 @@ class RedisState(Service):
         changes it is logged and takes effect at the next start).
     @ivar stats: L{RedisStats}.
     @ivar protocol: the connected, ready L{RedisProtocol}, or C{None}.
+    @ivar clock: the reactor (its C{seconds} dates the leases).
+    @ivar leases: the spare tokens this process holds, by Redis key (L{Lease}); kept across
+        reloads (the buckets are rebuilt, this state is not).
     """
 
     name = "state"
     shared = True
 
-    def __init__(self, reactor: Any, config: RedisConfig, endpoint: Any = None) -> None:
+    def __init__(
+        self, reactor: Any, config: RedisConfig, endpoint: Any = None, clock: Any = None
+    ) -> None:
         """
         @param endpoint: the client endpoint to connect with (default: from the URL; tests
             may pass their own).
+        @param clock: what dates the leases and runs their sweep (default: C{reactor}).
         """
         self._reactor = reactor
+        self.clock = reactor if clock is None else clock
         self.config = config
         self.stats = RedisStats()
+        self.leases: dict[bytes, Lease] = {}
+        self._sweeper: LoopingCall | None = None
         self.protocol: RedisProtocol | None = None
         tls, host, port, db, user, password = redis_address(config.url)
         self._address = (tls, host, port)
@@ -443,6 +616,48 @@ class RedisState(Service):
                 self._loadScript()
             elif not failure.check(RedisError):
                 log.failure("state: unexpected error in a Redis take", failure)
+
+    def backgroundFailed(self, failure: Failure) -> None:
+        """A prefetch or give-back failed: count it (no call waits for it)."""
+        stats = self.stats
+        stats.leaseErrors += 1
+        message = failure.getErrorMessage()
+        if message.startswith("NOSCRIPT"):
+            stats.lastError = message
+            self._loadScript()
+        elif not failure.check(RedisError):
+            log.failure("state: unexpected error in a Redis lease", failure)
+
+    # -- leases --------------------------------------------------------------------------------
+
+    def expire(self, full: bytes, lease: Lease) -> Deferred[Any] | None:
+        """Forget C{full}'s lease, giving its spare tokens back to the bucket."""
+        if self.leases.get(full) is lease:
+            del self.leases[full]
+        count, lease.count = lease.count, 0
+        if not count:
+            return None
+        proto = self.protocol
+        stats = self.stats
+        if proto is None:
+            stats.leaseErrors += 1  # the tokens are lost: fewer calls allowed, never more
+            return None
+        stats.givebacks += 1
+        stats.givenBack += count
+        rate, burst = lease.args
+        d = proto.execute(b"EVALSHA", TAKE_SHA, b"1", full, rate, burst, b"%d" % count, b"r")
+        return d.addErrback(self.backgroundFailed)
+
+    def sweep(self) -> None:
+        """Give back the spares of every lease that expired (and forget those leases)."""
+        now = self.clock.seconds()
+        expired = [
+            (full, lease)
+            for full, lease in self.leases.items()
+            if lease.expires <= now and not lease.fetching
+        ]
+        for full, lease in expired:
+            self.expire(full, lease)
 
     # -- the connection ------------------------------------------------------------------------
 
@@ -534,12 +749,28 @@ class RedisState(Service):
         )
         self._client = self._clientService()
         self._client.startService()
+        if self.config.lease_tokens == "auto" or int(self.config.lease_tokens) > 1:
+            self._sweeper = LoopingCall(self.sweep)
+            self._sweeper.clock = self.clock
+            self._sweeper.start(SWEEP_SECONDS, now=False)
 
     def stopService(self) -> Deferred[None]:
+        """Give every spare token back (best effort, within C{timeout_ms}), then disconnect."""
         super().stopService()
         self._stopping = True
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None and sweeper.running:
+            sweeper.stop()
+        givebacks = [self.expire(full, lease) for full, lease in list(self.leases.items())]
+        pending = [d for d in givebacks if d is not None]
         client, self._client = self._client, None
-        return client.stopService() if client is not None else succeed(None)
+
+        def disconnect(_: object) -> Deferred[None]:
+            return client.stopService() if client is not None else succeed(None)
+
+        if pending:
+            return DeferredList(pending, consumeErrors=True).addCallback(disconnect)
+        return disconnect(None)
 
     def whenConnected(self) -> Deferred[Any]:
         """Fires once a connection is ready (for tests and benchmarks); needs L{startService}."""
@@ -550,7 +781,9 @@ class RedisState(Service):
 
 
 __all__ = [
+    "LEASE_SECONDS",
     "TAKE_SCRIPT",
+    "Lease",
     "RedisBuckets",
     "RedisError",
     "RedisProtocol",

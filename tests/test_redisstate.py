@@ -17,7 +17,7 @@ from typing import Any
 import attr
 from argon2 import PasswordHasher
 from twisted.internet import reactor, threads
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -27,12 +27,15 @@ from zope.interface.verify import verifyObject
 from mcpgw.auth import MISS_BURST, Authenticator
 from mcpgw.buckets import MemoryState, TokenBuckets
 from mcpgw.cli import stateWarnings
-from mcpgw.config import RedisConfig, StateConfig, config_from_string
+from mcpgw.config import ConfigError, RedisConfig, StateConfig, config_from_string, lease_size
 from mcpgw.errors import RateLimited
 from mcpgw.interfaces import IBuckets, IStateBackend
+from mcpgw.metrics import redisSamples
 from mcpgw.policy import Caller, Policy, Verdict
 from mcpgw.redisstate import (
     DEAD_AFTER,
+    LEASE_SECONDS,
+    SWEEP_SECONDS,
     TAKE_SHA,
     RedisBuckets,
     RedisProtocol,
@@ -82,6 +85,7 @@ class SeamTests(SynchronousTestCase):
         for onError, expected in (("allow", None), ("deny", 1.0)):
             state = RedisState(Clock(), RedisConfig(on_error=onError))
             d = state.buckets("rule:r", 1, 5, 10).take("k", 0.0)
+            assert isinstance(d, Deferred)
             self.assertEqual(self.successResultOf(d), expected)
             self.assertEqual((state.stats.unavailable, state.stats.onError), (1, 1))
 
@@ -90,7 +94,9 @@ class SeamTests(SynchronousTestCase):
         state = RedisState(Clock(), RedisConfig(on_error="allow"))
         for kind in ("input", "auth"):
             buckets = state.buckets(kind, 0.001, 2, 10)
-            answers = [self.successResultOf(buckets.take("10.0.0.9", 0.0)) for _ in range(3)]
+            answers = [
+                self.successResultOf(maybeDeferred(buckets.take, "10.0.0.9", 0.0)) for _ in range(3)
+            ]
             self.assertEqual(answers[:2], [None, None])
             self.assertIsNotNone(answers[2])
 
@@ -254,6 +260,11 @@ class _RedisMixin:
     redis: RedisServer
     tmp: str
 
+    def assertNear(self, first: float, second: float, delta: float) -> None:
+        """(trial's assertAlmostEqual has no C{delta})"""
+        if abs(first - second) > delta:
+            raise AssertionError(f"{first!r} != {second!r} within {delta!r}")
+
     def startRedis(self) -> None:
         reason = skipReason()
         if reason is not None:
@@ -269,11 +280,13 @@ class _RedisGateway(_RedisMixin, GatewayTestCase):
 
     onError = "allow"
     timeoutMs = 200
+    # Both buckets are below lease_tokens: auto's smallest leased burst (128): every call asks
+    # Redis (LeaseGatewayTests has the leased ones).
     rules = (
         "    - {id: per-key, action: rate_limit, match: {exact: search},"
         " rate_limit: {rate: 0.001, burst: 5, per: key}}\n"
         "    - {id: roomy, action: rate_limit, match: {exact: roomy},"
-        " rate_limit: {rate: 1000, burst: 1000, per: global}}\n"
+        " rate_limit: {rate: 1000, burst: 100, per: global}}\n"
     )
     limits = ""
 
@@ -632,3 +645,276 @@ class ConnectionTests(_RedisMixin, TestCase):
         answer = yield state.buckets("rule:r", 1, 1, 10).take("k", 0.0)
         self.assertIsNone(answer)
         self.assertEqual(server.command("EXISTS", "mcpgw:rl:rule:r:k"), 1)
+
+
+def evalshaCalls(redis: RedisServer) -> int:
+    """How many EVALSHA commands the server ran since its last C{CONFIG RESETSTAT}."""
+    for line in redis.command("INFO", "commandstats").decode().splitlines():
+        if line.startswith("cmdstat_evalsha:"):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+class LeaseConfigTests(SynchronousTestCase):
+    def parse(self, value: str) -> Any:
+        return config_from_string(
+            "upstreams: [{name: a, url: 'http://127.0.0.1:9/mcp'}]\n"
+            f"state: {{backend: redis, redis: {{lease_tokens: {value}}}}}\n"
+        ).state.redis.lease_tokens
+
+    def test_values(self) -> None:
+        """auto (the default) or an integer from 0 to 1000; anything else is refused."""
+        self.assertEqual(RedisConfig().lease_tokens, "auto")
+        self.assertEqual([self.parse(v) for v in ("auto", "0", "1", "16")], ["auto", 0, 1, 16])
+        for bad, message in (
+            ("lots", "must be an integer or auto, got 'lots'"),
+            ("-1", "must be between 0 and 1000"),
+            ("1001", "must be between 0 and 1000"),
+            ("2.5", "must be an integer"),
+            ("true", "must be an integer"),
+        ):
+            with self.assertRaises(ConfigError) as cm:
+                self.parse(bad)
+            [problem] = cm.exception.problems
+            self.assertIn("state.redis.lease_tokens", str(problem))
+            self.assertIn(message, str(problem))
+
+    def test_leaseSize(self) -> None:
+        """auto: min(16, burst // 64), so a burst under 128 is never leased; N: N; 0, 1: none."""
+        self.assertEqual(
+            [lease_size("auto", b) for b in (5, 127, 128, 200, 1000, 1e9)], [1, 1, 2, 3, 15, 16]
+        )
+        self.assertEqual([lease_size(n, 5) for n in (0, 1, 16)], [1, 1, 16])
+
+    def test_leasedSamples(self) -> None:
+        """The metrics count takes allowed from leases, and failed prefetches and give-backs."""
+        stats = RedisStats(leased=7, leaseErrors=2)
+        samples = list(redisSamples(stats))
+        self.assertIn(("mcpgw_redis_leased_total", (), 7.0), samples)
+        self.assertIn(("mcpgw_redis_errors_total", (("kind", "lease"),), 2.0), samples)
+        self.assertEqual((stats.asDict()["leased"], stats.asDict()["lease_errors"]), (7, 2))
+
+
+class LeaseTests(_RedisMixin, TestCase):
+    """Leases of tokens (state.redis.lease_tokens), against a real redis-server."""
+
+    def setUp(self) -> None:
+        self.startRedis()
+
+    @inlineCallbacks
+    def connect(self, leaseTokens: int | str = "auto", clock: Any = None) -> Any:
+        state = RedisState(
+            reactor,
+            RedisConfig(url=self.redis.url, key_prefix="t3:", lease_tokens=leaseTokens),
+            clock=clock,
+        )
+        state.startService()
+        self.addCleanup(state.stopService)
+        yield state.whenConnected()
+        return state
+
+    def level(self, key: str = "t3:rl:rule:r:k") -> float:
+        return float(self.redis.command("HGET", key, "v"))
+
+    @inlineCallbacks
+    def takes(self, buckets: RedisBuckets, n: int, key: str = "k") -> Any:
+        """
+        C{n} takes one after the other, each once no lease is being fetched (calls spaced by
+        more than a round trip, as a steady stream of requests is); their answers.
+        """
+        answers: list[float | None] = []
+        leases = buckets._state.leases
+        for _ in range(n + 1):
+            while any(lease.fetching for lease in leases.values()):
+                yield deferLater(reactor, 0.001, lambda: None)
+            if len(answers) < n:
+                answers.append((yield buckets.take(key, 0.0)))
+        return answers
+
+    @inlineCallbacks
+    def test_oneRoundTripPerLease(self) -> Any:
+        """
+        With a big bucket (auto: a lease of 16), 160 calls make about one EVALSHA per 8 calls:
+        one take, then a prefetch each time half the lease is used; every other call is allowed
+        at once from the lease. Redis's level accounts for every token: used or held here.
+        """
+        state = yield self.connect()
+        buckets = state.buckets("rule:r", 0.001, 10000, 10)
+        self.assertEqual(buckets.lease, 16)
+        self.redis.command("CONFIG", "RESETSTAT")
+        answers = yield self.takes(buckets, 160)
+        self.assertEqual(answers, [None] * 160)
+        calls = evalshaCalls(self.redis)
+        self.assertEqual(calls, 160 // 8 + 1)
+        self.assertEqual(calls, state.stats.commands + state.stats.leaseFetches)
+        self.assertEqual(state.stats.commands, 1)
+        self.assertEqual(state.stats.leased, 159)
+        yield self.takes(buckets, 0)  # the last prefetch answered
+        held = state.leases[b"t3:rl:rule:r:k"].count
+        self.assertLessEqual(held, 16)
+        self.assertNear(self.level() + 160 + held, 10000, delta=0.5)
+
+    @inlineCallbacks
+    def test_leaseTokensZero(self) -> Any:
+        """lease_tokens: 0 asks Redis for one token per call, as without leases."""
+        state = yield self.connect(0)
+        buckets = state.buckets("rule:r", 0.001, 10000, 10)
+        self.redis.command("CONFIG", "RESETSTAT")
+        answers = yield self.takes(buckets, 20)
+        self.assertEqual(answers, [None] * 20)
+        self.assertEqual(evalshaCalls(self.redis), 20)
+        self.assertEqual((state.stats.commands, state.stats.leased, state.leases), (20, 0, {}))
+        self.assertNear(self.level(), 10000 - 20, delta=0.5)
+
+    @inlineCallbacks
+    def test_halfBurstRule(self) -> Any:
+        """
+        The script grants extra tokens only above half the burst: a bucket of 40 asked for 16 at
+        a time grants 16, then 4, then one per take down to empty (40 in all), then a wait; a
+        prefetch of a bucket at or below half gets nothing; a give-back fills up to the burst.
+        Through RedisState, takes of a bucket below half full each go to Redis.
+        """
+        state = yield self.connect(16)
+        run = self.redis.command
+        args = ("EVALSHA", TAKE_SHA, "1", "t3:rl:rule:s:k", "0.001", "40", "16")
+        grants = [run(*args, "t") for _ in range(23)]
+        self.assertEqual([g[0] for g in grants], [16, 4] + [1] * 20 + [0])
+        self.assertGreater(grants[-1][1], 0)  # the wait, in microseconds
+        self.assertEqual(run(*args, "p"), [0, 0])
+        self.assertEqual(run(*args[:-1], "5", "r"), [0, 0])
+        self.assertNear(self.level("t3:rl:rule:s:k"), 5, delta=0.1)
+        self.assertEqual(run(*args[:-1], "99", "r"), [0, 0])
+        self.assertNear(self.level("t3:rl:rule:s:k"), 40, delta=0.1)
+        self.assertEqual(run(*args, "p"), [16, 0])  # a prefetch: only tokens above half
+        self.assertEqual(run(*args, "p"), [4, 0])
+        self.assertEqual(run(*args, "p"), [0, 0])
+        # A bucket below half full: one token per call, every call asks Redis.
+        for _ in range(21):
+            run("EVALSHA", TAKE_SHA, "1", "t3:rl:rule:r:k", "0.001", "40", "1", "t")
+        buckets = state.buckets("rule:r", 0.001, 40, 10)
+        answers = yield self.takes(buckets, 20)
+        self.assertEqual(answers[:19], [None] * 19)
+        self.assertIsNotNone(answers[19])
+        self.assertEqual((state.stats.commands, state.stats.leased), (20, 0))
+        self.assertEqual(state.stats.leaseFetches, 0)
+
+    @inlineCallbacks
+    def test_neverOverAdmits(self) -> Any:
+        """
+        Four processes (RedisState instances) with leases of 16 hammer one bucket of burst 200
+        (10 takes at once each, 400 in all): at most 200 are allowed; every token is either
+        used, held in a lease or still in Redis; once the leases are given back (stopService)
+        and the rest taken, exactly 200 calls were allowed in all.
+        """
+        states = []
+        for _ in range(4):
+            states.append((yield self.connect(16)))
+        buckets = [s.buckets("rule:r", 0.001, 200, 10) for s in states]
+        allowed = 0
+        for _ in range(10):
+            answers = yield gatherResults(
+                [maybeDeferred(b.take, "k", 0.0) for b in buckets for _ in range(10)]
+            )
+            allowed += answers.count(None)
+        self.assertLessEqual(allowed, 200)
+        held = sum(lease.count for s in states for lease in s.leases.values())
+        self.assertGreater(sum(s.stats.leased for s in states), 0)
+        self.assertNear(allowed + held + self.level(), 200, delta=0.5)
+        yield gatherResults([s.stopService() for s in states])
+        self.assertEqual(sum(s.stats.givenBack for s in states), held)
+        self.assertNear(allowed + self.level(), 200, delta=0.5)
+        last = yield self.connect(0)
+        rest = yield self.takes(last.buckets("rule:r", 0.001, 200, 10), 200 - allowed + 1)
+        self.assertEqual(rest, [None] * (200 - allowed) + [rest[-1]])
+        self.assertIsNotNone(rest[-1])
+
+    @inlineCallbacks
+    def test_expiredLeaseGivenBack(self) -> Any:
+        """
+        Spare tokens unused for LEASE_SECONDS (the injected clock) are given back by the sweep:
+        Redis's level is restored and the lease forgotten; the next call asks Redis again.
+        """
+        clock = Clock()
+        state = yield self.connect(clock=clock)
+        buckets = state.buckets("rule:r", 0.001, 10000, 10)
+        self.assertEqual((yield buckets.take("k", 0.0)), None)
+        self.assertNear(self.level(), 10000 - 16, delta=0.1)
+        self.assertEqual(buckets.take("k", 0.0), None)  # leased: at once, no Deferred
+        clock.advance(LEASE_SECONDS - SWEEP_SECONDS)
+        self.assertEqual(state.stats.givebacks, 0)
+        clock.advance(SWEEP_SECONDS)
+        self.assertEqual((state.stats.givebacks, state.stats.givenBack, state.leases), (1, 14, {}))
+        yield self.waitFor(lambda: self.level() > 10000 - 2.5)
+        self.assertNear(self.level(), 10000 - 2, delta=0.1)
+        self.assertEqual((yield buckets.take("k", 0.0)), None)
+        self.assertEqual(state.stats.commands, 2)
+
+    @inlineCallbacks
+    def test_reloadKeepsLeases(self) -> Any:
+        """The buckets rebuilt by a reload take from the leases of the state (one per process)."""
+        state = yield self.connect()
+        yield state.buckets("rule:r", 0.001, 10000, 10).take("k", 0.0)
+        again = state.buckets("rule:r", 0.001, 10000, 10)
+        self.assertIsNone(again.take("k", 0.0))
+        self.assertEqual(state.stats.leased, 1)
+
+    @inlineCallbacks
+    def test_backgroundFailureDecidesNoCall(self) -> Any:
+        """
+        A prefetch that fails (NOSCRIPT: Redis lost the script) is counted, decides no call (the
+        lease's spares are used), and the script is loaded again for the next take.
+        """
+        state = yield self.connect()
+        buckets = state.buckets("rule:r", 0.001, 10000, 10)
+        yield buckets.take("k", 0.0)  # 15 spares
+        self.redis.command("SCRIPT", "FLUSH")
+        answers = [buckets.take("k", 0.0) for _ in range(7)]  # the 7th sends a prefetch
+        self.assertEqual(answers, [None] * 7)
+        yield self.waitFor(lambda: state.stats.leaseErrors == 1)
+        yield self.waitFor(lambda: self.redis.command("SCRIPT", "EXISTS", TAKE_SHA) == [1])
+        # 8 spares (no prefetch after a failed one), then a take asks Redis for a lease again
+        answers = yield self.takes(buckets, 10)
+        self.assertEqual(answers, [None] * 10)
+        self.assertEqual((state.stats.errors, state.stats.onError), (0, 0))
+        self.assertEqual((state.stats.commands, state.stats.leased), (2, 16))
+
+    @inlineCallbacks
+    def waitFor(self, condition: Any, seconds: float = 10.0) -> Any:
+        deadline = time.monotonic() + seconds
+        while not condition():
+            if time.monotonic() > deadline:
+                self.fail("timed out waiting")
+            yield deferLater(reactor, 0.01, lambda: None)
+
+
+class LeaseGatewayTests(_RedisGateway):
+    """Leases through the gateway: a rate-limited call mostly answered without Redis."""
+
+    rules = (
+        "    - {id: big, action: rate_limit, match: {exact: search},"
+        " rate_limit: {rate: 0.001, burst: 10000, per: key}}\n"
+    )
+
+    @inlineCallbacks
+    def test_leasedCalls(self) -> Any:
+        """
+        40 calls of a per-key bucket of 10000 (auto: leases of 16) are all allowed, most of them
+        without a Redis round trip (about one EVALSHA per 8 calls; bounds with room for a slow
+        machine); /readyz counts the leased takes; Redis's level accounts for every token.
+        """
+        reply = yield self.callKey("search")  # the key verified (and cached) first
+        self.assertEqual(reply.status, 200)
+        self.redis.command("CONFIG", "RESETSTAT")
+        for _ in range(40):
+            reply = yield self.callKey("search")
+            self.assertEqual(reply.status, 200)
+        self.assertLessEqual(evalshaCalls(self.redis), 20)  # without leases: 40
+        self.assertEqual(len(self.upstream.seen), 41)
+        stats = self.state.stats
+        self.assertGreaterEqual(stats.leased, 20)
+        reply = yield self.call(method="GET", path="/readyz", body=None)
+        self.assertEqual(reply.json()["state"]["leased"], stats.leased)
+        lease = self.state.leases[b"t1:rl:rule:big:key:ci"]
+        yield self.waitFor(lambda: not lease.fetching)
+        level = float(self.redis.command("HGET", "t1:rl:rule:big:key:ci", "v"))
+        self.assertNear(level + 41 + lease.count, 10000, delta=0.5)
