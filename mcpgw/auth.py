@@ -37,7 +37,7 @@ generation (SIGHUP) starts with empty caches: a removed key fails at once, a new
 from __future__ import annotations
 
 import base64
-import hmac
+import hashlib
 import math
 import os
 import re
@@ -278,7 +278,7 @@ class Authenticator:
                 return self._token(oauth, presented, path, certIdentity)
         elif presented is None:
             raise Unauthenticated(auth_result="missing")
-        digest = hmac.digest(self._secret, presented, "sha256")
+        digest = self._cacheKey(presented)
         now = self._reactor.seconds()
         entry = self._cache.get(digest)
         if entry is not None and entry[1] > now:
@@ -355,6 +355,15 @@ class Authenticator:
             raise Unauthenticated(auth_result="invalid")
         return AuthResult("ok", keyId, certIdentity)
 
+    def _cacheKey(self, presented: bytes) -> bytes:
+        """
+        The verification cache's key for a presented credential: a keyed BLAKE2b (a MAC) with
+        this process's random secret, so neither the key nor an offline-attackable hash of it
+        is kept. BLAKE2b rather than HMAC-SHA256: the same guarantee in about a third of the
+        time (one call per request).
+        """
+        return hashlib.blake2b(presented, key=self._secret, digest_size=32).digest()
+
     def carriesKey(self, value: bytes, presented: bytes | None) -> bool:
         """
         Whether a request header value carries one of the gateway's credentials, which must never
@@ -375,7 +384,7 @@ class Authenticator:
         for candidate in (token, rest.strip()) if space else (token,):
             # Only a value as long as some valid key can be one: most headers skip the HMAC.
             if len(candidate) in lengths:
-                entry = self._cache.get(hmac.digest(self._secret, candidate, "sha256"))
+                entry = self._cache.get(self._cacheKey(candidate))
                 if entry is not None and entry[0] is not None:
                     return True
         return False

@@ -9,6 +9,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
@@ -46,10 +47,15 @@ class RawServer(Protocol):
                 reactor.callLater(0.1, self.transport.loseConnection)
             elif action == "garbage":
                 self.transport.write(b"NOT HTTP AT ALL\r\n\r\n")
+            elif action == "late":
+                reactor.callLater(
+                    0.4, self.transport.write, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                )
+            # "silent": no answer at all
 
 
 class PoolTests(TestCase):
-    def serve(self, script: Any) -> UpstreamPool:
+    def serve(self, script: Any, responseTimeout: float = 2.0) -> UpstreamPool:
         f = Factory.forProtocol(RawServer)
         f.noisy = False
         f.connections = 0
@@ -58,7 +64,9 @@ class PoolTests(TestCase):
         self.factory = f
         port = reactor.listenTCP(0, f, interface="127.0.0.1")  # type: ignore[arg-type]
         self.addCleanup(port.stopListening)
-        pool = UpstreamPool(reactor, "raw", "http", "127.0.0.1", portOf(port), 2.0, 2.0)
+        pool = UpstreamPool(
+            reactor, "raw", "http", "127.0.0.1", portOf(port), 2.0, responseTimeout
+        )
         self.addCleanup(pool.close)
         return pool
 
@@ -105,6 +113,38 @@ class PoolTests(TestCase):
         c = yield self.send(pool)
         self.assertEqual(c.error.status, 502)
         self.assertEqual(pool.idleCount, 0)
+
+
+    @inlineCallbacks
+    def test_eachExchangeTimesOutAtItsOwnDeadline(self) -> Any:
+        """
+        One pool timer serves every exchange: each silent exchange fails with a 504 one
+        response timeout after it was sent (not sooner, not all at once), an exchange whose
+        answer comes in time is not failed, and nothing is left scheduled afterwards.
+        """
+        pool = self.serve(
+            lambda conn, i: "late" if self.factory.requests == 2 else "silent", responseTimeout=0.6
+        )
+        started = reactor.seconds()
+        first = self.send(pool)
+        yield deferLater(reactor, 0.1, lambda: None)
+        answered = self.send(pool)  # the second request: answered 0.4 s later, in time
+        yield deferLater(reactor, 0.2, lambda: None)
+        second = self.send(pool)
+        c1 = yield first
+        t1 = reactor.seconds() - started
+        c2 = yield second
+        t2 = reactor.seconds() - started
+        ok = yield answered
+        self.assertEqual((c1.error.status, c2.error.status), (504, 504))
+        self.assertIn("no response within 0.6s", c1.error.detail)
+        self.assertGreaterEqual(t1, 0.6)
+        self.assertLess(t1, 0.85)  # timed out on its own deadline, not the later one's
+        self.assertGreaterEqual(t2, 0.9)
+        self.assertEqual((ok.status, ok.body, ok.error), (200, b"ok", None))
+        yield pool.close()
+        self.assertEqual(pool._waiting, {})
+        self.assertIsNone(pool._timer)
 
 
 class EagerWriteTests(TestCase):

@@ -48,7 +48,6 @@ class UpstreamExchange:
     __slots__ = (
         "_conn",
         "_pool",
-        "_timer",
         "cancelled",
         "data",
         "done",
@@ -62,7 +61,6 @@ class UpstreamExchange:
         self.data = data
         self.sink = sink
         self._conn: _UpstreamProtocol | None = None
-        self._timer: IDelayedCall | None = None
         self.gotBytes = False
         self.cancelled = False
         self.retried = False
@@ -83,19 +81,15 @@ class UpstreamExchange:
             conn.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _stopTimer(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+        self._pool._waiting.pop(self, None)
 
     def _attach(self, conn: _UpstreamProtocol) -> None:
         self._conn = conn
         conn.exchange = self
-        self._timer = self._pool.reactor.callLater(self._pool.responseTimeout, self._timedOut)
+        self._pool._watch(self)
         eagerWrite(conn.transport, self.data)
 
     def _timedOut(self) -> None:
-        self._timer = None
         self._fail(
             UpstreamTimeout(
                 f"upstream {self._pool.name!r} sent no response within "
@@ -348,6 +342,34 @@ class UpstreamPool:
         self._idle: list[_UpstreamProtocol] = []
         self._all: dict[_UpstreamProtocol, Deferred[None] | None] = {}
         self._closing = False
+        #: Exchanges waiting for a response head, by deadline, oldest first (the deadlines grow
+        #: in this order: one timeout per pool). One timer for all of them (L{_expire}), not a
+        #: C{callLater} and a C{cancel} per request.
+        self._waiting: dict[UpstreamExchange, float] = {}
+        self._timer: IDelayedCall | None = None
+
+    def _watch(self, ex: UpstreamExchange) -> None:
+        """C{ex} was sent: it fails with L{UpstreamTimeout} if no response head comes in time."""
+        self._waiting[ex] = self.reactor.seconds() + self.responseTimeout
+        if self._timer is None:
+            self._timer = self.reactor.callLater(self.responseTimeout, self._expire)
+
+    def _expire(self) -> None:
+        """The timer: time out the exchanges whose deadline passed; wait for the next one."""
+        self._timer = None
+        now = self.reactor.seconds()
+        waiting = self._waiting
+        due = []
+        for ex, deadline in waiting.items():
+            if deadline > now:
+                break
+            due.append(ex)
+        for ex in due:
+            del waiting[ex]
+            ex._timedOut()
+        if waiting:
+            first = next(iter(waiting.values()))
+            self._timer = self.reactor.callLater(max(0.0, first - now), self._expire)
 
     def request(self, data: bytes, sink: IResponseSink) -> UpstreamExchange:
         """
@@ -422,6 +444,9 @@ class UpstreamPool:
         Close every connection (busy ones are aborted); fires when all are gone.
         """
         self._closing = True
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         if not self._all:
             return succeed(None)
         waits: list[Deferred[None]] = []
