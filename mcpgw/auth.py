@@ -214,6 +214,8 @@ class Authenticator:
         self._secret = os.urandom(32)
         self._cache: OrderedDict[bytes, tuple[str | None, float]] = OrderedDict()
         self._pending: dict[bytes, Deferred[str | None]] = {}
+        #: The result of each valid key id (without a client certificate), made once.
+        self._keyResults: dict[str, AuthResult] = {}
         #: The lengths of the valid keys verified so far (see L{carriesKey}).
         self._validLengths: set[int] = set()
         self._throttle: IBuckets = (
@@ -353,6 +355,11 @@ class Authenticator:
             if self.oauth is not None:
                 raise self.oauth.invalid(path, "not a valid API key")
             raise Unauthenticated(auth_result="invalid")
+        if certIdentity is None:  # the usual case: one (immutable) result per key
+            result = self._keyResults.get(keyId)
+            if result is None:
+                result = self._keyResults[keyId] = AuthResult("ok", keyId)
+            return result
         return AuthResult("ok", keyId, certIdentity)
 
     def _cacheKey(self, presented: bytes) -> bytes:

@@ -78,9 +78,31 @@ _CHUNK_END = b"0\r\n\r\n"
 _canonical = _nameEncoder.encode
 
 
+#: Header names looked up as bytes -> their canonical form (bounded: the names the gateway's
+#: code and configuration ask for).
+_lookupNames: dict[bytes, bytes] = {}
+
+
+class RequestHeaders(Headers):
+    """
+    A request's C{Headers}, whose C{getRawHeaders} with a C{bytes} name (what the gateway asks,
+    several times per request) is one cached canonical name and one dict lookup.
+    """
+
+    def getRawHeaders(self, name: Any, default: Any = None) -> Any:
+        if name.__class__ is bytes:
+            key = _lookupNames.get(name)
+            if key is None:
+                key = _canonical(name)
+                if len(_lookupNames) < 1024:
+                    _lookupNames[name] = key
+            return self._rawHeaders.get(key) or default
+        return super().getRawHeaders(name, default)
+
+
 def _headers(raw: dict[bytes, list[bytes]]) -> Headers:
     """A C{Headers} around C{raw} (keys already canonical), without copying or re-encoding."""
-    headers = Headers.__new__(Headers)
+    headers = RequestHeaders.__new__(RequestHeaders)
     headers._rawHeaders = raw
     return headers
 
