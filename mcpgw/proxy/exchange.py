@@ -96,63 +96,56 @@ class ProxyExchange:
     One client request on an MCP path, from arrival to its audit line.
     """
 
-    __slots__ = (
-        "_collected",
-        "_held",
-        "_heldBytes",
-        "_listers",
-        "_producing",
-        "_transforming",
-        "authKeyId",
-        "authResult",
-        "batchIds",
-        "batchSize",
-        "bytesIn",
-        "bytesOut",
-        "caller",
-        "clientCert",
-        "clientIp",
-        "closed",
-        "credential",
-        "decision",
-        "error",
-        "filteredTools",
-        "gateway",
-        "generation",
-        "headSent",
-        "headerRewrite",
-        "httpMethod",
-        "isStream",
-        "jsonrpcId",
-        "link",
-        "listing",
-        "metaTrace",
-        "method",
-        "parent",
-        "path",
-        "pins",
-        "principal",
-        "protocolVersion",
-        "redacted",
-        "redactedResults",
-        "request",
-        "requestId",
-        "resultRules",
-        "route",
-        "ruleId",
-        "sampled",
-        "secure",
-        "sessionId",
-        "spanId",
-        "started",
-        "status",
-        "target",
-        "tool",
-        "toolPin",
-        "traceId",
-        "transform",
-        "upstream",
-    )
+    # Attributes that start with a constant value have it here, as class defaults: an exchange
+    # is made per request, and assigning some forty constants in __init__ cost 4 % of the
+    # interpreted work of a call (no __slots__ therefore: the instance dict holds what is set).
+    route: Route | None = None
+    upstream: Any = None
+    link: TraceParent | None = None
+    metaTrace = False
+    #: The tracer's sampling decision (set when the request is forwarded with tracing on).
+    sampled = True
+    authResult: str | None = None
+    authKeyId: str | None = None
+    clientCert: str | None = None
+    method: str | None = None
+    tool: str | None = None
+    target: str | None = None
+    jsonrpcId: Any = None
+    batchSize: int | None = None
+    batchIds: list[Any] | None = None
+    decision = "allow"
+    ruleId: str | None = None
+    redacted: int | None = None
+    redactedResults: int | None = None
+    #: JSON-RPC id -> the rule whose redact_results scrub that call's result.
+    resultRules: dict[Any, str] | None = None
+    #: Who policy saw: key id, certificate or external identity; None when anonymous.
+    principal: str | None = None
+    #: The response transforms of this exchange (None: the answer is relayed as it is).
+    transform: ResponseTransform | None = None
+    _transforming = False
+    _listers: dict[str, Callable[[str], bool] | None] | None = None
+    listing = False
+    filteredTools: int | None = None
+    #: Tool pinning for this request's upstream (C{None}: off).
+    pins: UpstreamPins | None = None
+    #: Tool pinning's verdict for the audit line: C{new}, C{changed} or C{None}.
+    toolPin: str | None = None
+    headerRewrite: dict[tuple[bytes, bytes], bytes] | None = None
+    #: The bearer token presented in C{Authorization} (never forwarded, in any header).
+    credential: bytes | None = None
+    _collected: list[bytes] | None = None
+    _held: list[bytes] | None = None
+    _heldBytes = 0
+    bytesIn = 0
+    bytesOut = 0
+    status: int | None = None
+    error: str | None = None
+    headSent = False
+    isStream = False
+    closed = False
+    _producing = False
 
     def __init__(self, gateway: Any, request: Any, generation: Generation) -> None:
         self.gateway = gateway
@@ -160,8 +153,6 @@ class ProxyExchange:
         self.generation = generation
         self.started = gateway.reactor.seconds()
         self.requestId = _newRequestId()
-        self.route: Route | None = None
-        self.upstream: Any = None
         self.httpMethod: bytes = request.method
         self.path: bytes = request.path
         headers = request.requestHeaders
@@ -175,57 +166,12 @@ class ProxyExchange:
             headerContext(tp, headers.getRawHeaders(b"tracestate")) if tp else None
         )
         self.parent = parent
-        self.link: TraceParent | None = None
-        self.metaTrace = False
         self.traceId: int = parent.traceId if parent is not None else randomBits(128) or 1
         self.spanId: int = randomBits(64) or 1
-        #: The tracer's sampling decision (set when the request is forwarded with tracing on).
-        self.sampled = True
         self.clientIp: str | None = getattr(request.client, "host", None)
         self.secure: bool = request.isSecure()
-        self.authResult: str | None = None
-        self.authKeyId: str | None = None
-        self.clientCert: str | None = None
-        self.method: str | None = None
-        self.tool: str | None = None
-        self.target: str | None = None
-        self.jsonrpcId: Any = None
-        self.batchSize: int | None = None
-        self.batchIds: list[Any] | None = None
-        self.decision = "allow"
-        self.ruleId: str | None = None
-        self.redacted: int | None = None
-        self.redactedResults: int | None = None
         #: Who policy decides for (set once authenticated).
         self.caller: Caller = ANONYMOUS
-        #: JSON-RPC id -> the rule whose redact_results scrub that call's result.
-        self.resultRules: dict[Any, str] | None = None
-        #: Who policy saw: key id, certificate or external identity; None when anonymous.
-        self.principal: str | None = None
-        #: The response transforms of this exchange (None: the answer is relayed as it is).
-        self.transform: ResponseTransform | None = None
-        self._transforming = False
-        self._listers: dict[str, Callable[[str], bool] | None] | None = None
-        self.listing = False
-        self.filteredTools: int | None = None
-        #: Tool pinning for this request's upstream (C{None}: off).
-        self.pins: UpstreamPins | None = None
-        #: Tool pinning's verdict for the audit line: C{new}, C{changed} or C{None}.
-        self.toolPin: str | None = None
-        self.headerRewrite: dict[tuple[bytes, bytes], bytes] | None = None
-        #: The bearer token presented in C{Authorization} (never forwarded, in any header).
-        self.credential: bytes | None = None
-        self._collected: list[bytes] | None = None
-        self._held: list[bytes] | None = None
-        self._heldBytes = 0
-        self.bytesIn = 0
-        self.bytesOut = 0
-        self.status: int | None = None
-        self.error: str | None = None
-        self.headSent = False
-        self.isStream = False
-        self.closed = False
-        self._producing = False
 
     # -- response side: IResponseSink ------------------------------------------------------
 

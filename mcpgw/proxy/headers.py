@@ -85,12 +85,17 @@ def endToEnd(
     @return: the C{(name, value)} pairs that pass, in order, with the names the
         C{Connection} header nominates removed too.
     """
-    nominated = _nominated(headers) if any(n.lower() == b"connection" for n, _ in headers) else None
     out: list[tuple[bytes, bytes]] = []
+    connection = False
     for name, values in headers:
         low = name.lower()
-        if low in drop or (nominated is not None and low in nominated):
+        if low == b"connection":
+            connection = True
+        if low in drop:
             continue
         for value in values:
             out.append((name, value))
+    if connection:  # rare: drop what the Connection header nominates, too
+        nominated = _nominated(headers)
+        out = [(name, value) for name, value in out if name.lower() not in nominated]
     return out

@@ -81,6 +81,9 @@ _canonical = _nameEncoder.encode
 #: Header names looked up as bytes -> their canonical form (bounded: the names the gateway's
 #: code and configuration ask for).
 _lookupNames: dict[bytes, bytes] = {}
+#: Header names as received -> their canonical form (the first 1,024 distinct spellings; a
+#: client sending others only skips the cache).
+_receivedNames: dict[bytes, bytes] = {}
 
 
 class RequestHeaders(Headers):
@@ -403,13 +406,18 @@ class GatewayChannel(Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._inHead:
             return  # a trailer field of a chunked body: ignored, never merged
-        self._headBytes += len(name) + len(value) + _LINE_OVERHEAD
-        self._count += 1
-        if self._headBytes > self._maxHeader:
+        size = self._headBytes + len(name) + len(value) + _LINE_OVERHEAD
+        self._headBytes = size
+        count = self._count = self._count + 1
+        if size > self._maxHeader:
             raise HeadersTooLarge(f"headers exceed {self._maxHeader} bytes")
-        if self._count > MAX_HEADERS:
+        if count > MAX_HEADERS:
             raise HeadersTooLarge(f"more than {MAX_HEADERS} header fields")
-        key = _canonical(name)
+        key = _receivedNames.get(name)
+        if key is None:
+            key = _canonical(name)
+            if len(_receivedNames) < 1024:
+                _receivedNames[name] = key
         values = self._raw.get(key)
         if values is None:
             self._raw[key] = [value.strip(b" \t")]
