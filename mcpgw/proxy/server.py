@@ -78,12 +78,9 @@ _CHUNK_END = b"0\r\n\r\n"
 _canonical = _nameEncoder.encode
 
 
-#: Header names looked up as bytes -> their canonical form (bounded: the names the gateway's
-#: code and configuration ask for).
-_lookupNames: dict[bytes, bytes] = {}
-#: Header names as received -> their canonical form (the first 1,024 distinct spellings; a
-#: client sending others only skips the cache).
-_receivedNames: dict[bytes, bytes] = {}
+#: Header names (as received, and as the gateway's code and configuration ask for them) -> their
+#: canonical form. Bounded: the first 1,024 distinct spellings; others only skip the cache.
+_canonicalNames: dict[bytes, bytes] = {}
 
 
 class RequestHeaders(Headers):
@@ -94,11 +91,11 @@ class RequestHeaders(Headers):
 
     def getRawHeaders(self, name: Any, default: Any = None) -> Any:
         if name.__class__ is bytes:
-            key = _lookupNames.get(name)
+            key = _canonicalNames.get(name)
             if key is None:
                 key = _canonical(name)
-                if len(_lookupNames) < 1024:
-                    _lookupNames[name] = key
+                if len(_canonicalNames) < 1024:
+                    _canonicalNames[name] = key
             return self._rawHeaders.get(key) or default
         return super().getRawHeaders(name, default)
 
@@ -413,11 +410,11 @@ class GatewayChannel(Protocol):
             raise HeadersTooLarge(f"headers exceed {self._maxHeader} bytes")
         if count > MAX_HEADERS:
             raise HeadersTooLarge(f"more than {MAX_HEADERS} header fields")
-        key = _receivedNames.get(name)
+        key = _canonicalNames.get(name)
         if key is None:
             key = _canonical(name)
-            if len(_receivedNames) < 1024:
-                _receivedNames[name] = key
+            if len(_canonicalNames) < 1024:
+                _canonicalNames[name] = key
         values = self._raw.get(key)
         if values is None:
             self._raw[key] = [value.strip(b" \t")]

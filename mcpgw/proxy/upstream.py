@@ -367,7 +367,7 @@ class UpstreamPool:
         for ex in due:
             del waiting[ex]
             ex._timedOut()
-        if waiting:
+        if waiting and self._timer is None:  # (a failure above may have armed it already)
             first = next(iter(waiting.values()))
             self._timer = self.reactor.callLater(max(0.0, first - now), self._expire)
 
