@@ -274,6 +274,15 @@ class _RedisMixin:
         self.redis = RedisServer(tempfile.mkdtemp(prefix="mcpgw-redis-")).start()
         self.addCleanup(self.redis.stop)
 
+    @inlineCallbacks
+    def waitFor(self, condition: Any, seconds: float = 15.0) -> Any:
+        """Poll C{condition} every 10 ms until it holds; fail after C{seconds}."""
+        deadline = time.monotonic() + seconds
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError("timed out waiting")
+            yield deferLater(reactor, 0.01, lambda: None)
+
 
 class _RedisGateway(_RedisMixin, GatewayTestCase):
     """The in-process gateway with its buckets in a real Redis."""
@@ -308,14 +317,6 @@ class _RedisGateway(_RedisMixin, GatewayTestCase):
 
     def callKey(self, tool: str, key: str = KEY) -> Deferred[Any]:
         return self.call(body=call(tool), headers={"Authorization": f"Bearer {key}"})
-
-    @inlineCallbacks
-    def waitFor(self, condition: Any, seconds: float = 15.0) -> Any:
-        deadline = time.monotonic() + seconds
-        while not condition():
-            if time.monotonic() > deadline:
-                self.fail("timed out waiting")
-            yield deferLater(reactor, 0.05, lambda: None)
 
 
 class RedisGatewayTests(_RedisGateway):
@@ -877,14 +878,6 @@ class LeaseTests(_RedisMixin, TestCase):
         self.assertEqual(answers, [None] * 10)
         self.assertEqual((state.stats.errors, state.stats.onError), (0, 0))
         self.assertEqual((state.stats.commands, state.stats.leased), (2, 16))
-
-    @inlineCallbacks
-    def waitFor(self, condition: Any, seconds: float = 10.0) -> Any:
-        deadline = time.monotonic() + seconds
-        while not condition():
-            if time.monotonic() > deadline:
-                self.fail("timed out waiting")
-            yield deferLater(reactor, 0.01, lambda: None)
 
 
 class LeaseGatewayTests(_RedisGateway):
