@@ -35,24 +35,30 @@ class ExporterTests(TestCase):
         self.receiver = OTLPReceiver().start()
         self.addCleanup(self.receiver.stop)
 
-    def exporter(self, endpoint: str | None = None, **kw: Any) -> SpanExporter:
+    def exporter(
+        self, endpoint: str | None = None, start: bool = True, **kw: Any
+    ) -> SpanExporter:
         exporter = SpanExporter(
             reactor,
             endpoint or self.receiver.endpoint,
             resourceAttributes(TelemetryConfig(service_name="t")),
             **kw,
         )
-        exporter.start()
+        if start:
+            exporter.start()
         self.addCleanup(exporter.stop)
         return exporter
 
     @inlineCallbacks
     def test_batches(self) -> Any:
         """More records than a batch: several POSTs, every span delivered once, in order."""
-        exporter = self.exporter()
+        # Queued before the export thread starts: a thread woken by the first full batch while
+        # the loop still submits would drain whatever is queued by then (more, smaller POSTs).
+        exporter = self.exporter(start=False)
         exporter.batchSize = 100
         for i in range(250):
             exporter.submit(record(R_SPAN=i + 1))
+        exporter.start()
         yield exporter.flush()
         self.assertEqual([int(s["span_id"], 16) for s in self.receiver.spans], list(range(1, 251)))
         self.assertEqual(len(self.receiver.posts), 3)
